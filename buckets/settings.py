@@ -1,0 +1,90 @@
+"""Settings: one pydantic-settings class, read from ``BUCKETS_*`` environment variables.
+
+The CLI's ``--database-url`` / ``--definitions`` options override the environment by passing
+values to :func:`get_settings`; Alembic's ``env.py`` reads the same class, so the app and its
+migrations always talk to the same database.
+"""
+
+from __future__ import annotations
+
+from functools import lru_cache
+from pathlib import Path
+from typing import Any
+
+import platformdirs
+from apscheduler.triggers.cron import CronTrigger
+from pydantic import Field, ValidationError, field_validator
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+from buckets.errors import ConfigError
+
+DEFAULT_RECONCILE_CRON = "*/5 * * * *"
+
+
+def default_data_dir() -> Path:
+    """Where the embedded PostgreSQL keeps its data when nothing else is configured."""
+    return platformdirs.user_data_path("buckets")
+
+
+class Settings(BaseSettings):
+    """Every knob of the engine. Environment variables carry the ``BUCKETS_`` prefix."""
+
+    model_config = SettingsConfigDict(env_prefix="BUCKETS_", extra="ignore")
+
+    database_url: str | None = Field(
+        default=None,
+        description="PostgreSQL URL. Unset: an embedded PostgreSQL under data_dir is used.",
+    )
+    definitions: str | None = Field(
+        default=None,
+        description="Bucket definitions: a module path, or a .py/.yaml/.json file or directory.",
+    )
+    reconcile_cron: str = Field(
+        default=DEFAULT_RECONCILE_CRON,
+        description="Crontab expression (5 fields, UTC) on which the reconcile tick runs.",
+    )
+    data_dir: Path = Field(
+        default_factory=default_data_dir,
+        description="Directory for local state; the embedded PostgreSQL lives in data_dir/pgdata.",
+    )
+
+    @field_validator("database_url", "definitions")
+    @classmethod
+    def _blank_is_unset(cls, value: str | None) -> str | None:
+        if value is not None and not value.strip():
+            return None
+        return value
+
+    @field_validator("reconcile_cron")
+    @classmethod
+    def _valid_crontab(cls, value: str) -> str:
+        try:
+            CronTrigger.from_crontab(value, timezone="UTC")
+        except ValueError as exc:
+            raise ValueError(f"not a valid crontab expression {value!r}: {exc}") from exc
+        return value
+
+    @property
+    def embedded_pgdata(self) -> Path:
+        return self.data_dir / "pgdata"
+
+
+def load_settings(**overrides: Any) -> Settings:
+    """Read settings from the environment, with explicit non-None ``overrides`` winning.
+
+    Raises :class:`ConfigError` naming the offending variable instead of pydantic's report.
+    """
+    given = {key: value for key, value in overrides.items() if value is not None}
+    try:
+        return Settings(**given)
+    except ValidationError as exc:
+        first = exc.errors()[0]
+        field = str(first["loc"][0]) if first["loc"] else "?"
+        message = str(first["msg"]).removeprefix("Value error, ")
+        raise ConfigError(f"BUCKETS_{field.upper()}: {message}") from exc
+
+
+@lru_cache(maxsize=1)
+def get_settings() -> Settings:
+    """The process-wide settings from the environment (cached; tests build their own)."""
+    return load_settings()

@@ -1,0 +1,114 @@
+"""The `buckets` CLI skeleton: db upgrade / db current, one-line errors, exit codes."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+from click.testing import CliRunner
+
+from buckets.migrations import head_revision
+from tests.conftest import CloneDB
+from workflows.cli import main
+
+
+def run(*args: str) -> tuple[int, str, str]:
+    result = CliRunner().invoke(main, list(args))
+    return result.exit_code, result.stdout, result.stderr
+
+
+def url_of(db: CloneDB) -> str:
+    return db.url.render_as_string(hide_password=False)
+
+
+def test_help_lists_the_commands():
+    code, out, _ = run("--help")
+    assert code == 0
+    assert "db" in out
+    code, out, _ = run("db", "--help")
+    assert code == 0
+    assert "upgrade" in out
+    assert "current" in out
+
+
+def test_db_upgrade_then_again_is_a_no_op(empty_db: CloneDB):
+    code, out, _ = run("db", "current", "--database-url", url_of(empty_db))
+    assert code == 0
+    assert "no schema yet" in out
+
+    code, out, _ = run("db", "upgrade", "--database-url", url_of(empty_db))
+    assert code == 0
+    assert f"from an empty database to {head_revision()}" in out
+    assert "7 tables ready" in out
+
+    code, out, _ = run("db", "upgrade", "--database-url", url_of(empty_db), "--json")
+    assert code == 0
+    report = json.loads(out)
+    assert report["changed"] is False
+    assert report["after"] == report["head"] == head_revision()
+    assert report["tables"] == 7
+
+    code, out, _ = run("db", "current", "--database-url", url_of(empty_db), "--json")
+    assert code == 0
+    assert json.loads(out)["at_head"] is True
+
+
+def test_unreachable_database_is_a_one_line_error_with_exit_1():
+    code, out, err = run("db", "upgrade", "--database-url", "postgresql://u:pw@127.0.0.1:1/x")
+    assert code == 1
+    assert out == ""
+    assert err.startswith(
+        "buckets: error: cannot connect to postgresql+psycopg://u:***@127.0.0.1:1/x"
+    )
+    assert err.count("\n") == 1
+
+
+@pytest.mark.parametrize(
+    ("url", "message"),
+    [
+        ("not a url", "--database-url: cannot parse 'not a url'"),
+        ("sqlite:///x.db", "--database-url: buckets needs PostgreSQL, got a 'sqlite' URL"),
+    ],
+)
+def test_bad_url_is_a_one_line_config_error_with_exit_2(url: str, message: str):
+    code, _, err = run("db", "current", "--database-url", url)
+    assert code == 2
+    assert err.startswith(f"buckets: error: {message}")
+    assert err.count("\n") == 1
+
+
+@pytest.mark.embedded
+def test_without_a_database_url_the_cli_uses_an_embedded_postgresql(tmp_path: Path):
+    """The quick-start path: no BUCKETS_* variables, no server. Real processes, real pgserver."""
+    env = {key: value for key, value in os.environ.items() if not key.startswith("BUCKETS_")}
+    env["BUCKETS_DATA_DIR"] = str(tmp_path / "data")
+    command = [sys.executable, "-m", "workflows.cli", "db"]
+
+    def cli(*args: str) -> subprocess.CompletedProcess[str]:
+        return subprocess.run(
+            [*command, *args], env=env, capture_output=True, text=True, timeout=180, check=False
+        )
+
+    first = cli("upgrade")
+    assert first.returncode == 0, first.stderr
+    pgdata = tmp_path / "data" / "pgdata"
+    assert first.stderr.count(f"using the embedded PostgreSQL in {pgdata}") == 1
+    assert f"from an empty database to {head_revision()}" in first.stdout
+    assert "7 tables ready" in first.stdout
+
+    second = cli("upgrade", "--json")
+    assert second.returncode == 0, second.stderr
+    report = json.loads(second.stdout)
+    assert (report["changed"], report["tables"]) == (False, 7)
+
+    current = cli("current", "--json")
+    assert current.returncode == 0, current.stderr
+    assert json.loads(current.stdout)["at_head"] is True
+
+    # The server stops with the last process that used it; the data stays.
+    assert not (pgdata / "postmaster.pid").exists()
+    assert (pgdata / "PG_VERSION").exists()

@@ -1,0 +1,167 @@
+"""The ``buckets`` command: the composition root.
+
+Every command accepts ``--database-url`` and ``--definitions`` (defaults from
+``BUCKETS_DATABASE_URL`` / ``BUCKETS_DEFINITIONS``) and ``--json`` for machine-readable output.
+Errors print one line (``buckets: error: ...``) on stderr and exit non-zero: 2 for bad
+configuration or usage, 1 for everything else.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from typing import IO, TYPE_CHECKING, Any, TypeVar
+
+import click
+
+from buckets.errors import BucketsError, ConfigError
+
+if TYPE_CHECKING:
+    from sqlalchemy.engine import Engine
+
+F = TypeVar("F", bound=Callable[..., Any])
+
+
+class CliError(click.ClickException):
+    """A one-line error; exit status 1."""
+
+    def show(self, file: IO[Any] | None = None) -> None:
+        click.echo(f"buckets: error: {self.format_message()}", file=file or sys.stderr)
+
+
+class ConfigCliError(CliError):
+    """Bad configuration: exit status 2, like a usage error."""
+
+    exit_code = 2
+
+
+class BucketsGroup(click.Group):
+    """Translates the engine's errors (and stray driver errors) into one-line CLI errors."""
+
+    def invoke(self, ctx: click.Context) -> Any:
+        from sqlalchemy.exc import DBAPIError
+
+        from buckets.db import first_line
+
+        try:
+            return super().invoke(ctx)
+        except ConfigError as exc:
+            raise ConfigCliError(str(exc)) from exc
+        except BucketsError as exc:
+            raise CliError(str(exc)) from exc
+        except DBAPIError as exc:
+            raise CliError(f"database error: {first_line(exc.orig)}") from exc
+
+
+def common_options(func: F) -> F:
+    """The options every command accepts (SPEC §10)."""
+    options = [
+        click.option(
+            "--database-url",
+            metavar="URL",
+            help="PostgreSQL URL [default: BUCKETS_DATABASE_URL, else an embedded PostgreSQL].",
+        ),
+        click.option(
+            "--definitions",
+            metavar="PATH",
+            help="Bucket definitions: module, file or directory [default: BUCKETS_DEFINITIONS].",
+        ),
+        click.option("--json", "as_json", is_flag=True, help="Print machine-readable JSON."),
+    ]
+    for option in reversed(options):
+        func = option(func)
+    return func
+
+
+@contextmanager
+def opened_engine(database_url: str | None, definitions: str | None) -> Iterator[Engine]:
+    """The engine for the configured (or embedded) database, disposed afterwards."""
+    from buckets.db import create_engine, resolve_database_url
+    from buckets.settings import load_settings
+
+    settings = load_settings(database_url=database_url, definitions=definitions)
+    source = "--database-url" if database_url is not None else "BUCKETS_DATABASE_URL"
+    engine = create_engine(resolve_database_url(settings, source=source))
+    try:
+        yield engine
+    finally:
+        engine.dispose()
+
+
+def emit(as_json: bool, payload: dict[str, Any], human: str) -> None:
+    click.echo(json.dumps(payload, default=str) if as_json else human)
+
+
+@click.group(cls=BucketsGroup, context_settings={"help_option_names": ["-h", "--help"]})
+@click.version_option(package_name="buckets", prog_name="buckets")
+def main() -> None:
+    """Exact, current bucket (segment) membership on PostgreSQL, driving journeys."""
+
+
+@main.group(cls=BucketsGroup)
+def db() -> None:
+    """Database schema: migrate and inspect."""
+
+
+@db.command("upgrade")
+@common_options
+def db_upgrade(database_url: str | None, definitions: str | None, as_json: bool) -> None:
+    """Create or migrate the schema to the latest revision (a no-op when already there)."""
+    from buckets.db import connect, display_url
+    from buckets.migrations import upgrade
+
+    with opened_engine(database_url, definitions) as engine:
+        connect(engine).close()  # a clear "cannot connect" before Alembic's noise
+        result = upgrade(engine)
+        tables = _table_count(engine)
+        where = display_url(engine.url)
+    if result.changed:
+        human = f"upgraded {where} from {result.before or 'an empty database'} to {result.after}"
+    else:
+        human = f"{where} is already at {result.after}; nothing to do"
+    human += f"\nschema at head {result.head}: {tables} tables ready"
+    payload = {
+        "database": where,
+        "before": result.before,
+        "after": result.after,
+        "head": result.head,
+        "changed": result.changed,
+        "tables": tables,
+    }
+    emit(as_json, payload, human)
+
+
+@db.command("current")
+@common_options
+def db_current(database_url: str | None, definitions: str | None, as_json: bool) -> None:
+    """Show the schema revision of the database and whether it is the latest."""
+    from buckets.db import connect, display_url
+    from buckets.migrations import current_revision, head_revision
+
+    with opened_engine(database_url, definitions) as engine, connect(engine) as connection:
+        current = current_revision(connection)
+        where = display_url(engine.url)
+    head = head_revision()
+    if current is None:
+        human = f"{where}: no schema yet (run `buckets db upgrade`)"
+    elif current == head:
+        human = f"{where}: at {current} (head)"
+    else:
+        human = f"{where}: at {current}, head is {head} (run `buckets db upgrade`)"
+    payload = {"database": where, "current": current, "head": head, "at_head": current == head}
+    emit(as_json, payload, human)
+
+
+def _table_count(engine: Engine) -> int:
+    from sqlalchemy import inspect
+
+    from buckets.models import metadata
+
+    present = set(inspect(engine).get_table_names())
+    return sum(1 for table in metadata.sorted_tables if table.name in present)
+
+
+if __name__ == "__main__":
+    main()
