@@ -1,0 +1,37 @@
+"""The criteria language: one semantics, two executors (SPEC §3).
+
+* :mod:`.model` — the node tree and its validation; :mod:`.builder` — the fluent ``b``;
+* :mod:`.evaluate` — one contact in Python; :mod:`.compile` — every contact in SQL.
+"""
+
+from __future__ import annotations
+
+from buckets.criteria.builder import b
+from buckets.criteria.compile import CompiledCriteria, compile_criteria, member_select
+from buckets.criteria.durations import parse_duration
+from buckets.criteria.evaluate import Event, evaluate, in_memory_counter
+from buckets.criteria.model import (
+    Composite,
+    CriteriaError,
+    EventCondition,
+    Node,
+    PropertyCondition,
+    parse_criteria,
+)
+
+__all__ = [
+    "CompiledCriteria",
+    "Composite",
+    "CriteriaError",
+    "Event",
+    "EventCondition",
+    "Node",
+    "PropertyCondition",
+    "b",
+    "compile_criteria",
+    "evaluate",
+    "in_memory_counter",
+    "member_select",
+    "parse_criteria",
+    "parse_duration",
+]

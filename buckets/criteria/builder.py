@@ -1,0 +1,135 @@
+"""The fluent builder ``b``: a readable way to write the literal criteria tree.
+
+Every builder call returns exactly the literal form (plain dicts, durations as given), so
+``b.event("x").within("7d").exists() == {"type": "event", "event": "x", "check": "exists",
+"within": "7d"}``. Nothing is validated here: :func:`buckets.define_bucket` validates the whole
+tree at once, so every error names the bucket and the path of the problem.
+
+    b.prop("plan").eq("pro")
+    b.event("purchase.completed").within("30d").where(b.prop("amount").gte(50)).at_least(2)
+    b.all(b.event("feature.used").exists(), b.event("feature.used").within("7d").not_exists())
+"""
+
+from __future__ import annotations
+
+from datetime import timedelta
+from typing import Any
+
+Criteria = dict[str, Any]
+
+
+class PropertyBuilder:
+    """Conditions on one property key: ``b.prop("plan").eq("pro")``."""
+
+    def __init__(self, key: str) -> None:
+        self._key = key
+
+    def _leaf(self, operator: str, *value: Any) -> Criteria:
+        leaf: Criteria = {"type": "property", "property": self._key, "operator": operator}
+        if value:
+            leaf["value"] = value[0]
+        return leaf
+
+    def eq(self, value: Any) -> Criteria:
+        return self._leaf("eq", value)
+
+    def neq(self, value: Any) -> Criteria:
+        return self._leaf("neq", value)
+
+    def gt(self, value: Any) -> Criteria:
+        return self._leaf("gt", value)
+
+    def gte(self, value: Any) -> Criteria:
+        return self._leaf("gte", value)
+
+    def lt(self, value: Any) -> Criteria:
+        return self._leaf("lt", value)
+
+    def lte(self, value: Any) -> Criteria:
+        return self._leaf("lte", value)
+
+    def contains(self, value: Any) -> Criteria:
+        return self._leaf("contains", value)
+
+    def exists(self) -> Criteria:
+        return self._leaf("exists")
+
+    def not_exists(self) -> Criteria:
+        return self._leaf("not_exists")
+
+
+class EventBuilder:
+    """Conditions on a contact's events of one name; ``within`` and ``where`` narrow them."""
+
+    def __init__(
+        self,
+        name: str,
+        within: timedelta | str | None = None,
+        where: tuple[Criteria, ...] = (),
+    ) -> None:
+        self._name = name
+        self._within = within
+        self._where = where
+
+    def within(self, duration: timedelta | str) -> EventBuilder:
+        """Count only events in ``[now - duration, now]``."""
+        return EventBuilder(self._name, duration, self._where)
+
+    def where(self, *conditions: Criteria) -> EventBuilder:
+        """Count only events whose own properties satisfy every condition."""
+        return EventBuilder(self._name, self._within, self._where + conditions)
+
+    def _leaf(self, check: str, operator: str | None = None, value: Any = None) -> Criteria:
+        leaf: Criteria = {"type": "event", "event": self._name, "check": check}
+        if operator is not None:
+            leaf["operator"] = operator
+            leaf["value"] = value
+        if self._within is not None:
+            leaf["within"] = self._within
+        if self._where:
+            leaf["where"] = list(self._where)
+        return leaf
+
+    def exists(self) -> Criteria:
+        return self._leaf("exists")
+
+    def not_exists(self) -> Criteria:
+        return self._leaf("not_exists")
+
+    def count(self, operator: str, value: int) -> Criteria:
+        """``count(op, n)`` with ``op`` one of gt, gte, lt, lte, eq."""
+        return self._leaf("count", operator, value)
+
+    def at_least(self, value: int) -> Criteria:
+        return self.count("gte", value)
+
+    def at_most(self, value: int) -> Criteria:
+        return self.count("lte", value)
+
+    def more_than(self, value: int) -> Criteria:
+        return self.count("gt", value)
+
+    def less_than(self, value: int) -> Criteria:
+        return self.count("lt", value)
+
+    def exactly(self, value: int) -> Criteria:
+        return self.count("eq", value)
+
+
+class CriteriaBuilder:
+    """The ``b`` entry point."""
+
+    def prop(self, key: str) -> PropertyBuilder:
+        return PropertyBuilder(key)
+
+    def event(self, name: str) -> EventBuilder:
+        return EventBuilder(name)
+
+    def all(self, *conditions: Criteria) -> Criteria:
+        return {"type": "composite", "operator": "and", "conditions": list(conditions)}
+
+    def any(self, *conditions: Criteria) -> Criteria:
+        return {"type": "composite", "operator": "or", "conditions": list(conditions)}
+
+
+b = CriteriaBuilder()

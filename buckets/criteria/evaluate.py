@@ -1,0 +1,123 @@
+"""The Python executor: does one contact match, as of ``now``? (SPEC §3.2)
+
+The evaluator never reads the clock or the database itself. It is given the contact's
+``properties`` and a *counter*: a function returning how many of the contact's events match an
+event condition as of the decision's ``now``. The real-time path passes a counter that queries
+inside its transaction; tests and explain use :func:`in_memory_counter` over a list of events.
+``and`` / ``or`` short-circuit, so a counter is asked only for the leaves that decide.
+
+Type-strictness, exactly as the SQL compiler implements it with ``jsonb_typeof``:
+
+* JSON kinds are null, boolean, number (int or float, never bool), string, array and object;
+  ``eq`` needs the same kind (``True`` does not equal ``1``; ``"5"`` does not equal ``5``);
+* a missing key and a JSON null differ for ``eq null`` but both satisfy ``not_exists``;
+* ``contains``: substring of a string (case-sensitive), or an array element ``eq`` the value.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterable, Mapping
+from dataclasses import dataclass, field
+from datetime import datetime
+from typing import Any
+
+from buckets.criteria.model import (
+    Composite,
+    EventCondition,
+    Node,
+    PropertyCondition,
+    is_number,
+)
+
+EventCounter = Callable[[EventCondition], int]
+
+_MISSING = object()
+
+
+def json_kind(value: object) -> str:
+    """The ``jsonb_typeof`` of a Python value decoded from JSON."""
+    if value is None:
+        return "null"
+    if isinstance(value, bool):
+        return "boolean"
+    if is_number(value):
+        return "number"
+    if isinstance(value, str):
+        return "string"
+    if isinstance(value, list | tuple):
+        return "array"
+    return "object"
+
+
+def json_equal(left: object, right: object) -> bool:
+    """Type-strict equality of two JSON scalars (``1 == 1.0``, ``True != 1``)."""
+    return json_kind(left) == json_kind(right) and left == right
+
+
+def property_matches(condition: PropertyCondition, properties: Mapping[str, Any]) -> bool:
+    actual = properties.get(condition.property, _MISSING)
+    wanted = condition.value
+    match condition.operator:
+        case "exists":
+            return actual is not _MISSING and actual is not None
+        case "not_exists":
+            return actual is _MISSING or actual is None
+        case "eq":
+            return actual is not _MISSING and json_equal(actual, wanted)
+        case "neq":
+            return actual is _MISSING or not json_equal(actual, wanted)
+        case "contains":
+            if isinstance(actual, str):
+                return isinstance(wanted, str) and wanted in actual
+            if isinstance(actual, list | tuple):
+                return any(json_equal(element, wanted) for element in actual)
+            return False
+        case "gt":
+            return is_number(actual) and actual > wanted
+        case "gte":
+            return is_number(actual) and actual >= wanted
+        case "lt":
+            return is_number(actual) and actual < wanted
+        case "lte":
+            return is_number(actual) and actual <= wanted
+    raise AssertionError(condition.operator)  # pragma: no cover - validated
+
+
+def evaluate(node: Node, properties: Mapping[str, Any], count_events: EventCounter) -> bool:
+    """Whether a contact with ``properties`` (and events seen by ``count_events``) matches."""
+    if isinstance(node, PropertyCondition):
+        return property_matches(node, properties)
+    if isinstance(node, EventCondition):
+        return node.satisfied_by(count_events(node))
+    assert isinstance(node, Composite)
+    if node.operator == "and":
+        return all(evaluate(child, properties, count_events) for child in node.conditions)
+    return any(evaluate(child, properties, count_events) for child in node.conditions)
+
+
+@dataclass(frozen=True)
+class Event:
+    """One event of a contact, as the evaluator sees it."""
+
+    name: str
+    occurred_at: datetime
+    properties: Mapping[str, Any] = field(default_factory=dict)
+
+
+def event_counts(condition: EventCondition, event: Event, now: datetime) -> bool:
+    """Whether ``event`` counts for ``condition`` as of ``now`` (SPEC §1: bounds inclusive)."""
+    if event.name != condition.event or event.occurred_at > now:
+        return False
+    if condition.within is not None and event.occurred_at < now - condition.within:
+        return False
+    return all(property_matches(where, event.properties) for where in condition.where or ())
+
+
+def in_memory_counter(events: Iterable[Event], now: datetime) -> EventCounter:
+    """A counter over a contact's events held in memory."""
+    history = tuple(events)
+
+    def count(condition: EventCondition) -> int:
+        return sum(1 for event in history if event_counts(condition, event, now))
+
+    return count

@@ -1,0 +1,451 @@
+"""Bucket definitions: ``define_bucket``, validation, the criteria fingerprint (SPEC §3.3, §4).
+
+Every error is a :class:`DefinitionError` whose message names the bucket and the path of the
+problem, e.g. ``went-dormant: criteria.conditions[1].within: duration must be positive``;
+definitions loaded from files are also prefixed with the file.
+
+Decisions where the spec is silent:
+
+* ``id`` is a slug: lower-case letters and digits, single ``-``/``_`` between them, at most 64
+  characters (it appears in transition names and idempotency keys, which use ``:``).
+* ``entry_period`` is accepted only with ``entry_limit="once_per_period"`` (elsewhere it would
+  be silently meaningless).
+* A leaf is *negative* when a contact with no properties and no events satisfies it and the
+  clock alone cannot make it true: property ``neq`` / ``not_exists``, and event conditions
+  satisfied by zero events without a window (``not_exists``, ``count lt 3``, ``count gte 0``).
+  Windowed ``not_exists`` / ``count lt|lte|eq`` are clock-joinable, hence positive (SPEC §3.3,
+  §6.2). A bucket needs at least one positive leaf.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import importlib
+import importlib.util
+import json
+import re
+import sys
+from collections.abc import Mapping
+from dataclasses import dataclass
+from datetime import timedelta
+from pathlib import Path
+from types import ModuleType
+from typing import Any, Literal
+
+import yaml
+
+from buckets.criteria.durations import duration_seconds, parse_duration
+from buckets.criteria.model import (
+    Composite,
+    CriteriaError,
+    EventCondition,
+    Leaf,
+    Node,
+    PropertyCondition,
+    leaves,
+    parse_criteria,
+)
+from buckets.errors import BucketsError
+
+EntryLimit = Literal["unlimited", "once", "once_per_period"]
+ENTRY_LIMITS = ("unlimited", "once", "once_per_period")
+CLOCK_JOINABLE_COUNT_OPERATORS = frozenset({"lt", "lte", "eq"})
+_SLUG = re.compile(r"[a-z0-9]+(?:[-_][a-z0-9]+)*")
+MAX_ID_LENGTH = 64
+
+
+class DefinitionError(BucketsError):
+    """A bucket definition is invalid. The message names the source (file or module, when
+    loaded from one), the bucket and the path."""
+
+    def __init__(self, bucket_id: str, path: str, message: str, *, source: str = "") -> None:
+        where = ": ".join(part for part in (source, bucket_id, path) if part)
+        super().__init__(f"{where}: {message}" if where else message)
+        self.bucket_id = bucket_id
+        self.path = path
+        self.message = message
+        self.source = source
+
+    def located(self, source: str) -> DefinitionError:
+        """The same error, attributed to ``source`` (a file or module)."""
+        return DefinitionError(self.bucket_id, self.path, self.message, source=source)
+
+
+class TransitionName(str):
+    """``bucket:entered:<id>`` / ``bucket:left:<id>``: a string that knows its parts."""
+
+    bucket_id: str
+    kind: str
+
+    def __new__(cls, kind: str, bucket_id: str) -> TransitionName:
+        name = super().__new__(cls, f"bucket:{kind}:{bucket_id}")
+        name.kind = kind
+        name.bucket_id = bucket_id
+        return name
+
+
+@dataclass(frozen=True, eq=False)
+class Bucket:
+    """A validated bucket definition. Build it with :func:`define_bucket`."""
+
+    id: str
+    name: str
+    description: str
+    enabled: bool
+    criteria: Node
+    entry_limit: EntryLimit
+    entry_period: timedelta | None
+    min_dwell: timedelta | None
+    max_dwell: timedelta | None
+    reconcile_joins: bool | None
+
+    @property
+    def entered(self) -> TransitionName:
+        return TransitionName("entered", self.id)
+
+    @property
+    def left(self) -> TransitionName:
+        return TransitionName("left", self.id)
+
+    @property
+    def fingerprint(self) -> str:
+        """SHA-256 of the canonical JSON of the criteria (SPEC §4)."""
+        return criteria_fingerprint(self.criteria)
+
+    @property
+    def time_based(self) -> bool:
+        """The criteria contain a ``within`` window."""
+        return any(
+            isinstance(leaf, EventCondition) and leaf.within for leaf in leaves(self.criteria)
+        )
+
+    @property
+    def on_cron(self) -> bool:
+        """The reconcile tick looks at this bucket (time-based, or min/max dwell)."""
+        return self.time_based or self.max_dwell is not None or self.min_dwell is not None
+
+    @property
+    def event_names(self) -> frozenset[str]:
+        """Event names the criteria mention (the real-time path's index)."""
+        return frozenset(
+            leaf.event for leaf in leaves(self.criteria) if isinstance(leaf, EventCondition)
+        )
+
+    @property
+    def property_keys(self) -> frozenset[str]:
+        """Contact property keys the criteria mention (not event ``where`` keys)."""
+        return frozenset(
+            leaf.property for leaf in leaves(self.criteria) if isinstance(leaf, PropertyCondition)
+        )
+
+    def to_dict(self) -> dict[str, Any]:
+        """The definition in the literal form (durations as seconds), e.g. for storage."""
+        return {
+            "id": self.id,
+            "name": self.name,
+            "description": self.description,
+            "enabled": self.enabled,
+            "criteria": canonical_criteria(self.criteria),
+            "entry_limit": self.entry_limit,
+            "entry_period": _seconds(self.entry_period),
+            "min_dwell": _seconds(self.min_dwell),
+            "max_dwell": _seconds(self.max_dwell),
+            "reconcile_joins": self.reconcile_joins,
+        }
+
+    def __repr__(self) -> str:
+        return f"Bucket(id={self.id!r}, fingerprint={self.fingerprint[:12]!r})"
+
+
+def _seconds(duration: timedelta | None) -> int | None:
+    return None if duration is None else duration_seconds(duration)
+
+
+def define_bucket(
+    *,
+    id: str,
+    criteria: Any,
+    name: str | None = None,
+    description: str = "",
+    enabled: bool = True,
+    entry_limit: str = "unlimited",
+    entry_period: timedelta | str | None = None,
+    min_dwell: timedelta | str | None = None,
+    max_dwell: timedelta | str | None = None,
+    reconcile_joins: bool | None = None,
+) -> Bucket:
+    """Validate a bucket definition (SPEC §4). ``criteria`` is the builder's result, a literal
+    tree (plain dicts, as in YAML), or a parsed node."""
+    bucket_id = _valid_id(id)
+
+    def fail(path: str, message: str) -> DefinitionError:
+        return DefinitionError(bucket_id, path, message)
+
+    def duration(field: str, value: object) -> timedelta | None:
+        if value is None:
+            return None
+        try:
+            return parse_duration(value)
+        except ValueError as exc:
+            raise fail(field, str(exc)) from None
+
+    if name is not None and not isinstance(name, str):
+        raise fail("name", f"must be a string, got {type(name).__name__}")
+    if not isinstance(description, str):
+        raise fail("description", f"must be a string, got {type(description).__name__}")
+    if not isinstance(enabled, bool):
+        raise fail("enabled", f"must be true or false, got {enabled!r}")
+    if reconcile_joins is not None and not isinstance(reconcile_joins, bool):
+        raise fail("reconcile_joins", f"must be true, false or unset, got {reconcile_joins!r}")
+    if entry_limit not in ENTRY_LIMITS:
+        raise fail("entry_limit", f"must be one of {', '.join(ENTRY_LIMITS)}, got {entry_limit!r}")
+    period = duration("entry_period", entry_period)
+    if entry_limit == "once_per_period" and period is None:
+        raise fail("entry_period", "required with entry_limit 'once_per_period'")
+    if entry_limit != "once_per_period" and period is not None:
+        raise fail("entry_period", "only allowed with entry_limit 'once_per_period'")
+    minimum = duration("min_dwell", min_dwell)
+    maximum = duration("max_dwell", max_dwell)
+    if minimum is not None and maximum is not None and maximum < minimum:
+        raise fail("max_dwell", "must be at least min_dwell")
+
+    try:
+        tree = parse_criteria(criteria, "criteria")
+    except CriteriaError as exc:
+        raise fail(exc.path, exc.message) from None
+    if not any(not is_negative(leaf) for leaf in leaves(tree)):
+        raise fail(
+            "criteria",
+            "needs at least one positive condition (every condition here is satisfied by a"
+            " contact with no data: neq, not_exists, or an unwindowed event absence/count)",
+        )
+
+    return Bucket(
+        id=bucket_id,
+        name=name if name else bucket_id,
+        description=description,
+        enabled=enabled,
+        criteria=tree,
+        entry_limit=entry_limit,  # type: ignore[arg-type]
+        entry_period=period,
+        min_dwell=minimum,
+        max_dwell=maximum,
+        reconcile_joins=reconcile_joins,
+    )
+
+
+def _valid_id(value: object) -> str:
+    if not isinstance(value, str) or not value:
+        raise DefinitionError("", "id", f"must be a non-empty string, got {value!r}")
+    if len(value) > MAX_ID_LENGTH or not _SLUG.fullmatch(value):
+        raise DefinitionError(
+            value,
+            "id",
+            "must be a slug: lower-case letters and digits separated by single '-' or '_',"
+            f" at most {MAX_ID_LENGTH} characters",
+        )
+    return value
+
+
+def clock_joinable(leaf: Leaf) -> bool:
+    """Time alone can turn the leaf from false to true (SPEC §6.2)."""
+    if not isinstance(leaf, EventCondition) or leaf.within is None:
+        return False
+    return leaf.check == "not_exists" or (
+        leaf.check == "count" and leaf.operator in CLOCK_JOINABLE_COUNT_OPERATORS
+    )
+
+
+def is_negative(leaf: Leaf) -> bool:
+    """Satisfied by a contact with no data, and not clock-joinable (see the module doc)."""
+    if isinstance(leaf, PropertyCondition):
+        return leaf.operator in ("neq", "not_exists")
+    return leaf.satisfied_by(0) and not clock_joinable(leaf)
+
+
+def canonical_criteria(node: Node) -> dict[str, Any]:
+    """The literal form with only the keys that carry meaning; durations in seconds."""
+    if isinstance(node, Composite):
+        return {
+            "type": "composite",
+            "operator": node.operator,
+            "conditions": [canonical_criteria(child) for child in node.conditions],
+        }
+    if isinstance(node, PropertyCondition):
+        out: dict[str, Any] = {
+            "type": "property",
+            "property": node.property,
+            "operator": node.operator,
+        }
+        if node.operator not in ("exists", "not_exists"):
+            out["value"] = node.value
+        return out
+    out = {"type": "event", "event": node.event, "check": node.check}
+    if node.check == "count":
+        out["operator"] = node.operator
+        out["value"] = node.value
+    if node.within is not None:
+        out["within"] = duration_seconds(node.within)
+    if node.where is not None:
+        out["where"] = [canonical_criteria(where) for where in node.where]
+    return out
+
+
+def canonical_json(node: Node) -> str:
+    """Sorted keys, no whitespace, durations as seconds: the fingerprint's input."""
+    return json.dumps(
+        canonical_criteria(node), sort_keys=True, separators=(",", ":"), ensure_ascii=False
+    )
+
+
+def criteria_fingerprint(node: Node) -> str:
+    return hashlib.sha256(canonical_json(node).encode("utf-8")).hexdigest()
+
+
+BUCKET_FIELDS = frozenset(
+    {
+        "id",
+        "name",
+        "description",
+        "enabled",
+        "criteria",
+        "entry_limit",
+        "entry_period",
+        "min_dwell",
+        "max_dwell",
+        "reconcile_joins",
+    }
+)
+
+
+def bucket_from_mapping(data: object, path: str = "") -> Bucket:
+    """A bucket from the file form (one entry of the ``buckets:`` list at ``path``)."""
+    if not isinstance(data, Mapping):
+        raise DefinitionError(
+            "", path, f"expected a mapping of bucket fields, got {type(data).__name__}"
+        )
+    bucket_id = data.get("id")
+    label = bucket_id if isinstance(bucket_id, str) else ""
+    for key in data:
+        if key not in BUCKET_FIELDS:
+            raise DefinitionError(label or path, str(key), "unknown field")
+    for key in ("id", "criteria"):
+        if key not in data:
+            raise DefinitionError(label or path, key, "required")
+    return define_bucket(**{str(key): value for key, value in data.items()})
+
+
+# --- loading ------------------------------------------------------------------------------
+
+FILE_SUFFIXES = (".py", ".yaml", ".yml", ".json")
+_MODULE_PATH = re.compile(r"[A-Za-z_][A-Za-z0-9_]*(?:\.[A-Za-z_][A-Za-z0-9_]*)*")
+
+
+def load_definitions(source: str | Path) -> list[Bucket]:
+    """Every bucket defined by ``source``: a module path (``myapp.buckets``), a ``.py``,
+    ``.yaml``/``.yml`` or ``.json`` file, or a directory of such files (not recursive; names
+    starting with ``_`` or ``.`` are skipped). Bucket ids must be unique across all of them."""
+    text = str(source)
+    path = Path(text).expanduser()
+    if path.is_dir():
+        files = sorted(
+            entry
+            for entry in path.iterdir()
+            if entry.is_file()
+            and entry.suffix in FILE_SUFFIXES
+            and not entry.name.startswith(("_", "."))
+        )
+        loaded = [(str(file), bucket) for file in files for bucket in _load_file(file)]
+    elif path.suffix in FILE_SUFFIXES or path.exists():
+        if not path.is_file():
+            raise DefinitionError("", "", "no such file or directory", source=text)
+        loaded = [(text, bucket) for bucket in _load_file(path)]
+    elif _MODULE_PATH.fullmatch(text):
+        loaded = [(text, bucket) for bucket in _load_module(text)]
+    else:
+        raise DefinitionError(
+            "",
+            "",
+            "not a module path, nor an existing .py/.yaml/.json file or directory",
+            source=text,
+        )
+    seen: dict[str, str] = {}
+    for origin, bucket in loaded:
+        if bucket.id in seen:
+            first = seen[bucket.id]
+            where = f"in {first}" if first == origin else f"in {first} and {origin}"
+            raise DefinitionError(bucket.id, "id", f"duplicate bucket id (defined {where})")
+        seen[bucket.id] = origin
+    return [bucket for _, bucket in loaded]
+
+
+def _load_file(path: Path) -> list[Bucket]:
+    if path.suffix == ".py":
+        return _load_python_file(path)
+    try:
+        raw = path.read_text(encoding="utf-8")
+        data = json.loads(raw) if path.suffix == ".json" else yaml.safe_load(raw)
+    except (OSError, UnicodeDecodeError, ValueError, yaml.YAMLError) as exc:
+        reason = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+        raise DefinitionError("", "", f"cannot read: {reason}", source=str(path)) from None
+    try:
+        return _buckets_from_document(data)
+    except DefinitionError as exc:
+        raise exc.located(str(path)) from None
+
+
+def _buckets_from_document(data: object) -> list[Bucket]:
+    if not isinstance(data, Mapping):
+        raise DefinitionError("", "", "expected a mapping with a 'buckets:' list at the top")
+    for key in data:
+        if key != "buckets":
+            raise DefinitionError("", str(key), "unknown top-level key (expected 'buckets')")
+    entries = data.get("buckets")
+    if not isinstance(entries, list):
+        raise DefinitionError("", "buckets", "expected a list of bucket definitions")
+    return [bucket_from_mapping(entry, f"buckets[{index}]") for index, entry in enumerate(entries)]
+
+
+def _load_python_file(path: Path) -> list[Bucket]:
+    resolved = path.resolve()
+    digest = hashlib.sha256(str(resolved).encode()).hexdigest()[:12]
+    module_name = f"_buckets_definitions_{resolved.stem}_{digest}"
+    spec = importlib.util.spec_from_file_location(module_name, resolved)
+    if spec is None or spec.loader is None:
+        raise DefinitionError("", "", "cannot import", source=str(path))
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[module_name] = module  # dataclasses and pydantic look themselves up here
+    try:
+        spec.loader.exec_module(module)
+    except DefinitionError as exc:
+        del sys.modules[module_name]
+        raise exc.located(str(path)) from None
+    except Exception as exc:
+        del sys.modules[module_name]
+        raise DefinitionError(
+            "", "", f"cannot import: {type(exc).__name__}: {exc}", source=str(path)
+        ) from exc
+    return _buckets_in(module)
+
+
+def _load_module(name: str) -> list[Bucket]:
+    try:
+        module = importlib.import_module(name)
+    except DefinitionError as exc:
+        raise exc.located(name) from None
+    except Exception as exc:
+        raise DefinitionError(
+            "", "", f"cannot import: {type(exc).__name__}: {exc}", source=name
+        ) from exc
+    return _buckets_in(module)
+
+
+def _buckets_in(module: ModuleType) -> list[Bucket]:
+    """Module-level buckets (and lists/tuples of them), in definition order, each once."""
+    found: list[Bucket] = []
+    for value in vars(module).values():
+        candidates = value if isinstance(value, list | tuple) else (value,)
+        for candidate in candidates:
+            if isinstance(candidate, Bucket) and all(candidate is not seen for seen in found):
+                found.append(candidate)
+    return found
