@@ -57,7 +57,9 @@ TRANSITION_KINDS = ("entered", "left")
 BACKFILL_MODES = ("first_time", "reevaluate", "admin")
 BACKFILL_STATUSES = ("pending", "running", "completed", "failed", "cancelled")
 BACKFILL_ACTIVE_STATUSES = ("pending", "running")
-ENROLLMENT_STATUSES = ("active", "completed", "exited", "failed")
+# `skipped`: the journey already had an active enrollment for the contact and does not allow a
+# second concurrent one; the row records that the transition was seen (exactly once).
+ENROLLMENT_STATUSES = ("active", "completed", "exited", "failed", "skipped")
 
 
 def _one_of(column: str, values: tuple[str, ...]) -> str:
@@ -97,6 +99,11 @@ class Contact(Base):
     email: Mapped[str | None] = mapped_column(Text)  # trimmed and lower-cased by the writer
     properties: Mapped[dict[str, Any]] = _json_object()
     deleted_at: Mapped[datetime | None] = _timestamp()
+    # Bumped by every write that can change what criteria see (an event, a property change, a
+    # soft delete). Set-based membership writers lock the contact row and compare it with the
+    # revision their snapshot saw: a contact changed since is re-decided from fresh data
+    # (see buckets.membership).
+    revision: Mapped[int] = mapped_column(BigInteger, nullable=False, server_default=text("0"))
     created_at: Mapped[datetime] = _created_at()
     updated_at: Mapped[datetime] = _updated_at()
 
@@ -144,6 +151,9 @@ class BucketConfig(Base):
     # first-time backfill completed (SPEC §6.4).
     criteria_hash: Mapped[str | None] = mapped_column(Text)
     definition: Mapped[dict[str, Any] | None] = mapped_column(JSONB)  # last deployed definition
+    # The `now` of the last reconcile tick that completed for this bucket: a second worker
+    # firing the same tick finds it done and skips the bucket.
+    reconciled_at: Mapped[datetime | None] = _timestamp()
     created_at: Mapped[datetime] = _created_at()
     updated_at: Mapped[datetime] = _updated_at()
 
@@ -271,8 +281,16 @@ class BackfillJob(Base):
     joined: Mapped[int] = mapped_column(BigInteger, nullable=False, server_default=text("0"))
     left: Mapped[int] = mapped_column(BigInteger, nullable=False, server_default=text("0"))
     cursor: Mapped[dict[str, Any] | None] = mapped_column(JSONB)  # resume point
+    # The job decides as of this instant from its first chunk to its last (SPEC §1).
+    as_of: Mapped[datetime] = _timestamp(nullable=False)
+    # Admin jobs only: emit `entered` for joins (through the entry-limit gate).
+    emit_joins: Mapped[bool] = mapped_column(Boolean, nullable=False, server_default=text("false"))
+    # The criteria fingerprint the job materialises; stored on bucket_configs on completion.
+    criteria_hash: Mapped[str | None] = mapped_column(Text)
     lease_owner: Mapped[str | None] = mapped_column(Text)
     lease_expires_at: Mapped[datetime | None] = _timestamp()
+    heartbeat_at: Mapped[datetime | None] = _timestamp()
+    attempts: Mapped[int] = mapped_column(Integer, nullable=False, server_default=text("0"))
     error: Mapped[str | None] = mapped_column(Text)
     started_at: Mapped[datetime | None] = _timestamp()
     finished_at: Mapped[datetime | None] = _timestamp()
@@ -309,11 +327,23 @@ class JourneyEnrollment(Base):
         BigInteger, ForeignKey("bucket_transitions.id"), nullable=False
     )
     status: Mapped[str] = mapped_column(Text, nullable=False, server_default=text("'active'"))
+    # Handler delivery (at-least-once): attempts so far, when to try next, when it succeeded.
+    attempts: Mapped[int] = mapped_column(Integer, nullable=False, server_default=text("0"))
+    next_attempt_at: Mapped[datetime | None] = _timestamp()
+    delivered_at: Mapped[datetime | None] = _timestamp()
+    last_error: Mapped[str | None] = mapped_column(Text)
+    finished_at: Mapped[datetime | None] = _timestamp()  # completed, exited or failed
     created_at: Mapped[datetime] = _created_at()
     updated_at: Mapped[datetime] = _updated_at()
 
     __table_args__ = (
         CheckConstraint(_one_of("status", ENROLLMENT_STATUSES), name="status_allowed"),
+        # Handler deliveries still owed (new, or waiting for a retry), in due order.
+        Index(
+            "ix_journey_enrollments_delivery_due",
+            "next_attempt_at",
+            postgresql_where=text("delivered_at IS NULL AND status = 'active'"),
+        ),
         UniqueConstraint("journey_id", "transition_id"),
         # A contact's active enrollments (exit on `left`, no second concurrent run).
         Index(

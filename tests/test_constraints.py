@@ -230,7 +230,7 @@ def test_contact_properties_default_to_an_empty_object(session):
 
 
 def job(**overrides: Any) -> BackfillJob:
-    fields: dict[str, Any] = {"bucket_id": "power-users", "mode": "first_time"}
+    fields: dict[str, Any] = {"bucket_id": "power-users", "mode": "first_time", "as_of": NOW}
     fields.update(overrides)
     return BackfillJob(**fields)
 
