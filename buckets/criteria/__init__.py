@@ -7,9 +7,16 @@
 from __future__ import annotations
 
 from buckets.criteria.builder import b
-from buckets.criteria.compile import CompiledCriteria, compile_criteria, member_select
+from buckets.criteria.compile import (
+    CompiledCriteria,
+    compile_criteria,
+    decisive_count,
+    leaf_counts,
+    member_select,
+    probe_predicate,
+)
 from buckets.criteria.durations import parse_duration
-from buckets.criteria.evaluate import Event, evaluate, in_memory_counter
+from buckets.criteria.evaluate import Event, counts_counter, evaluate, in_memory_counter
 from buckets.criteria.model import (
     Composite,
     CriteriaError,
@@ -29,9 +36,13 @@ __all__ = [
     "PropertyCondition",
     "b",
     "compile_criteria",
+    "counts_counter",
+    "decisive_count",
     "evaluate",
     "in_memory_counter",
+    "leaf_counts",
     "member_select",
     "parse_criteria",
     "parse_duration",
+    "probe_predicate",
 ]

@@ -15,6 +15,15 @@ Shape (chosen from the plans, see PERFORMANCE-NOTES.md):
   the others branch on ``jsonb_typeof`` (numbers compare as ``numeric``: exact, and never an
   error on odd data).
 
+Two further forms serve work restricted to known contacts (members, candidates, one ingested
+contact), where probing each contact's index range beats aggregating every contact's events:
+
+* :func:`probe_predicate` — the criteria as a correlated predicate: each event leaf asks "does
+  an n-th matching event exist" (``EXISTS (... OFFSET n-1 LIMIT 1)``), which stops after n index
+  entries (PERFORMANCE-NOTES.md: the fastest form for leaves over members);
+* :func:`leaf_counts` — per contact, each event leaf's count capped at the value that decides
+  it, for the Python evaluator (per-member confirms, the real-time path).
+
 ``now`` is always a bound parameter (never the database's ``now()``): the same ``now`` over
 the same data gives the same answer. Soft-deleted contacts never match.
 """
@@ -220,3 +229,104 @@ def _count_predicate(node: EventCondition, count: ColumnElement[Any]) -> ColumnE
     assert node.operator is not None
     compared: ColumnElement[bool] = count.op(_SQL_OPERATORS[node.operator])(node.value)
     return compared
+
+
+# --- forms restricted to known contacts ---------------------------------------------------
+
+
+def _leaf_events(condition: EventCondition, now: datetime, contact_id: ColumnElement[Any]) -> Any:
+    """``SELECT 1`` of the events counting for ``condition`` of the contact ``contact_id``."""
+    scope = [
+        user_events.c.contact_id == contact_id,
+        user_events.c.event == condition.event,
+        user_events.c.occurred_at <= sa.literal(now, TIMESTAMP),
+    ]
+    if condition.within is not None:
+        scope.append(user_events.c.occurred_at >= sa.literal(now - condition.within, TIMESTAMP))
+    scope.extend(
+        property_predicate(where, user_events.c.properties) for where in condition.where or ()
+    )
+    # Explicit: auto-correlation does not reach through the derived table of leaf_counts.
+    return sa.select(sa.literal(1)).where(*scope).correlate(contacts)
+
+
+def decisive_count(condition: EventCondition) -> int:
+    """Counting beyond this many events cannot change ``condition``'s answer."""
+    if condition.check != "count":
+        return 1
+    assert condition.value is not None
+    return condition.value + 1
+
+
+def _reached(
+    condition: EventCondition, n: int, now: datetime, contact_id: ColumnElement[Any]
+) -> ColumnElement[bool]:
+    """At least ``n`` events count for ``condition``: stops after ``n`` index entries."""
+    if n <= 0:
+        return sa.true()
+    probe = _leaf_events(condition, now, contact_id).limit(1)
+    if n > 1:
+        probe = probe.offset(n - 1)
+    return sa.exists(probe)
+
+
+def _probe_leaf(
+    condition: EventCondition, now: datetime, contact_id: ColumnElement[Any]
+) -> ColumnElement[bool]:
+    if condition.check == "exists":
+        return _reached(condition, 1, now, contact_id)
+    if condition.check == "not_exists":
+        return sa.not_(_reached(condition, 1, now, contact_id))
+    assert condition.value is not None
+    value = condition.value
+    match condition.operator:
+        case "gt":
+            return _reached(condition, value + 1, now, contact_id)
+        case "gte":
+            return _reached(condition, value, now, contact_id)
+        case "lt":
+            return sa.not_(_reached(condition, value, now, contact_id))
+        case "lte":
+            return sa.not_(_reached(condition, value + 1, now, contact_id))
+        case "eq":
+            return sa.and_(
+                _reached(condition, value, now, contact_id),
+                sa.not_(_reached(condition, value + 1, now, contact_id)),
+            )
+    raise AssertionError(condition.operator)  # pragma: no cover - validated
+
+
+def probe_predicate(
+    node: Node, now: datetime, contact_id: ColumnElement[Any] | None = None
+) -> ColumnElement[bool]:
+    """``node`` as a predicate over ``contacts`` (which must be in the query's FROM) whose event
+    leaves probe the events of ``contact_id`` (default ``contacts.id``) as of ``now``.
+    Soft-deleted contacts are not excluded here: callers scope the rows they examine."""
+    if now.tzinfo is None:
+        raise ValueError("now must be timezone-aware")
+    contact = contacts.c.id if contact_id is None else contact_id
+    if isinstance(node, PropertyCondition):
+        return property_predicate(node, contacts.c.properties)
+    if isinstance(node, EventCondition):
+        return _probe_leaf(node, now, contact)
+    assert isinstance(node, Composite)
+    parts = [probe_predicate(child, now, contact) for child in node.conditions]
+    return sa.and_(*parts) if node.operator == "and" else sa.or_(*parts)
+
+
+def leaf_counts(
+    conditions: Sequence[EventCondition], now: datetime, contact_ids: Sequence[int]
+) -> sa.Select[Any]:
+    """``SELECT id, properties, deleted_at, c0, c1, ...`` for the contacts ``contact_ids``:
+    ``c<i>`` counts the events of ``conditions[i]``, capped at :func:`decisive_count` (enough
+    for the evaluator to decide that leaf; not a true total)."""
+    if now.tzinfo is None:
+        raise ValueError("now must be timezone-aware")
+    columns = []
+    for index, condition in enumerate(conditions):
+        capped = _leaf_events(condition, now, contacts.c.id).limit(decisive_count(condition))
+        counted = sa.select(sa.func.count()).select_from(capped.subquery()).scalar_subquery()
+        columns.append(counted.label(f"c{index}"))
+    return sa.select(contacts.c.id, contacts.c.properties, contacts.c.deleted_at, *columns).where(
+        contacts.c.id == sa.any_(_ids(contact_ids))
+    )

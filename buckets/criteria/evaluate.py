@@ -113,6 +113,11 @@ def event_counts(condition: EventCondition, event: Event, now: datetime) -> bool
     return all(property_matches(where, event.properties) for where in condition.where or ())
 
 
+def counts_counter(counts: Mapping[EventCondition, int]) -> EventCounter:
+    """A counter over counts fetched beforehand (e.g. by :func:`~.compile.leaf_counts`)."""
+    return counts.__getitem__
+
+
 def in_memory_counter(events: Iterable[Event], now: datetime) -> EventCounter:
     """A counter over a contact's events held in memory."""
     history = tuple(events)

@@ -10,8 +10,21 @@ from typing import Any
 import sqlalchemy as sa
 from sqlalchemy.engine import Connection
 
-from buckets.criteria import Event, Node, evaluate, in_memory_counter, member_select
+from buckets.criteria import (
+    Event,
+    EventCondition,
+    Node,
+    counts_counter,
+    evaluate,
+    in_memory_counter,
+    leaf_counts,
+    member_select,
+    probe_predicate,
+)
+from buckets.criteria.model import leaves
 from buckets.models import Contact, UserEvent
+
+contacts = Contact.__table__
 
 NOW = datetime(2026, 11, 22, 12, 0, tzinfo=UTC)
 
@@ -71,3 +84,30 @@ def python_members(
         if not person.deleted
         and evaluate(node, person.properties, in_memory_counter(person.events, now))
     }
+
+
+def probe_members(
+    conn: Connection, node: Node, now: datetime, contact_ids: Sequence[int]
+) -> set[int]:
+    """The correlated (per-contact probe) form, restricted to ``contact_ids``."""
+    query = sa.select(contacts.c.id).where(
+        contacts.c.id == sa.any_(sa.literal(list(contact_ids), sa.ARRAY(sa.BigInteger))),
+        contacts.c.deleted_at.is_(None),
+        probe_predicate(node, now),
+    )
+    return set(conn.execute(query).scalars())
+
+
+def counted_members(
+    conn: Connection, node: Node, now: datetime, contact_ids: Sequence[int]
+) -> set[int]:
+    """The evaluator fed with capped counts from :func:`leaf_counts` (the confirm path)."""
+    conditions = list(
+        dict.fromkeys(leaf for leaf in leaves(node) if isinstance(leaf, EventCondition))
+    )
+    members = set()
+    for row in conn.execute(leaf_counts(conditions, now, contact_ids)):
+        counts = {condition: row[3 + index] for index, condition in enumerate(conditions)}
+        if row.deleted_at is None and evaluate(node, row.properties, counts_counter(counts)):
+            members.add(row.id)
+    return members

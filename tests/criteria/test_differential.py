@@ -5,7 +5,8 @@ and small datasets built to sit on the edges the semantics care about: mixed JSO
 (bools next to 0/1, numbers next to numeric strings, JSON null next to missing keys, arrays),
 events exactly on, just inside and just outside window bounds, and events after ``now``. The
 compiled SQL member set must equal the evaluator's, over all contacts and over a random
-subset of contact ids (the confirm form).
+subset of contact ids (the confirm form); so must the correlated probe form and the evaluator
+fed with capped counts fetched by SQL.
 
 ``BUCKETS_DIFFERENTIAL_EXAMPLES`` sets the example count (default 400; CI runs the default).
 Failures hypothesis finds are kept below as ``@example`` regression cases.
@@ -22,7 +23,15 @@ from hypothesis import strategies as st
 from sqlalchemy.engine import Connection
 
 from buckets.criteria import Event, parse_criteria
-from tests.criteria.support import NOW, Person, load, python_members, sql_members
+from tests.criteria.support import (
+    NOW,
+    Person,
+    counted_members,
+    load,
+    probe_members,
+    python_members,
+    sql_members,
+)
 
 EXAMPLES = int(os.environ.get("BUCKETS_DIFFERENTIAL_EXAMPLES", "400"))
 
@@ -139,5 +148,9 @@ def test_sql_and_python_agree(
         assert sql_members(connection, node, NOW) == expected
         chosen = [contact_id for contact_id, keep in zip(ids, subset, strict=False) if keep]
         assert sql_members(connection, node, NOW, contact_ids=chosen) == expected & set(chosen)
+        # The forms restricted to known contacts: correlated probes, and capped counts fed to
+        # the evaluator (what per-member confirms and the real-time path use).
+        assert probe_members(connection, node, NOW, chosen) == expected & set(chosen)
+        assert counted_members(connection, node, NOW, ids) == expected
     finally:
         savepoint.rollback()
