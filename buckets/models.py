@@ -239,6 +239,9 @@ class BucketTransition(Base):
     # bucket:<bucket_id>:<contact external_id>:<kind>:<epoch>
     idempotency_key: Mapped[str] = mapped_column(Text, nullable=False, unique=True)
     dispatched_at: Mapped[datetime | None] = _timestamp()
+    # The ingested event whose evaluation caused it (NULL for the cron, backfills, admin): a
+    # replayed idempotency key returns the transitions its first ingest performed.
+    event_id: Mapped[int | None] = mapped_column(BigInteger)
     created_at: Mapped[datetime] = _created_at()
 
     __table_args__ = (
@@ -264,6 +267,11 @@ class BucketTransition(Base):
         Index("ix_bucket_transitions_bucket_id_id", "bucket_id", "id"),
         Index("ix_bucket_transitions_contact_id_id", "contact_id", "id"),
         Index("ix_bucket_transitions_membership_id", "membership_id"),
+        Index(
+            "ix_bucket_transitions_event_id",
+            "event_id",
+            postgresql_where=text("event_id IS NOT NULL"),
+        ),
     )
 
 

@@ -1,0 +1,498 @@
+"""Join, leave, entry limit, min/max dwell: the primitives every producer shares (SPEC §5.1-5.5).
+
+Each primitive is **one set-based statement** over a set of ``(bucket_id, contact_id)`` pairs
+(one pair for an ingested event, a whole bucket for the cron or a backfill chunk) that changes
+the membership rows and writes their ledger rows in the same statement, so a transition can
+never exist without its change or the other way round.
+
+Serialisation per contact. Every writer of a contact's memberships holds that contact's row lock
+(``contacts`` row, ``FOR NO KEY UPDATE``) while it decides and writes:
+
+* the real-time path takes it by upserting the contact, before it reads anything;
+* set-based producers decide from a snapshot, so their candidate pairs carry the contact's
+  ``revision`` as the snapshot saw it. The statement locks those contacts (in id order, so two
+  producers cannot deadlock on each other) and keeps only the pairs whose revision is unchanged:
+  PostgreSQL re-reads a row it had to wait for, so a contact changed by an ingest that committed
+  after the snapshot is not acted on from stale data. Such pairs come back as ``stale``; the
+  caller re-decides them from fresh data under the lock (see :func:`lock_contacts`).
+
+Entry limit (SPEC §5.3) gates emission only; the row is always written. ``epoch`` is one more
+than the number of prior rows, read from the latest prior row (epochs are gapless, enforced by
+the unique ``(bucket_id, contact_id, entry_count)``), whose ``left_at`` is also the latest.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass, field
+from datetime import datetime, timedelta
+from typing import Any, Literal, cast
+
+import sqlalchemy as sa
+from sqlalchemy.dialects.postgresql import ARRAY, distinct_on
+from sqlalchemy.dialects.postgresql import insert as pg_insert
+from sqlalchemy.engine import Connection
+from sqlalchemy.sql.elements import ColumnElement
+
+from buckets.criteria.durations import duration_seconds
+from buckets.definitions import Bucket
+from buckets.ledger import Transition, read, transition_key_sql
+from buckets.models import BucketMembership, BucketTransition, Contact
+
+memberships = cast(sa.Table, BucketMembership.__table__)
+transitions = cast(sa.Table, BucketTransition.__table__)
+contacts = cast(sa.Table, Contact.__table__)
+
+Source = Literal["ingest", "reconcile", "backfill", "admin"]
+LeaveReason = Literal["criteria", "max_dwell", "contact_deleted", "admin"]
+TIMESTAMP = sa.DateTime(timezone=True)
+ONE_SECOND: ColumnElement[Any] = sa.literal_column("interval '1 second'")
+
+
+@dataclass(frozen=True)
+class Policy:
+    """What the primitives need to know about a bucket."""
+
+    bucket_id: str
+    entry_limit: str = "unlimited"
+    entry_period: timedelta | None = None
+    min_dwell: timedelta | None = None
+    max_dwell: timedelta | None = None
+
+    @classmethod
+    def of(cls, bucket: Bucket) -> Policy:
+        return cls(
+            bucket.id, bucket.entry_limit, bucket.entry_period, bucket.min_dwell, bucket.max_dwell
+        )
+
+
+@dataclass
+class Changes:
+    """What a primitive did. ``transitions`` is filled only when rows were asked for."""
+
+    joined: int = 0
+    left: int = 0
+    emitted: int = 0
+    suppressed: int = 0
+    deferred: int = 0
+    transitions: list[Transition] = field(default_factory=list)
+    # Candidate pairs whose contact changed since the caller's snapshot: not acted on.
+    stale: list[tuple[str, int]] = field(default_factory=list)
+
+    def add(self, other: Changes) -> Changes:
+        self.joined += other.joined
+        self.left += other.left
+        self.emitted += other.emitted
+        self.suppressed += other.suppressed
+        self.deferred += other.deferred
+        self.transitions.extend(other.transitions)
+        self.stale.extend(other.stale)
+        return self
+
+
+def _array(values: Sequence[Any], item: sa.types.TypeEngine[Any]) -> ColumnElement[Any]:
+    return sa.literal(list(values), ARRAY(item))
+
+
+def pairs(
+    bucket_ids: Sequence[str],
+    contact_ids: Sequence[int],
+    event_ids: Sequence[int | None] | None = None,
+) -> sa.Select[Any]:
+    """Candidate pairs given from Python (already decided, contacts already locked)."""
+    columns = [_array(bucket_ids, sa.Text()), _array(contact_ids, sa.BigInteger())]
+    names = ["bucket_id", "contact_id"]
+    if event_ids is not None:
+        columns.append(_array(event_ids, sa.BigInteger()))
+        names.append("event_id")
+    table = sa.func.unnest(*columns).table_valued(*names).render_derived("pairs")
+    return sa.select(*(table.c[name] for name in names))
+
+
+def _policies(policies: Iterable[Policy]) -> sa.CTE:
+    rows = list({policy.bucket_id: policy for policy in policies}.values())
+
+    def seconds(value: timedelta | None) -> int | None:
+        return None if value is None else duration_seconds(value)
+
+    table = (
+        sa.func.unnest(
+            _array([p.bucket_id for p in rows], sa.Text()),
+            _array([p.entry_limit for p in rows], sa.Text()),
+            _array([seconds(p.entry_period) for p in rows], sa.BigInteger()),
+            _array([seconds(p.min_dwell) for p in rows], sa.BigInteger()),
+            _array([seconds(p.max_dwell) for p in rows], sa.BigInteger()),
+        )
+        .table_valued("bucket_id", "entry_limit", "period_s", "min_dwell_s", "max_dwell_s")
+        .render_derived("p")
+    )
+    return sa.select(
+        table.c.bucket_id,
+        table.c.entry_limit,
+        (table.c.period_s * ONE_SECOND).label("entry_period"),
+        (table.c.min_dwell_s * ONE_SECOND).label("min_dwell"),
+        (table.c.max_dwell_s * ONE_SECOND).label("max_dwell"),
+    ).cte("policy")
+
+
+@dataclass(frozen=True)
+class _Decided:
+    pairs: sa.CTE  # bucket_id, contact_id, event_id: one row per pair
+    stale: sa.CTE | None  # bucket_id, contact_id skipped because their contact changed
+
+
+def _decided(candidates: sa.Select[Any]) -> _Decided:
+    """The candidate pairs to act on: deduplicated and, when they carry a ``revision``, locked
+    in contact order and filtered to contacts unchanged since the caller's snapshot."""
+    cand = candidates.cte("cand").prefix_with("MATERIALIZED")
+    event_id = cand.c.event_id if "event_id" in cand.c else sa.cast(sa.null(), sa.BigInteger)
+    stale = None
+    source: sa.CTE = cand
+    if "revision" in cand.c:
+        locked = (
+            sa.select(cand.c.bucket_id, cand.c.contact_id, event_id.label("event_id"))
+            .join(contacts, contacts.c.id == cand.c.contact_id)
+            .where(contacts.c.revision == cand.c.revision)
+            .order_by(contacts.c.id)
+            .with_for_update(of=contacts, key_share=True)
+        ).cte("locked")
+        stale = (
+            sa.select(cand.c.bucket_id, cand.c.contact_id)
+            .where(
+                ~sa.exists().where(
+                    locked.c.bucket_id == cand.c.bucket_id,
+                    locked.c.contact_id == cand.c.contact_id,
+                )
+            )
+            .cte("stale")
+        )
+        source, event_id = locked, locked.c.event_id
+    deduplicated = (
+        sa.select(source.c.bucket_id, source.c.contact_id, event_id.label("event_id"))
+        .ext(distinct_on(source.c.bucket_id, source.c.contact_id))
+        .cte("decided")
+    )
+    return _Decided(deduplicated, stale)
+
+
+def _finish(
+    conn: Connection,
+    decided: _Decided,
+    written: sa.CTE,
+    *,
+    deferred: sa.CTE | None = None,
+    rows: bool = False,
+) -> Changes:
+    """Run the statement ending in the transitions CTE ``written`` (data-modifying CTEs run
+    whether or not they are read) and report what it did, in one row."""
+
+    def counted(*where: ColumnElement[bool]) -> Any:
+        return sa.select(sa.func.count()).select_from(written).where(*where).scalar_subquery()
+
+    columns: list[Any] = [
+        counted(written.c.kind == "entered"),
+        counted(written.c.kind == "left"),
+        counted(written.c.emitted),
+        counted(~written.c.emitted),
+        sa.select(sa.func.count()).select_from(deferred).scalar_subquery()
+        if deferred is not None
+        else sa.literal(0),
+    ]
+    if decided.stale is not None:
+        stale = decided.stale
+        pair = sa.func.json_build_array(stale.c.bucket_id, stale.c.contact_id)
+        columns.append(sa.select(sa.func.json_agg(pair)).select_from(stale).scalar_subquery())
+    else:
+        columns.append(sa.literal(None))
+    columns.append(sa.select(sa.func.array_agg(written.c.id)).scalar_subquery())
+    joined, left, emitted, suppressed, deferred_count, stale_pairs, ids = conn.execute(
+        sa.select(*columns)
+    ).one()
+    changes = Changes(
+        joined=joined,
+        left=left,
+        emitted=emitted,
+        suppressed=suppressed,
+        deferred=deferred_count,
+        stale=[(bucket_id, contact_id) for bucket_id, contact_id in stale_pairs or ()],
+    )
+    if rows and ids:
+        changes.transitions = read(
+            conn, [transitions.c.id == sa.any_(_array(ids, sa.BigInteger()))]
+        )
+    return changes
+
+
+def _now(now: datetime) -> ColumnElement[Any]:
+    if now.tzinfo is None:
+        raise ValueError("now must be timezone-aware")
+    return sa.literal(now, TIMESTAMP)
+
+
+def join(
+    conn: Connection,
+    candidates: sa.Select[Any],
+    policies: Iterable[Policy],
+    *,
+    now: datetime,
+    source: Source,
+    silent: bool = False,
+    rows: bool = False,
+) -> Changes:
+    """Make the candidate pairs members (SPEC §5.1); pairs already active are left alone.
+
+    ``candidates`` selects ``bucket_id, contact_id`` (plus ``revision`` to lock and check
+    contacts, plus ``event_id`` to attribute transitions to an ingested event). Each join writes
+    its ``entered`` transition: emitted through the entry-limit gate, or, with ``silent``
+    (first-time and re-evaluation backfills), recorded with ``suppressed_by='backfill'``.
+    """
+    at = _now(now)
+    decided = _decided(candidates)
+    pairs_ = decided.pairs
+    policy = _policies(policies)
+    latest = (
+        sa.select(memberships.c.entry_count, memberships.c.status, memberships.c.left_at)
+        .where(
+            memberships.c.bucket_id == pairs_.c.bucket_id,
+            memberships.c.contact_id == pairs_.c.contact_id,
+        )
+        .order_by(memberships.c.entry_count.desc())
+        .limit(1)
+        .lateral("latest")
+    )
+    prior = (
+        sa.select(
+            pairs_.c.bucket_id,
+            pairs_.c.contact_id,
+            pairs_.c.event_id,
+            latest.c.entry_count.label("prior_epoch"),
+            latest.c.left_at.label("prior_left_at"),
+        )
+        .select_from(pairs_.outerjoin(latest, sa.true()))
+        .where(sa.or_(latest.c.status.is_(None), latest.c.status != "active"))
+        .cte("prior")
+    )
+    inserted = (
+        pg_insert(memberships)
+        .from_select(
+            [
+                "bucket_id",
+                "contact_id",
+                "status",
+                "entered_at",
+                "entry_count",
+                "source",
+                "max_dwell_at",
+                "last_evaluated_at",
+            ],
+            sa.select(
+                prior.c.bucket_id,
+                prior.c.contact_id,
+                sa.literal("active"),
+                at,
+                sa.func.coalesce(prior.c.prior_epoch, 0) + 1,
+                sa.literal(source),
+                at + policy.c.max_dwell,
+                at,
+            ).join(policy, policy.c.bucket_id == prior.c.bucket_id),
+        )
+        .on_conflict_do_nothing()  # a concurrent writer won the race: it wrote the transition
+        .returning(
+            memberships.c.id,
+            memberships.c.bucket_id,
+            memberships.c.contact_id,
+            memberships.c.entry_count,
+        )
+        .cte("inserted")
+    )
+    if silent:
+        emitted: ColumnElement[bool] = sa.false()
+        suppressed_by: ColumnElement[Any] = sa.literal("backfill")
+    else:
+        emitted = sa.case(
+            (prior.c.prior_epoch.is_(None), sa.true()),  # first membership ever
+            (policy.c.entry_limit == "unlimited", sa.true()),
+            (policy.c.entry_limit == "once", sa.false()),
+            else_=(at - prior.c.prior_left_at) >= policy.c.entry_period,
+        )
+        suppressed_by = sa.case((emitted, sa.null()), else_=sa.literal("entry_limit"))
+    written = _ledger(
+        sa.select(
+            inserted.c.bucket_id,
+            inserted.c.contact_id,
+            inserted.c.id,
+            sa.literal("entered"),
+            inserted.c.entry_count,
+            sa.null(),
+            sa.literal(source),
+            emitted,
+            suppressed_by,
+            at,
+            transition_key_sql(
+                inserted.c.bucket_id, contacts.c.external_id, "entered", inserted.c.entry_count
+            ),
+            prior.c.event_id,
+        )
+        .join(
+            prior,
+            sa.and_(
+                prior.c.bucket_id == inserted.c.bucket_id,
+                prior.c.contact_id == inserted.c.contact_id,
+            ),
+        )
+        .join(policy, policy.c.bucket_id == inserted.c.bucket_id)
+        .join(contacts, contacts.c.id == inserted.c.contact_id)
+    )
+    return _finish(conn, decided, written, rows=rows)
+
+
+def _ledger(rows: sa.Select[Any]) -> sa.CTE:
+    """The INSERT of transition rows (columns in :data:`LEDGER_COLUMNS` order) as a CTE."""
+    return (
+        sa.insert(transitions)
+        .from_select(LEDGER_COLUMNS, rows)
+        .returning(transitions.c.id, transitions.c.kind, transitions.c.emitted)
+        .cte("written")
+    )
+
+
+LEDGER_COLUMNS = [
+    "bucket_id",
+    "contact_id",
+    "membership_id",
+    "kind",
+    "epoch",
+    "reason",
+    "source",
+    "emitted",
+    "suppressed_by",
+    "occurred_at",
+    "idempotency_key",
+    "event_id",
+]
+
+
+def leave(
+    conn: Connection,
+    candidates: sa.Select[Any],
+    policies: Iterable[Policy],
+    *,
+    now: datetime,
+    reason: LeaveReason,
+    source: Source,
+    rows: bool = False,
+) -> Changes:
+    """Compare-and-swap the candidates' active rows to ``left`` (SPEC §5.2), with their ``left``
+    transitions. Leaves are emitted, except ``contact_deleted`` (SPEC §11).
+
+    A ``criteria`` leave decided before the bucket's ``min_dwell`` has passed is deferred
+    (SPEC §5.5): the row keeps ``status='active'`` and gets ``pending_leave_at = entered_at +
+    min_dwell`` (kept if already set); the cron completes it when due.
+    """
+    at = _now(now)
+    decided = _decided(candidates)
+    pairs_ = decided.pairs
+    policy = _policies(policies)
+    targets = [
+        memberships.c.bucket_id == pairs_.c.bucket_id,
+        memberships.c.contact_id == pairs_.c.contact_id,
+        memberships.c.status == "active",
+        policy.c.bucket_id == memberships.c.bucket_id,
+    ]
+    deferred = None
+    if reason == "criteria":
+        too_early = sa.and_(
+            policy.c.min_dwell.is_not(None), memberships.c.entered_at > at - policy.c.min_dwell
+        )
+        deferred = (
+            sa.update(memberships)
+            .where(*targets, too_early)
+            .values(
+                pending_leave_at=sa.func.coalesce(
+                    memberships.c.pending_leave_at, memberships.c.entered_at + policy.c.min_dwell
+                ),
+                last_evaluated_at=at,
+            )
+            .returning(memberships.c.id)
+            .cte("deferred")
+        )
+        targets.append(~too_early)
+    flipped = (
+        sa.update(memberships)
+        .where(*targets)
+        .values(
+            status="left",
+            left_at=at,
+            leave_reason=reason,
+            pending_leave_at=None,
+            last_evaluated_at=at,
+            updated_at=sa.func.now(),
+        )
+        .returning(
+            memberships.c.id,
+            memberships.c.bucket_id,
+            memberships.c.contact_id,
+            memberships.c.entry_count,
+            pairs_.c.event_id,
+        )
+        .cte("flipped")
+    )
+    silent = reason == "contact_deleted"
+    written = _ledger(
+        sa.select(
+            flipped.c.bucket_id,
+            flipped.c.contact_id,
+            flipped.c.id,
+            sa.literal("left"),
+            flipped.c.entry_count,
+            sa.literal(reason),
+            sa.literal(source),
+            sa.literal(not silent),
+            sa.literal("contact_deleted") if silent else sa.null(),
+            at,
+            transition_key_sql(
+                flipped.c.bucket_id, contacts.c.external_id, "left", flipped.c.entry_count
+            ),
+            flipped.c.event_id,
+        ).join(contacts, contacts.c.id == flipped.c.contact_id)
+    )
+    return _finish(conn, decided, written, deferred=deferred, rows=rows)
+
+
+def settle(
+    conn: Connection,
+    candidates: sa.Select[Any],
+    *,
+    now: datetime,
+    clear_pending: bool,
+) -> int:
+    """Members re-evaluated with no change: stamp ``last_evaluated_at``; with
+    ``clear_pending``, also drop a deferred leave (the contact qualifies again, SPEC §5.5)."""
+    at = _now(now)
+    decided = _decided(candidates)
+    values: dict[str, Any] = {"last_evaluated_at": at}
+    if clear_pending:
+        values["pending_leave_at"] = None
+    statement = (
+        sa.update(memberships)
+        .where(
+            memberships.c.bucket_id == decided.pairs.c.bucket_id,
+            memberships.c.contact_id == decided.pairs.c.contact_id,
+            memberships.c.status == "active",
+        )
+        .values(**values)
+    )
+    return conn.execute(statement).rowcount
+
+
+def lock_contacts(conn: Connection, contact_ids: Sequence[int]) -> list[int]:
+    """Take the row locks of ``contact_ids`` (in id order); returns the ids still present."""
+    if not contact_ids:
+        return []
+    query = (
+        sa.select(contacts.c.id)
+        .where(contacts.c.id == sa.any_(_array(sorted(set(contact_ids)), sa.BigInteger())))
+        .order_by(contacts.c.id)
+        .with_for_update(key_share=True)
+    )
+    return list(conn.execute(query).scalars())
