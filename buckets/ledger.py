@@ -18,10 +18,8 @@ import sqlalchemy as sa
 from sqlalchemy.engine import Connection, Row
 from sqlalchemy.sql.elements import ColumnElement
 
-from buckets.models import BucketTransition, Contact
-
-transitions = BucketTransition.__table__
-contacts = Contact.__table__
+from buckets.models import bucket_transitions as transitions
+from buckets.models import contacts
 
 
 def transition_key(bucket_id: str, external_id: str, kind: str, epoch: int) -> str:

@@ -26,7 +26,7 @@ from __future__ import annotations
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 from datetime import datetime, timedelta
-from typing import Any, Literal, cast
+from typing import Any, Literal
 
 import sqlalchemy as sa
 from sqlalchemy.dialects.postgresql import ARRAY, distinct_on
@@ -37,11 +37,9 @@ from sqlalchemy.sql.elements import ColumnElement
 from buckets.criteria.durations import duration_seconds
 from buckets.definitions import Bucket
 from buckets.ledger import Transition, read, transition_key_sql
-from buckets.models import BucketMembership, BucketTransition, Contact
-
-memberships = cast(sa.Table, BucketMembership.__table__)
-transitions = cast(sa.Table, BucketTransition.__table__)
-contacts = cast(sa.Table, Contact.__table__)
+from buckets.models import bucket_memberships as memberships
+from buckets.models import bucket_transitions as transitions
+from buckets.models import contacts
 
 Source = Literal["ingest", "reconcile", "backfill", "admin"]
 LeaveReason = Literal["criteria", "max_dwell", "contact_deleted", "admin"]

@@ -19,7 +19,7 @@ Design notes (decisions the spec leaves open):
 from __future__ import annotations
 
 from datetime import datetime
-from typing import Any
+from typing import Any, cast
 
 from sqlalchemy import (
     BigInteger,
@@ -31,6 +31,7 @@ from sqlalchemy import (
     Index,
     Integer,
     MetaData,
+    Table,
     Text,
     UniqueConstraint,
     func,
@@ -362,3 +363,17 @@ class JourneyEnrollment(Base):
         ),
         Index("ix_journey_enrollments_transition_id", "transition_id"),
     )
+
+
+def _table(model: type[Base]) -> Table:
+    return cast(Table, model.__table__)
+
+
+# Core tables, typed as Table, for the set-based statements (insert/update need a Table).
+contacts = _table(Contact)
+user_events = _table(UserEvent)
+bucket_configs = _table(BucketConfig)
+bucket_memberships = _table(BucketMembership)
+bucket_transitions = _table(BucketTransition)
+backfill_jobs = _table(BackfillJob)
+journey_enrollments = _table(JourneyEnrollment)

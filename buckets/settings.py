@@ -7,6 +7,7 @@ migrations always talk to the same database.
 
 from __future__ import annotations
 
+from datetime import timedelta
 from functools import lru_cache
 from pathlib import Path
 from typing import Any
@@ -48,7 +49,31 @@ class Settings(BaseSettings):
         description="Directory for local state; the embedded PostgreSQL lives in data_dir/pgdata.",
     )
 
-    @field_validator("database_url", "definitions")
+    config_cache_seconds: float = Field(
+        default=1.0,
+        ge=0,
+        description="How long a process may cache bucket_configs.enabled overrides (seconds).",
+    )
+    max_payload_bytes: int = Field(
+        default=65_536,
+        gt=0,
+        description="Largest accepted event: JSON size of properties plus contact_properties.",
+    )
+    max_clock_skew: timedelta = Field(
+        default=timedelta(minutes=5),
+        description="How far past `now` an event's occurred_at may be (seconds or ISO 8601).",
+    )
+    ingest_chunk_size: int = Field(
+        default=500,
+        gt=0,
+        description="Events per transaction in batch ingest.",
+    )
+    admin_token: str | None = Field(
+        default=None,
+        description="Bearer token of the admin HTTP API; unset: every request is refused.",
+    )
+
+    @field_validator("database_url", "definitions", "admin_token")
     @classmethod
     def _blank_is_unset(cls, value: str | None) -> str | None:
         if value is not None and not value.strip():

@@ -12,6 +12,7 @@ import json
 import sys
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
+from datetime import UTC, datetime
 from typing import IO, TYPE_CHECKING, Any, TypeVar
 
 import click
@@ -20,6 +21,8 @@ from buckets.errors import BucketsError, ConfigError
 
 if TYPE_CHECKING:
     from sqlalchemy.engine import Engine
+
+    from buckets.runtime import Runtime
 
 F = TypeVar("F", bound=Callable[..., Any])
 
@@ -88,6 +91,54 @@ def opened_engine(database_url: str | None, definitions: str | None) -> Iterator
         yield engine
     finally:
         engine.dispose()
+
+
+@contextmanager
+def opened_runtime(database_url: str | None, definitions: str | None) -> Iterator[Runtime]:
+    """The runtime (engine + loaded definitions) for the command's options, disposed after."""
+    from buckets.db import create_engine, resolve_database_url
+    from buckets.runtime import Runtime
+    from buckets.settings import load_settings
+
+    settings = load_settings(database_url=database_url, definitions=definitions)
+    source = "--database-url" if database_url is not None else "BUCKETS_DATABASE_URL"
+    runtime = Runtime.create(
+        engine=create_engine(resolve_database_url(settings, source=source)), settings=settings
+    )
+    try:
+        yield runtime
+    finally:
+        runtime.engine.dispose()
+
+
+def parse_instant(value: str, *, option: str = "--now") -> datetime:
+    """An ISO-8601 instant with a UTC offset (``Z`` accepted); naive times are refused."""
+    try:
+        parsed = datetime.fromisoformat(value.strip().replace("Z", "+00:00"))
+    except ValueError:
+        raise click.BadParameter(
+            f"{value!r} is not an ISO-8601 instant (e.g. 2026-11-24T12:00:00Z)",
+            param_hint=option,
+        ) from None
+    if parsed.tzinfo is None:
+        raise click.BadParameter(
+            f"{value!r} has no UTC offset (add Z or +00:00)", param_hint=option
+        )
+    return parsed
+
+
+def now_option(func: F) -> F:
+    """``--now ISO-8601``: the instant the command decides as of (default: the clock)."""
+
+    def convert(ctx: click.Context, param: click.Parameter, value: str | None) -> datetime:
+        return datetime.now(UTC) if value is None else parse_instant(value)
+
+    return click.option(
+        "--now",
+        metavar="ISO-8601",
+        callback=convert,
+        help="Decide as of this instant (with a UTC offset) [default: now].",
+    )(func)
 
 
 def emit(as_json: bool, payload: dict[str, Any], human: str) -> None:
