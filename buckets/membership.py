@@ -23,7 +23,7 @@ the unique ``(bucket_id, contact_id, entry_count)``), whose ``left_at`` is also 
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 from datetime import datetime, timedelta
 from typing import Any, Literal
@@ -494,3 +494,22 @@ def lock_contacts(conn: Connection, contact_ids: Sequence[int]) -> list[int]:
         .with_for_update(key_share=True)
     )
     return list(conn.execute(query).scalars())
+
+
+def redecide_stale(
+    conn: Connection,
+    changes: Changes,
+    candidates_for: Callable[[list[int]], sa.Select[Any]],
+    apply: Callable[[sa.Select[Any]], Changes],
+) -> Changes:
+    """Finish a snapshot-based pass: lock the contacts ``changes.stale`` names (they changed
+    after the snapshot) and apply the same operation to them again, deciding from data read
+    after the locks were taken. ``candidates_for(ids)`` must select the pass's candidates among
+    ``ids`` *without* a ``revision`` column (the locks already serialise them)."""
+    if not changes.stale:
+        return changes
+    ids = lock_contacts(conn, [contact_id for _, contact_id in changes.stale])
+    changes.stale = []
+    if ids:
+        changes.add(apply(candidates_for(ids)))
+    return changes
