@@ -218,3 +218,24 @@ def session(connection: Connection) -> Iterator[Session]:
         bind=connection, join_transaction_mode="create_savepoint", expire_on_commit=False
     ) as sess:
         yield sess
+
+
+@pytest.fixture
+def make_runtime(clone_db: CloneDB) -> Any:
+    """Build a :class:`Runtime` on this test's private database with the given buckets.
+
+    Override caching is off (``config_cache_seconds=0``) unless a test asks for it.
+    """
+    from buckets.registry import Registry
+    from buckets.runtime import Runtime
+    from buckets.settings import Settings
+
+    def make(*buckets: Any, journeys: Any = (), **settings: Any) -> Runtime:
+        settings.setdefault("config_cache_seconds", 0)
+        return Runtime(
+            engine=clone_db.engine,
+            registry=Registry(buckets, journeys),
+            settings=Settings(database_url=clone_db.url.render_as_string(False), **settings),
+        )
+
+    return make

@@ -1,0 +1,537 @@
+"""The real-time path: ingest events and re-evaluate the buckets they affect (SPEC §5).
+
+Per event, in one transaction with its membership changes:
+
+1. validate (nothing of a bad event is written; :class:`IngestError` names the field and, in a
+   batch, the index);
+2. create the contact if unknown and take its row lock (every writer of a contact's memberships
+   holds it: see :mod:`buckets.membership`); a soft-deleted contact is not revived and nothing
+   further happens;
+3. insert the event; a repeated ``idempotency_key`` writes nothing and returns the result of the
+   first ingest (its transitions are found through ``bucket_transitions.event_id``);
+4. merge ``contact_properties`` and bump the contact's ``revision``;
+5. evaluate only the *affected* enabled buckets — criteria mentioning the event's name or a
+   property key the call sets — with the Python evaluator, fed by one query that fetches the
+   contact's properties, the decisive count of every event leaf involved and its active
+   memberships;
+6. join / leave (min dwell may defer it) / settle, through the shared primitives; return the
+   transitions performed.
+
+Batches (:func:`ingest_events`) run chunks of events in one transaction each and keep per-event
+semantics: within a chunk, events are applied in *waves* (the k-th event of every contact in
+wave k), so each event is evaluated right after it is stored, exactly as if ingested alone,
+while each wave costs a fixed number of statements whatever its size. Contacts are locked once
+per chunk, in id order (the order set-based producers lock in). A chunk that hits a database
+error is retried event by event, so one bad event never rolls back its neighbours.
+
+Decisions where the spec is silent: every key in ``contact_properties`` counts as changed
+(buckets on it are re-evaluated even if the value is the same); ``received_at`` is the ingest's
+``now``; a repeated key returns the first result even if the payload differs; a payload's size is
+the JSON size of ``properties`` plus ``contact_properties``.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Iterable, Mapping, Sequence
+from dataclasses import dataclass, field
+from datetime import UTC, datetime
+from typing import Any, Literal
+
+import sqlalchemy as sa
+from sqlalchemy.dialects.postgresql import ARRAY, JSONB
+from sqlalchemy.dialects.postgresql import insert as pg_insert
+from sqlalchemy.engine import Connection
+from sqlalchemy.exc import DBAPIError, OperationalError
+
+from buckets.criteria import EventCondition, counts_counter, evaluate, leaf_counts
+from buckets.criteria.model import leaves
+from buckets.definitions import Bucket
+from buckets.ledger import Transition, caused_by
+from buckets.membership import Changes, Policy, join, leave, pairs, settle
+from buckets.models import bucket_memberships as memberships
+from buckets.models import contacts, user_events
+from buckets.runtime import Runtime, get_runtime
+from buckets.validation import EventIn, IngestError, validate_event
+
+Status = Literal["accepted", "duplicate", "contact_deleted"]
+DEADLOCK_RETRIES = 3
+
+
+@dataclass
+class IngestResult:
+    status: Status
+    external_id: str
+    event_id: int | None = None
+    contact_id: int | None = None
+    transitions: list[Transition] = field(default_factory=list)
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "status": self.status,
+            "external_id": self.external_id,
+            "event_id": self.event_id,
+            "contact_id": self.contact_id,
+            "transitions": [transition.to_dict() for transition in self.transitions],
+        }
+
+
+@dataclass
+class BatchResult:
+    """One entry per input event: its result, or the error that rejected it."""
+
+    results: list[IngestResult | IngestError]
+
+    def _count(self, status: Status) -> int:
+        return sum(1 for r in self.results if isinstance(r, IngestResult) and r.status == status)
+
+    @property
+    def accepted(self) -> int:
+        return self._count("accepted")
+
+    @property
+    def duplicates(self) -> int:
+        return self._count("duplicate")
+
+    @property
+    def ignored(self) -> int:
+        """Events for soft-deleted contacts (not stored)."""
+        return self._count("contact_deleted")
+
+    @property
+    def errors(self) -> list[IngestError]:
+        return [r for r in self.results if isinstance(r, IngestError)]
+
+    @property
+    def transitions(self) -> list[Transition]:
+        return [t for r in self.results if isinstance(r, IngestResult) for t in r.transitions]
+
+
+def _now(now: datetime | None) -> datetime:
+    if now is None:
+        return datetime.now(UTC)
+    if now.tzinfo is None:
+        raise IngestError("now", "must be timezone-aware (naive datetime)")
+    return now
+
+
+# --- the public entry points ---------------------------------------------------------------
+
+
+def ingest_event(  # noqa: PLR0917 - SPEC §5 gives these fields positionally
+    external_id: str,
+    event: str,
+    properties: Mapping[str, Any] | None = None,
+    occurred_at: datetime | str | None = None,
+    contact_properties: Mapping[str, Any] | None = None,
+    email: str | None = None,
+    idempotency_key: str | None = None,
+    *,
+    now: datetime | None = None,
+    runtime: Runtime | None = None,
+) -> IngestResult:
+    """Ingest one event in one transaction; raises :class:`IngestError` for bad input."""
+    rt = get_runtime(runtime)
+    at = _now(now)
+    data = {
+        "external_id": external_id,
+        "event": event,
+        "properties": properties,
+        "occurred_at": occurred_at,
+        "contact_properties": contact_properties,
+        "email": email,
+        "idempotency_key": idempotency_key,
+    }
+    checked = validate_event(data, now=at, settings=rt.settings)
+    [result] = _ingest_chunk(rt, [checked], at)
+    return result
+
+
+def ingest_events(
+    events: Iterable[Mapping[str, Any]],
+    *,
+    now: datetime | None = None,
+    runtime: Runtime | None = None,
+    chunk_size: int | None = None,
+) -> BatchResult:
+    """Ingest many events, one transaction per chunk, with per-event semantics and results.
+
+    Each entry of ``events`` has the fields of :func:`ingest_event`. Bad events are reported in
+    the result (an :class:`IngestError` carrying their index) and do not stop the others.
+    """
+    rt = get_runtime(runtime)
+    at = _now(now)
+    size = chunk_size or rt.settings.ingest_chunk_size
+    results: list[IngestResult | IngestError] = []
+    pending: list[tuple[int, EventIn]] = []
+
+    def flush() -> None:
+        for (index, _), result in zip(pending, _ingest_chunk_safely(rt, pending, at), strict=True):
+            results[index] = result
+        pending.clear()
+
+    for index, data in enumerate(events):
+        results.append(IngestError("event", "not processed", index=index))  # placeholder
+        try:
+            pending.append((index, validate_event(data, now=at, settings=rt.settings, index=index)))
+        except IngestError as error:
+            results[index] = error
+        if len(pending) >= size:
+            flush()
+    if pending:
+        flush()
+    return BatchResult(results)
+
+
+def _ingest_chunk_safely(
+    rt: Runtime, chunk: Sequence[tuple[int, EventIn]], now: datetime
+) -> list[IngestResult | IngestError]:
+    """A chunk in one transaction; on a database error, each event on its own."""
+    try:
+        return list(_ingest_chunk(rt, [event for _, event in chunk], now))
+    except DBAPIError:
+        if len(chunk) == 1:
+            raise
+    out: list[IngestResult | IngestError] = []
+    for index, event in chunk:
+        try:
+            out.extend(_ingest_chunk(rt, [event], now))
+        except DBAPIError as exc:
+            from buckets.db import first_line
+
+            message = f"database rejected the event: {first_line(exc.orig)}"
+            out.append(IngestError("event", message, index=index, external_id=event.external_id))
+    return out
+
+
+def _ingest_chunk(rt: Runtime, events: Sequence[EventIn], now: datetime) -> list[IngestResult]:
+    for attempt in range(DEADLOCK_RETRIES):
+        try:
+            with rt.engine.begin() as conn:
+                return _Chunk(rt, conn, events, now).run()
+        except OperationalError as exc:  # deadlock with another producer: both sides retry
+            code = getattr(exc.orig, "sqlstate", None)
+            if code not in ("40P01", "40001") or attempt == DEADLOCK_RETRIES - 1:
+                raise
+    raise AssertionError("unreachable")  # pragma: no cover
+
+
+# --- one chunk ------------------------------------------------------------------------------
+
+
+def _array(values: Sequence[Any], item: sa.types.TypeEngine[Any]) -> Any:
+    return sa.literal(list(values), ARRAY(item))
+
+
+@dataclass
+class _Contact:
+    id: int
+    deleted: bool
+
+
+class _Chunk:
+    """The events of one transaction, applied wave by wave."""
+
+    def __init__(
+        self, rt: Runtime, conn: Connection, events: Sequence[EventIn], now: datetime
+    ) -> None:
+        self.rt, self.conn, self.events, self.now = rt, conn, events, now
+        self.results: list[IngestResult | None] = [None] * len(events)
+
+    def run(self) -> list[IngestResult]:
+        first_by_key: dict[str, int] = {}
+        repeats: list[tuple[int, int]] = []  # (position, position of the first with its key)
+        waves: list[list[int]] = []
+        depth: dict[str, int] = {}
+        for position, event in enumerate(self.events):
+            key = event.idempotency_key
+            if key is not None and key in first_by_key:
+                repeats.append((position, first_by_key[key]))
+                continue
+            if key is not None:
+                first_by_key[key] = position
+            level = depth.get(event.external_id, 0)
+            depth[event.external_id] = level + 1
+            if level == len(waves):
+                waves.append([])
+            waves[level].append(position)
+        contacts_by_external = self._lock_contacts(
+            sorted({self.events[p].external_id for wave in waves for p in wave})
+        )
+        duplicates: list[int] = []
+        for wave in waves:
+            duplicates.extend(self._apply_wave(wave, contacts_by_external))
+        self._resolve_duplicates(duplicates)
+        for position, first in repeats:
+            original = self.results[first]
+            assert original is not None
+            self.results[position] = IngestResult(
+                "duplicate",
+                self.events[position].external_id,
+                original.event_id,
+                original.contact_id,
+                list(original.transitions),
+            )
+        assert all(result is not None for result in self.results)
+        return [result for result in self.results if result is not None]
+
+    def _lock_contacts(self, external_ids: list[str]) -> dict[str, _Contact]:
+        """Create unknown contacts (in external id order), then lock all (in id order)."""
+        self.conn.execute(
+            pg_insert(contacts)
+            .from_select(
+                ["external_id"],
+                sa.select(sa.func.unnest(_array(external_ids, sa.Text())).label("external_id")),
+            )
+            .on_conflict_do_nothing(index_elements=[contacts.c.external_id])
+        )
+        rows = self.conn.execute(
+            sa.select(contacts.c.id, contacts.c.external_id, contacts.c.deleted_at)
+            .where(contacts.c.external_id == sa.any_(_array(external_ids, sa.Text())))
+            .order_by(contacts.c.id)
+            .with_for_update(key_share=True)
+        )
+        return {row.external_id: _Contact(row.id, row.deleted_at is not None) for row in rows}
+
+    def _apply_wave(self, wave: list[int], known: dict[str, _Contact]) -> list[int]:
+        """Store one event per contact, then evaluate; returns positions that are duplicates."""
+        live: list[int] = []
+        for position in wave:
+            event = self.events[position]
+            contact = known[event.external_id]
+            if contact.deleted:
+                self.results[position] = IngestResult(
+                    "contact_deleted", event.external_id, contact_id=contact.id
+                )
+            else:
+                live.append(position)
+        if not live:
+            return []
+        stored = self._insert_events(live, known)
+        duplicates = [position for position in live if position not in stored]
+        fresh = [position for position in live if position in stored]
+        if fresh:
+            self._update_contacts(fresh, known)
+            self._evaluate(fresh, stored, known)
+        return duplicates
+
+    def _insert_events(self, live: list[int], known: dict[str, _Contact]) -> dict[int, int]:
+        """Insert the wave's events; returns position -> event id for those not duplicates."""
+        events = [self.events[p] for p in live]
+        ids = [known[e.external_id].id for e in events]
+        rows = (
+            sa.func.unnest(
+                _array(ids, sa.BigInteger()),
+                _array([e.event for e in events], sa.Text()),
+                _array([json.dumps(e.properties) for e in events], sa.Text()),
+                _array([e.occurred_at for e in events], sa.DateTime(timezone=True)),
+                _array([e.idempotency_key for e in events], sa.Text()),
+            )
+            .table_valued("contact_id", "event", "properties", "occurred_at", "key")
+            .render_derived()
+        )
+        inserted = self.conn.execute(
+            pg_insert(user_events)
+            .from_select(
+                [
+                    "contact_id",
+                    "event",
+                    "properties",
+                    "occurred_at",
+                    "idempotency_key",
+                    "received_at",
+                ],
+                sa.select(
+                    rows.c.contact_id,
+                    rows.c.event,
+                    sa.cast(rows.c.properties, JSONB),
+                    rows.c.occurred_at,
+                    rows.c.key,
+                    sa.literal(self.now, sa.DateTime(timezone=True)),
+                ),
+            )
+            .on_conflict_do_nothing(index_elements=[user_events.c.idempotency_key])
+            .returning(user_events.c.id, user_events.c.contact_id)
+        )
+        by_contact = {row.contact_id: row.id for row in inserted}  # one event per contact/wave
+        return {
+            position: by_contact[contact_id]
+            for position, contact_id in zip(live, ids, strict=True)
+            if contact_id in by_contact
+        }
+
+    def _update_contacts(self, fresh: list[int], known: dict[str, _Contact]) -> None:
+        """Merge contact properties and e-mail; bump the revision (criteria inputs changed)."""
+        events = [self.events[p] for p in fresh]
+        patch = (
+            sa.func.unnest(
+                _array([known[e.external_id].id for e in events], sa.BigInteger()),
+                _array([json.dumps(e.contact_properties or {}) for e in events], sa.Text()),
+                _array([e.email for e in events], sa.Text()),
+            )
+            .table_valued("id", "patch", "email")
+            .render_derived()
+        )
+        self.conn.execute(
+            sa.update(contacts)
+            .where(contacts.c.id == patch.c.id)
+            .values(
+                properties=contacts.c.properties.op("||")(sa.cast(patch.c.patch, JSONB)),
+                email=sa.func.coalesce(patch.c.email, contacts.c.email),
+                revision=contacts.c.revision + 1,
+                updated_at=sa.func.now(),
+            )
+        )
+
+    def _evaluate(
+        self, fresh: list[int], stored: dict[int, int], known: dict[str, _Contact]
+    ) -> None:
+        enabled = self.rt.enabled
+        affected: dict[int, list[Bucket]] = {}
+        for position in fresh:
+            event = self.events[position]
+            keys = event.contact_properties or {}
+            candidates = self.rt.registry.affected(event.event, keys)
+            affected[position] = enabled.enabled(self.conn, candidates) if candidates else []
+            contact_id = known[event.external_id].id
+            self.results[position] = IngestResult(
+                "accepted", event.external_id, stored[position], contact_id
+            )
+        involved = {b.id: b for buckets in affected.values() for b in buckets}
+        if not involved:
+            return
+        conditions = list(
+            dict.fromkeys(
+                leaf
+                for bucket in involved.values()
+                for leaf in leaves(bucket.criteria)
+                if isinstance(leaf, EventCondition)
+            )
+        )
+        contact_ids = [known[self.events[p].external_id].id for p in fresh if affected[p]]
+        active = (
+            sa.select(
+                sa.func.json_object_agg(memberships.c.bucket_id, memberships.c.pending_leave_at)
+            )
+            .where(
+                memberships.c.contact_id == contacts.c.id,
+                memberships.c.status == "active",
+                memberships.c.bucket_id == sa.any_(_array(list(involved), sa.Text())),
+            )
+            .correlate(contacts)
+            .scalar_subquery()
+            .label("active")
+        )
+        query = leaf_counts(conditions, self.now, contact_ids).add_columns(active)
+        state = {row.id: row for row in self.conn.execute(query)}
+        decisions = _Decisions()
+        for position in fresh:
+            contact_id = known[self.events[position].external_id].id
+            if not affected[position]:
+                continue
+            row = state[contact_id]
+            counts = {condition: row[3 + i] for i, condition in enumerate(conditions)}
+            counter = counts_counter(counts)
+            members: dict[str, Any] = row.active or {}
+            for bucket in affected[position]:
+                matches = evaluate(bucket.criteria, row.properties, counter)
+                decisions.add(
+                    bucket,
+                    contact_id=contact_id,
+                    event_id=stored[position],
+                    member=bucket.id in members,
+                    pending=members.get(bucket.id) is not None,
+                    matches=matches,
+                )
+        performed = decisions.apply(self.conn, self.now)
+        by_event: dict[int, list[Transition]] = {}
+        for transition in performed:
+            assert transition.event_id is not None
+            by_event.setdefault(transition.event_id, []).append(transition)
+        for position in fresh:
+            result = self.results[position]
+            assert result is not None
+            assert result.event_id is not None
+            result.transitions = sorted(by_event.get(result.event_id, []), key=lambda t: t.id)
+
+    def _resolve_duplicates(self, positions: list[int]) -> None:
+        """Results of events whose key an earlier ingest stored: that ingest's result."""
+        if not positions:
+            return
+        keys = [self.events[p].idempotency_key for p in positions]
+        rows = self.conn.execute(
+            sa.select(
+                user_events.c.idempotency_key, user_events.c.id, user_events.c.contact_id
+            ).where(user_events.c.idempotency_key == sa.any_(_array(keys, sa.Text())))
+        ).all()
+        originals = {row.idempotency_key: row for row in rows}
+        found = caused_by(self.conn, [row.id for row in rows])
+        for position in positions:
+            event = self.events[position]
+            original = originals.get(event.idempotency_key)
+            if original is None:  # stored by a concurrent ingest not yet visible: report as dup
+                self.results[position] = IngestResult("duplicate", event.external_id)
+                continue
+            self.results[position] = IngestResult(
+                "duplicate",
+                event.external_id,
+                original.id,
+                original.contact_id,
+                found.get(original.id, []),
+            )
+
+
+@dataclass
+class _Decisions:
+    """What evaluation decided, gathered so each kind is one statement for the whole wave."""
+
+    policies: dict[str, Policy] = field(default_factory=dict)
+    joins: list[tuple[str, int, int]] = field(default_factory=list)
+    leaves: list[tuple[str, int, int]] = field(default_factory=list)
+    stable: list[tuple[str, int]] = field(default_factory=list)
+    cleared: list[tuple[str, int]] = field(default_factory=list)
+
+    def add(
+        self,
+        bucket: Bucket,
+        *,
+        contact_id: int,
+        event_id: int,
+        member: bool,
+        pending: bool,
+        matches: bool,
+    ) -> None:
+        self.policies[bucket.id] = Policy.of(bucket)
+        if matches and not member:
+            self.joins.append((bucket.id, contact_id, event_id))
+        elif member and not matches:  # `leave` defers it while min dwell has not passed
+            self.leaves.append((bucket.id, contact_id, event_id))
+        elif member and matches and pending:
+            self.cleared.append((bucket.id, contact_id))  # qualifies again: drop the leave
+        elif member:
+            self.stable.append((bucket.id, contact_id))
+
+    def apply(self, conn: Connection, now: datetime) -> list[Transition]:
+        changes = Changes()
+        policies = list(self.policies.values())
+        if self.joins:
+            b, c, e = zip(*self.joins, strict=True)
+            changes.add(join(conn, pairs(b, c, e), policies, now=now, source="ingest", rows=True))
+        if self.leaves:
+            b, c, e = zip(*self.leaves, strict=True)
+            changes.add(
+                leave(
+                    conn,
+                    pairs(b, c, e),
+                    policies,
+                    now=now,
+                    reason="criteria",
+                    source="ingest",
+                    rows=True,
+                )
+            )
+        for group, clear in ((self.stable, False), (self.cleared, True)):
+            if group:
+                b, c = zip(*group, strict=True)
+                settle(conn, pairs(b, c), now=now, clear_pending=clear)
+        return changes.transitions
