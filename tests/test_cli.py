@@ -112,3 +112,48 @@ def test_without_a_database_url_the_cli_uses_an_embedded_postgresql(tmp_path: Pa
     # The server stops with the last process that used it; the data stays.
     assert not (pgdata / "postmaster.pid").exists()
     assert (pgdata / "PG_VERSION").exists()
+
+
+def test_ingest_reports_counts_and_rejected_lines(clone_db: CloneDB, tmp_path: Path):
+    definitions = tmp_path / "buckets.yaml"
+    definitions.write_text(
+        "buckets:\n"
+        "  - id: pro\n"
+        "    criteria: {type: property, property: plan, operator: eq, value: pro}\n"
+    )
+    events = tmp_path / "events.jsonl"
+    events.write_text(
+        '{"external_id": "a", "event": "signup", "contact_properties": {"plan": "pro"},'
+        ' "idempotency_key": "k1"}\n'
+        "\n"
+        '{"external_id": "b", "event": "bucket:entered:pro"}\n'
+        "{not json\n"
+        '{"external_id": "a", "event": "signup", "idempotency_key": "k1"}\n'
+        '{"external_id": "c", "event": "x", "occurred_at": "2026-11-01T10:00:00"}\n'
+    )
+    args = ["--database-url", url_of(clone_db), "--definitions", str(definitions)]
+    now = ["--now", "2026-11-02T00:00:00Z"]
+    code, out, _ = run("ingest", str(events), *args, *now, "--json")
+    assert code == 1
+    report = json.loads(out)
+    assert (report["accepted"], report["duplicate"], report["rejected"]) == (1, 1, 3)
+    assert [item["line"] for item in report["rejections"]] == [3, 4, 6]
+    assert "reserved" in report["rejections"][0]["reason"]
+    assert "occurred_at" in report["rejections"][2]["reason"]
+    assert (report["transitions"], report["emitted"]) == (1, 1)
+
+    good = tmp_path / "good.jsonl"
+    good.write_text('{"external_id": "d", "event": "signup"}\n')
+    code, out, _ = run("ingest", str(good), *args, *now)
+    assert code == 0
+    assert out.startswith("accepted 1, duplicate 0, rejected 0")
+
+
+def test_ingest_refuses_a_naive_now(clone_db: CloneDB, tmp_path: Path):
+    events = tmp_path / "e.jsonl"
+    events.write_text("")
+    code, _, err = run(
+        "ingest", str(events), "--database-url", url_of(clone_db), "--now", "2026-11-02"
+    )
+    assert code == 2
+    assert "no UTC offset" in err

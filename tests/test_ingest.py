@@ -155,7 +155,7 @@ def flip(rt: Any, plan: str, at: datetime) -> list[tuple[str, int, bool, str | N
     ],
 )
 def test_entry_limit_policies_across_cycles(make_runtime, limit, expected):
-    period = {"entry_period": "2d"} if limit == "once_per_period" else {}
+    period: dict[str, Any] = {"entry_period": "2d"} if limit == "once_per_period" else {}
     bucket = define_bucket(id="pro", criteria=b.prop("plan").eq("pro"), entry_limit=limit, **period)
     rt = make_runtime(bucket)
     joins = [T0, T0 + D + H, T0 + 4 * D + 2 * H]  # each leave is 1 hour after its join
@@ -376,7 +376,7 @@ def test_batch_replays_keys_of_earlier_ingests(make_runtime):
 
 def test_batch_matches_single_ingests(make_runtime):
     """The same events, batched in small chunks or ingested one by one, end the same."""
-    events = [
+    events: list[dict[str, Any]] = [
         {
             "external_id": f"c{i % 7}",
             "event": "feature.used",

@@ -205,6 +205,57 @@ def db_current(database_url: str | None, definitions: str | None, as_json: bool)
     emit(as_json, payload, human)
 
 
+@main.command("ingest")
+@click.argument("file", type=click.File("r", encoding="utf-8"))
+@now_option
+@common_options
+def ingest_command(
+    file: IO[str], now: datetime, database_url: str | None, definitions: str | None, as_json: bool
+) -> None:
+    """Ingest events from a JSON Lines FILE ("-" for stdin), one object per line with the
+    fields of ingest_event. Valid lines are ingested even when others are rejected; the exit
+    status is 1 if any line was rejected."""
+    from buckets.ingest import ingest_events
+    from buckets.validation import IngestError
+
+    lines: list[int] = []  # line number of each event handed to the engine
+    events: list[Any] = []
+    rejected: list[dict[str, Any]] = []
+    for number, line in enumerate(file, start=1):
+        if not line.strip():
+            continue
+        try:
+            events.append(json.loads(line))
+            lines.append(number)
+        except ValueError as exc:
+            rejected.append({"line": number, "reason": f"not valid JSON: {exc}"})
+    with opened_runtime(database_url, definitions) as runtime:
+        result = ingest_events(events, now=now, runtime=runtime)
+    for index, outcome in enumerate(result.results):
+        if isinstance(outcome, IngestError):
+            rejected.append({"line": lines[index], "reason": f"{outcome.field}: {outcome.reason}"})
+    rejected.sort(key=lambda item: item["line"])
+    transitions = result.transitions
+    payload = {
+        "accepted": result.accepted,
+        "duplicate": result.duplicates,
+        "ignored_deleted_contact": result.ignored,
+        "rejected": len(rejected),
+        "rejections": rejected,
+        "transitions": len(transitions),
+        "emitted": sum(1 for t in transitions if t.emitted),
+    }
+    human = (
+        f"accepted {result.accepted}, duplicate {result.duplicates}, rejected {len(rejected)}"
+        + (f", ignored (deleted contact) {result.ignored}" if result.ignored else "")
+        + f"; {len(transitions)} transitions ({payload['emitted']} emitted)"
+    )
+    human += "".join(f"\nline {item['line']}: {item['reason']}" for item in rejected)
+    emit(as_json, payload, human)
+    if rejected:
+        sys.exit(1)
+
+
 def _table_count(engine: Engine) -> int:
     from sqlalchemy import inspect
 
