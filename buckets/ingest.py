@@ -104,7 +104,13 @@ class BatchResult:
 
     @property
     def transitions(self) -> list[Transition]:
-        return [t for r in self.results if isinstance(r, IngestResult) for t in r.transitions]
+        """Transitions this batch performed (replayed duplicates' results are not counted)."""
+        return [
+            t
+            for r in self.results
+            if isinstance(r, IngestResult) and r.status == "accepted"
+            for t in r.transitions
+        ]
 
 
 def _now(now: datetime | None) -> datetime:
