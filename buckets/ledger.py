@@ -119,6 +119,14 @@ def from_row(row: Row[Any] | Any, external_id: str) -> Transition:
     )
 
 
+def from_json(item: dict[str, Any]) -> Transition:
+    """A transition from its JSON form (``json_build_object`` of :data:`RETURNED` plus
+    ``external_id``), as set-based writes return them."""
+    fields = dict(item)
+    fields["occurred_at"] = datetime.fromisoformat(fields["occurred_at"])
+    return Transition(**fields)
+
+
 def read(conn: Connection, where: Sequence[ColumnElement[bool]]) -> list[Transition]:
     """Transitions matching ``where``, oldest first, with their contact's external id."""
     query = (

@@ -36,7 +36,7 @@ from sqlalchemy.sql.elements import ColumnElement
 
 from buckets.criteria.durations import duration_seconds
 from buckets.definitions import Bucket
-from buckets.ledger import Transition, read, transition_key_sql
+from buckets.ledger import RETURNED, Transition, from_json, transition_key_sql
 from buckets.models import bucket_memberships as memberships
 from buckets.models import bucket_transitions as transitions
 from buckets.models import contacts
@@ -202,8 +202,17 @@ def _finish(
         columns.append(sa.select(sa.func.json_agg(pair)).select_from(stale).scalar_subquery())
     else:
         columns.append(sa.literal(None))
-    columns.append(sa.select(sa.func.array_agg(written.c.id)).scalar_subquery())
-    joined, left, emitted, suppressed, deferred_count, stale_pairs, ids = conn.execute(
+    if rows:  # the transitions themselves, in the same statement
+        fields = [part for column in RETURNED for part in (column.name, written.c[column.name])]
+        fields += ["external_id", contacts.c.external_id]
+        columns.append(
+            sa.select(sa.func.json_agg(sa.func.json_build_object(*fields)))
+            .select_from(written.join(contacts, contacts.c.id == written.c.contact_id))
+            .scalar_subquery()
+        )
+    else:
+        columns.append(sa.literal(None))
+    joined, left, emitted, suppressed, deferred_count, stale_pairs, found = conn.execute(
         sa.select(*columns)
     ).one()
     changes = Changes(
@@ -214,10 +223,7 @@ def _finish(
         deferred=deferred_count,
         stale=[(bucket_id, contact_id) for bucket_id, contact_id in stale_pairs or ()],
     )
-    if rows and ids:
-        changes.transitions = read(
-            conn, [transitions.c.id == sa.any_(_array(ids, sa.BigInteger()))]
-        )
+    changes.transitions = sorted((from_json(item) for item in found or ()), key=lambda t: t.id)
     return changes
 
 
@@ -347,10 +353,7 @@ def join(
 def _ledger(rows: sa.Select[Any]) -> sa.CTE:
     """The INSERT of transition rows (columns in :data:`LEDGER_COLUMNS` order) as a CTE."""
     return (
-        sa.insert(transitions)
-        .from_select(LEDGER_COLUMNS, rows)
-        .returning(transitions.c.id, transitions.c.kind, transitions.c.emitted)
-        .cte("written")
+        sa.insert(transitions).from_select(LEDGER_COLUMNS, rows).returning(*RETURNED).cte("written")
     )
 
 
