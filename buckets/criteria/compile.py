@@ -117,29 +117,45 @@ class CompiledCriteria:
 
     from_clause: sa.FromClause
     predicate: ColumnElement[bool]
-    contact_ids: Sequence[int] | None
+    scope: tuple[ColumnElement[bool], ...] = ()  # restrictions on contacts.id
 
     def members(self) -> sa.Select[Any]:
         """``SELECT contacts.id`` of every non-deleted contact that matches."""
-        query = (
+        return (
             sa.select(contacts.c.id)
             .select_from(self.from_clause)
-            .where(contacts.c.deleted_at.is_(None), self.predicate)
+            .where(contacts.c.deleted_at.is_(None), self.predicate, *self.scope)
         )
-        if self.contact_ids is not None:
-            query = query.where(contacts.c.id == sa.any_(_ids(self.contact_ids)))
-        return query
 
 
 def _ids(contact_ids: Sequence[int]) -> ColumnElement[Any]:
     return sa.literal(list(contact_ids), ARRAY(sa.BigInteger))
 
 
+IdRange = tuple[int, int]
+
+
+def _scope(
+    column: ColumnElement[Any], contact_ids: Sequence[int] | None, id_range: IdRange | None
+) -> list[ColumnElement[bool]]:
+    scope: list[ColumnElement[bool]] = []
+    if contact_ids is not None:
+        scope.append(column == sa.any_(_ids(contact_ids)))
+    if id_range is not None:
+        scope.append(column.between(id_range[0], id_range[1]))
+    return scope
+
+
 def compile_criteria(
-    node: Node, now: datetime, *, contact_ids: Sequence[int] | None = None
+    node: Node,
+    now: datetime,
+    *,
+    contact_ids: Sequence[int] | None = None,
+    id_range: IdRange | None = None,
 ) -> CompiledCriteria:
-    """Compile ``node`` as of ``now``; with ``contact_ids``, only those contacts are examined
-    (the per-contact index probes of a candidate confirm, not a scan of every event)."""
+    """Compile ``node`` as of ``now``. ``contact_ids`` restricts it to those contacts (per
+    contact index probes, not a scan of every event); ``id_range`` (inclusive) to a slice of
+    contact ids, pushed into every aggregate (a chunk of a set-wide pass)."""
     if now.tzinfo is None:
         raise ValueError("now must be timezone-aware")
     counts: dict[EventCondition, ColumnElement[Any]] = {}
@@ -149,18 +165,25 @@ def compile_criteria(
         if isinstance(leaf, EventCondition) and leaf not in by_name.get(leaf.event, []):
             by_name.setdefault(leaf.event, []).append(leaf)
     for index, (name, conditions) in enumerate(by_name.items()):
-        aggregate = _aggregate(index, name, conditions, now, contact_ids)
+        aggregate = _aggregate(
+            index, name, conditions, now, contact_ids=contact_ids, id_range=id_range
+        )
         from_clause = from_clause.outerjoin(aggregate, aggregate.c.contact_id == contacts.c.id)
         for position, condition in enumerate(conditions):
             counts[condition] = aggregate.c[f"n{position}"]
-    return CompiledCriteria(from_clause, _predicate(node, counts), contact_ids)
+    scope = _scope(contacts.c.id, contact_ids, id_range)
+    return CompiledCriteria(from_clause, _predicate(node, counts), tuple(scope))
 
 
 def member_select(
-    node: Node, now: datetime, *, contact_ids: Sequence[int] | None = None
+    node: Node,
+    now: datetime,
+    *,
+    contact_ids: Sequence[int] | None = None,
+    id_range: IdRange | None = None,
 ) -> sa.Select[Any]:
     """``SELECT contacts.id`` of the members as of ``now`` (see :func:`compile_criteria`)."""
-    return compile_criteria(node, now, contact_ids=contact_ids).members()
+    return compile_criteria(node, now, contact_ids=contact_ids, id_range=id_range).members()
 
 
 def _aggregate(
@@ -168,7 +191,9 @@ def _aggregate(
     name: str,
     conditions: list[EventCondition],
     now: datetime,
+    *,
     contact_ids: Sequence[int] | None,
+    id_range: IdRange | None,
 ) -> sa.Subquery:
     """One pass over the events called ``name``: a count column per condition."""
     windows = [condition.within for condition in conditions]
@@ -183,8 +208,7 @@ def _aggregate(
         scope.append(user_events.c.occurred_at >= sa.literal(now - widest, TIMESTAMP))
     for where in shared_where or ():
         scope.append(property_predicate(where, user_events.c.properties))
-    if contact_ids is not None:
-        scope.append(user_events.c.contact_id == sa.any_(_ids(contact_ids)))
+    scope.extend(_scope(user_events.c.contact_id, contact_ids, id_range))
 
     columns = []
     for position, condition in enumerate(conditions):

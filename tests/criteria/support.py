@@ -70,9 +70,14 @@ def load(conn: Connection, people: Sequence[Person], prefix: str = "p") -> list[
 
 
 def sql_members(
-    conn: Connection, node: Node, now: datetime, contact_ids: Sequence[int] | None = None
+    conn: Connection,
+    node: Node,
+    now: datetime,
+    contact_ids: Sequence[int] | None = None,
+    id_range: tuple[int, int] | None = None,
 ) -> set[int]:
-    return set(conn.execute(member_select(node, now, contact_ids=contact_ids)).scalars())
+    query = member_select(node, now, contact_ids=contact_ids, id_range=id_range)
+    return set(conn.execute(query).scalars())
 
 
 def python_members(

@@ -148,6 +148,9 @@ def test_sql_and_python_agree(
         assert sql_members(connection, node, NOW) == expected
         chosen = [contact_id for contact_id, keep in zip(ids, subset, strict=False) if keep]
         assert sql_members(connection, node, NOW, contact_ids=chosen) == expected & set(chosen)
+        middle = (ids[len(ids) // 2], ids[-1])  # a chunk of a set-wide pass
+        in_range = {i for i in expected if middle[0] <= i <= middle[1]}
+        assert sql_members(connection, node, NOW, id_range=middle) == in_range
         # The forms restricted to known contacts: correlated probes, and capped counts fed to
         # the evaluator (what per-member confirms and the real-time path use).
         assert probe_members(connection, node, NOW, chosen) == expected & set(chosen)
