@@ -1,0 +1,49 @@
+"""APScheduler 3 wiring: a trigger, not a state store (ARCHITECTURE.md, principle 6).
+
+The ``reconcile`` job fires on ``BUCKETS_RECONCILE_CRON`` (UTC). One process never runs two
+ticks at once (``max_instances=1``) and a tick missed while the process was busy or down is run
+once, not once per missed fire (``coalesce``). Correctness across processes comes from the
+database: per-bucket advisory locks and ``bucket_configs.reconciled_at`` (see
+:mod:`workflows.reconcile`).
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable
+from datetime import UTC, datetime
+from typing import Any
+
+from apscheduler.schedulers.background import BackgroundScheduler
+from apscheduler.triggers.cron import CronTrigger
+
+from buckets.runtime import Runtime
+from workflows.reconcile import reconcile
+
+log = logging.getLogger("buckets.scheduler")
+MISFIRE_GRACE_SECONDS = 300
+
+
+def reconcile_job(runtime: Runtime, clock: Callable[[], datetime] | None = None) -> None:
+    """One tick as of the clock at the moment the job starts."""
+    now = clock() if clock else datetime.now(UTC)
+    tick = reconcile(now, runtime=runtime)
+    for failed in tick.failed:
+        log.error("bucket %s failed in the tick of %s: %s", failed.bucket_id, now, failed.reason)
+
+
+def build_scheduler(runtime: Runtime, **options: Any) -> BackgroundScheduler:
+    """A scheduler (not started) with the reconcile job on the configured crontab."""
+    scheduler = BackgroundScheduler(timezone=UTC, **options)
+    scheduler.add_job(
+        reconcile_job,
+        CronTrigger.from_crontab(runtime.settings.reconcile_cron, timezone=UTC),
+        args=[runtime],
+        id="reconcile",
+        name="reconcile tick",
+        max_instances=1,
+        coalesce=True,
+        misfire_grace_time=MISFIRE_GRACE_SECONDS,
+        replace_existing=True,
+    )
+    return scheduler
