@@ -270,8 +270,10 @@ def _leaf_events(condition: EventCondition, now: datetime, contact_id: ColumnEle
     scope.extend(
         property_predicate(where, user_events.c.properties) for where in condition.where or ()
     )
-    # Explicit: auto-correlation does not reach through the derived table of leaf_counts.
-    return sa.select(sa.literal(1)).where(*scope).correlate(contacts)
+    # Explicit, because auto-correlation does not reach through the derived table of
+    # leaf_counts; everything but user_events (contacts, or the table ``contact_id`` comes
+    # from, e.g. bucket_memberships) belongs to the enclosing query.
+    return sa.select(sa.literal(1)).where(*scope).correlate_except(user_events)
 
 
 def decisive_count(condition: EventCondition) -> int:
