@@ -29,7 +29,7 @@ from datetime import datetime, timedelta
 from typing import Any, Literal
 
 import sqlalchemy as sa
-from sqlalchemy.dialects.postgresql import ARRAY, distinct_on
+from sqlalchemy.dialects.postgresql import ARRAY
 from sqlalchemy.dialects.postgresql import insert as pg_insert
 from sqlalchemy.engine import Connection
 from sqlalchemy.sql.elements import ColumnElement
@@ -135,42 +135,38 @@ def _policies(policies: Iterable[Policy]) -> sa.CTE:
 
 @dataclass(frozen=True)
 class _Decided:
-    pairs: sa.CTE  # bucket_id, contact_id, event_id: one row per pair
+    pairs: sa.CTE  # bucket_id, contact_id, event_id
     stale: sa.CTE | None  # bucket_id, contact_id skipped because their contact changed
 
 
 def _decided(candidates: sa.Select[Any]) -> _Decided:
-    """The candidate pairs to act on: deduplicated and, when they carry a ``revision``, locked
-    in contact order and filtered to contacts unchanged since the caller's snapshot."""
+    """The candidate pairs to act on: when they carry a ``revision``, locked in contact order and
+    filtered to contacts unchanged since the caller's snapshot. Duplicate pairs are harmless:
+    every write is a compare-and-swap or guarded by a unique index, and ledger rows are built
+    from the changed rows, never from the pairs."""
     cand = candidates.cte("cand").prefix_with("MATERIALIZED")
     event_id = cand.c.event_id if "event_id" in cand.c else sa.cast(sa.null(), sa.BigInteger)
-    stale = None
-    source: sa.CTE = cand
-    if "revision" in cand.c:
-        locked = (
-            sa.select(cand.c.bucket_id, cand.c.contact_id, event_id.label("event_id"))
-            .join(contacts, contacts.c.id == cand.c.contact_id)
-            .where(contacts.c.revision == cand.c.revision)
-            .order_by(contacts.c.id)
-            .with_for_update(of=contacts, key_share=True)
-        ).cte("locked")
-        stale = (
-            sa.select(cand.c.bucket_id, cand.c.contact_id)
-            .where(
-                ~sa.exists().where(
-                    locked.c.bucket_id == cand.c.bucket_id,
-                    locked.c.contact_id == cand.c.contact_id,
-                )
+    if "revision" not in cand.c:
+        plain = sa.select(cand.c.bucket_id, cand.c.contact_id, event_id.label("event_id"))
+        return _Decided(plain.cte("decided"), None)
+    locked = (
+        sa.select(cand.c.bucket_id, cand.c.contact_id, event_id.label("event_id"))
+        .join(contacts, contacts.c.id == cand.c.contact_id)
+        .where(contacts.c.revision == cand.c.revision)
+        .order_by(contacts.c.id)
+        .with_for_update(of=contacts, key_share=True)
+    ).cte("locked")
+    stale = (
+        sa.select(cand.c.bucket_id, cand.c.contact_id)
+        .where(
+            ~sa.exists().where(
+                locked.c.bucket_id == cand.c.bucket_id,
+                locked.c.contact_id == cand.c.contact_id,
             )
-            .cte("stale")
         )
-        source, event_id = locked, locked.c.event_id
-    deduplicated = (
-        sa.select(source.c.bucket_id, source.c.contact_id, event_id.label("event_id"))
-        .ext(distinct_on(source.c.bucket_id, source.c.contact_id))
-        .cte("decided")
+        .cte("stale")
     )
-    return _Decided(deduplicated, stale)
+    return _Decided(locked, stale)
 
 
 def _finish(
@@ -309,17 +305,42 @@ def join(
         )
         .cte("inserted")
     )
+    # The ledger rows are built from `inserted` alone, never by joining it back to another
+    # CTE: CTE scans carry no statistics, and a misestimated nested loop over two of them is
+    # quadratic. The previous epoch's row (for the entry limit) is an index probe on
+    # (bucket_id, contact_id, entry_count); the event id (ingest only) a lookup of few rows.
+    previous = memberships.alias("previous")
+    before = (
+        sa.select(previous.c.left_at)
+        .where(
+            previous.c.bucket_id == inserted.c.bucket_id,
+            previous.c.contact_id == inserted.c.contact_id,
+            previous.c.entry_count == inserted.c.entry_count - 1,
+        )
+        .scalar_subquery()
+    )
     if silent:
         emitted: ColumnElement[bool] = sa.false()
         suppressed_by: ColumnElement[Any] = sa.literal("backfill")
     else:
         emitted = sa.case(
-            (prior.c.prior_epoch.is_(None), sa.true()),  # first membership ever
+            (inserted.c.entry_count == 1, sa.true()),  # first membership ever
             (policy.c.entry_limit == "unlimited", sa.true()),
             (policy.c.entry_limit == "once", sa.false()),
-            else_=(at - prior.c.prior_left_at) >= policy.c.entry_period,
+            else_=(at - before) >= policy.c.entry_period,
         )
         suppressed_by = sa.case((emitted, sa.null()), else_=sa.literal("entry_limit"))
+    event_id: ColumnElement[Any] = sa.cast(sa.null(), sa.BigInteger)
+    if "event_id" in candidates.selected_columns:
+        event_id = (
+            sa.select(pairs_.c.event_id)
+            .where(
+                pairs_.c.bucket_id == inserted.c.bucket_id,
+                pairs_.c.contact_id == inserted.c.contact_id,
+            )
+            .limit(1)
+            .scalar_subquery()
+        )
     written = _ledger(
         sa.select(
             inserted.c.bucket_id,
@@ -335,14 +356,7 @@ def join(
             transition_key_sql(
                 inserted.c.bucket_id, contacts.c.external_id, "entered", inserted.c.entry_count
             ),
-            prior.c.event_id,
-        )
-        .join(
-            prior,
-            sa.and_(
-                prior.c.bucket_id == inserted.c.bucket_id,
-                prior.c.contact_id == inserted.c.contact_id,
-            ),
+            event_id,
         )
         .join(policy, policy.c.bucket_id == inserted.c.bucket_id)
         .join(contacts, contacts.c.id == inserted.c.contact_id)

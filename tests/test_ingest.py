@@ -389,7 +389,11 @@ def test_batch_matches_single_ingests(make_runtime):
     def outcome() -> list[tuple[str, bool]]:
         found = sorted((t.idempotency_key, t.emitted) for t in ledger(rt))
         with rt.engine.begin() as conn:
-            conn.execute(sa.text("TRUNCATE contacts, user_events, bucket_memberships CASCADE"))
+            conn.execute(
+                sa.text(
+                    "TRUNCATE contacts, user_events, bucket_memberships, bucket_transitions CASCADE"
+                )
+            )
         return found
 
     ingest_events(events, now=T0, runtime=rt, chunk_size=9)

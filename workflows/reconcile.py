@@ -30,7 +30,7 @@ from __future__ import annotations
 
 import logging
 import time
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from typing import Any
@@ -67,7 +67,7 @@ from buckets.runtime import Runtime, get_runtime
 
 log = logging.getLogger("buckets.reconcile")
 
-DEFAULT_CHUNK_SIZE = 50_000  # contact ids per transaction
+DEFAULT_CHUNK_SIZE = 250_000  # contact ids per transaction
 CONFIRM_BATCH = 2_000  # candidates locked and confirmed per transaction
 
 
@@ -86,6 +86,7 @@ class BucketTick:
     cleared: int = 0
     joins: str = "off"  # how joins ran: exact | confirmed | off (and why)
     seconds: float = 0.0
+    passes: dict[str, float] = field(default_factory=dict)  # seconds per pass
 
     def count(self, changes: Changes, reason: str | None = None) -> None:
         self.joined += changes.joined
@@ -108,6 +109,7 @@ class BucketTick:
             "cleared": self.cleared,
             "joins": self.joins,
             "seconds": round(self.seconds, 4),
+            "passes": {name: round(seconds, 4) for name, seconds in self.passes.items()},
         }
 
 
@@ -268,22 +270,25 @@ class _Passes:
         )
 
     def run(self) -> None:
-        self.criteria_leaves()
+        self.timed("criteria_leaves", self.criteria_leaves)
         mode = join_mode(self.bucket)
         if mode != "off":
             with self.conn.begin():
                 blocked = joins_blocked(self.conn, self.bucket)
             if blocked:
                 mode = "off (first-time backfill not completed)"
-            elif mode == "exact":
-                self.exact_joins()
             else:
-                self.confirmed_joins()
+                self.timed("joins", self.exact_joins if mode == "exact" else self.confirmed_joins)
         self.result.joins = mode
         if self.bucket.max_dwell is not None:
-            self.ttl_leaves()
+            self.timed("ttl_leaves", self.ttl_leaves)
         if self.bucket.min_dwell is not None:
-            self.clear_pending()
+            self.timed("pending", self.clear_pending)
+
+    def timed(self, name: str, run: Callable[[], None]) -> None:
+        started = time.perf_counter()
+        run()
+        self.result.passes[name] = time.perf_counter() - started
 
     # -- chunking -------------------------------------------------------------------------
 

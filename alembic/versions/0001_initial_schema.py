@@ -287,14 +287,6 @@ def upgrade() -> None:
             name=op.f("ck_bucket_transitions_suppression_explained"),
         ),
         sa.CheckConstraint("epoch >= 1", name=op.f("ck_bucket_transitions_epoch_positive")),
-        sa.ForeignKeyConstraint(
-            ["contact_id"], ["contacts.id"], name=op.f("fk_bucket_transitions_contact_id_contacts")
-        ),
-        sa.ForeignKeyConstraint(
-            ["membership_id"],
-            ["bucket_memberships.id"],
-            name=op.f("fk_bucket_transitions_membership_id_bucket_memberships"),
-        ),
         sa.PrimaryKeyConstraint("id", name=op.f("pk_bucket_transitions")),
         sa.UniqueConstraint("idempotency_key", name=op.f("uq_bucket_transitions_idempotency_key")),
     )
@@ -309,9 +301,6 @@ def upgrade() -> None:
         "bucket_transitions",
         ["contact_id", "id"],
         unique=False,
-    )
-    op.create_index(
-        "ix_bucket_transitions_membership_id", "bucket_transitions", ["membership_id"], unique=False
     )
     op.create_index(
         "ix_bucket_transitions_undispatched",
@@ -386,7 +375,6 @@ def downgrade() -> None:
         table_name="bucket_transitions",
         postgresql_where=sa.text("emitted AND dispatched_at IS NULL"),
     )
-    op.drop_index("ix_bucket_transitions_membership_id", table_name="bucket_transitions")
     op.drop_index("ix_bucket_transitions_contact_id_id", table_name="bucket_transitions")
     op.drop_index("ix_bucket_transitions_bucket_id_id", table_name="bucket_transitions")
     op.drop_table("bucket_transitions")
