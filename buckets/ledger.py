@@ -127,13 +127,21 @@ def from_json(item: dict[str, Any]) -> Transition:
     return Transition(**fields)
 
 
-def read(conn: Connection, where: Sequence[ColumnElement[bool]]) -> list[Transition]:
-    """Transitions matching ``where``, oldest first, with their contact's external id."""
+def read(
+    conn: Connection,
+    where: Sequence[ColumnElement[bool]],
+    *,
+    newest_first: bool = False,
+    limit: int | None = None,
+) -> list[Transition]:
+    """Transitions matching ``where`` (oldest first unless ``newest_first``), with their
+    contact's external id."""
     query = (
         sa.select(*RETURNED, contacts.c.external_id)
         .join(contacts, contacts.c.id == transitions.c.contact_id)
         .where(*where)
-        .order_by(transitions.c.id)
+        .order_by(transitions.c.id.desc() if newest_first else transitions.c.id)
+        .limit(limit)
     )
     return [from_row(row, row.external_id) for row in conn.execute(query)]
 

@@ -157,3 +157,69 @@ def test_ingest_refuses_a_naive_now(clone_db: CloneDB, tmp_path: Path):
     )
     assert code == 2
     assert "no UTC offset" in err
+
+
+DEFS = """
+buckets:
+  - id: pro
+    criteria: {type: property, property: plan, operator: eq, value: pro}
+  - id: went-dormant
+    criteria:
+      type: composite
+      operator: and
+      conditions:
+        - {type: event, event: feature.used, check: exists}
+        - {type: event, event: feature.used, check: not_exists, within: 7d}
+"""
+
+
+def test_operator_commands_through_the_entry_point(clone_db: CloneDB, tmp_path: Path):
+    definitions = tmp_path / "defs.yaml"
+    definitions.write_text(DEFS)
+    args = ["--database-url", url_of(clone_db), "--definitions", str(definitions)]
+    events = tmp_path / "e.jsonl"
+    events.write_text(
+        '{"external_id": "a", "event": "feature.used", "contact_properties": {"plan": "pro"},'
+        ' "occurred_at": "2026-11-01T00:00:00Z"}\n'
+    )
+    assert run("ingest", str(events), *args, "--now", "2026-11-01T00:00:00Z")[0] == 0
+
+    code, out, _ = run("list", *args, "--json")
+    assert code == 0
+    listed = {b["id"]: b for b in json.loads(out)["buckets"]}
+    assert (listed["pro"]["members"], listed["went-dormant"]["members"]) == (1, 0)
+    assert listed["went-dormant"]["on_cron"] is True
+    code, out, _ = run("list", *args)
+    assert "went-dormant" in out
+
+    code, out, _ = run("show", "pro", *args, "--json")
+    assert json.loads(out)["definition"]["criteria"]["value"] == "pro"
+
+    code, out, _ = run("members", "pro", *args, "--json")
+    assert [m["external_id"] for m in json.loads(out)["members"]] == ["a"]
+
+    code, out, _ = run("explain", "went-dormant", "a", *args, "--now", "2026-11-03T00:00:00Z")
+    assert code == 0
+    assert "a is not a member of went-dormant" in out
+    assert "2026-11-08T00:00:00.000001+00:00" in out  # the window edge, by the clock alone
+
+    # the cron: no joins until the first-time backfill completed, then the lapsed contact joins
+    code, out, _ = run("reconcile", *args, "--now", "2026-11-09T00:00:00Z", "--json")
+    assert code == 0
+    [tick] = json.loads(out)["buckets"]
+    assert (tick["bucket_id"], tick["joined"]) == ("went-dormant", 0)
+    assert tick["joins"].startswith("off")
+
+    code, out, _ = run("disable", "pro", *args)
+    assert (code, out.strip()) == (0, "pro: disabled (operator override)")
+    code, out, _ = run("list", *args, "--json")
+    assert {b["id"]: b["enabled"] for b in json.loads(out)["buckets"]}["pro"] is False
+    code, out, _ = run("enable", "pro", "--reset", *args)
+    assert out.strip() == "pro: enabled (following its definition)"
+
+    code, _, err = run("show", "nope", *args)
+    assert code == 1
+    assert err.strip() == "buckets: error: nope: no such bucket in the loaded definitions"
+    code, _, err = run("explain", "pro", "ghost", *args)
+    assert code == 1
+    assert "external_id 'ghost': no such contact" in err

@@ -8,6 +8,7 @@ configuration or usage, 1 for everything else.
 
 from __future__ import annotations
 
+import io
 import json
 import sys
 from collections.abc import Callable, Iterator
@@ -295,6 +296,195 @@ def reconcile_command(
     emit(as_json, tick.to_dict(), "\n".join(lines))
     if tick.failed:
         sys.exit(1)
+
+
+def _table(title: str, columns: list[str], rows: list[list[Any]]) -> str:
+    """A rich table rendered to text (for human output)."""
+    from rich.console import Console
+    from rich.table import Table
+
+    table = Table(title=title, title_justify="left")
+    for column in columns:
+        table.add_column(column)
+    for row in rows:
+        table.add_row(*("" if cell is None else str(cell) for cell in row))
+    console = Console(width=160, record=True, file=io.StringIO())
+    console.print(table)
+    return console.export_text().rstrip()
+
+
+@main.command("list")
+@common_options
+def list_command(database_url: str | None, definitions: str | None, as_json: bool) -> None:
+    """List the loaded buckets with member counts and their effective enabled state."""
+    from buckets.admin import bucket_states
+
+    with opened_runtime(database_url, definitions) as runtime, runtime.engine.connect() as conn:
+        states = bucket_states(conn, runtime)
+    payload = {"buckets": [state.to_dict() for state in states]}
+    rows = [
+        [
+            s.bucket.id,
+            "yes" if s.enabled else "no" + (" (override)" if s.override is False else ""),
+            s.active,
+            "yes" if s.bucket.on_cron else "no",
+            "yes" if s.criteria_hash == s.bucket.fingerprint else "no",
+        ]
+        for s in states
+    ]
+    human = _table(
+        f"{len(states)} buckets", ["bucket", "enabled", "members", "cron", "deployed"], rows
+    )
+    emit(as_json, payload, human if states else "no buckets loaded (see --definitions)")
+
+
+@main.command("show")
+@click.argument("bucket_id")
+@common_options
+def show_command(
+    bucket_id: str, database_url: str | None, definitions: str | None, as_json: bool
+) -> None:
+    """Show one bucket: definition, counts, operator state."""
+    from buckets.admin import bucket_states
+
+    with opened_runtime(database_url, definitions) as runtime, runtime.engine.connect() as conn:
+        [state] = bucket_states(conn, runtime, [bucket_id])
+    payload = state.to_dict(detail=True)
+    human = "\n".join(f"{key}: {json.dumps(value, default=str)}" for key, value in payload.items())
+    emit(as_json, payload, human)
+
+
+@main.command("members")
+@click.argument("bucket_id")
+@click.option(
+    "--status", type=click.Choice(["active", "left", "all"]), default="active", show_default=True
+)
+@click.option("--limit", type=click.IntRange(1, 1000), default=50, show_default=True)
+@click.option("--after", type=int, default=None, help="Page cursor (from the previous page).")
+@common_options
+def members_command(
+    *,
+    bucket_id: str,
+    status: str,
+    limit: int,
+    after: int | None,
+    database_url: str | None,
+    definitions: str | None,
+    as_json: bool,
+) -> None:
+    """List a bucket's membership rows, a page at a time."""
+    from buckets.admin import members_page
+
+    with opened_runtime(database_url, definitions) as runtime, runtime.engine.connect() as conn:
+        runtime.registry.get(bucket_id)
+        page, cursor = members_page(
+            conn, bucket_id, status=None if status == "all" else status, after=after, limit=limit
+        )
+    payload = {"bucket_id": bucket_id, "members": page, "next": cursor}
+    rows = [[m["external_id"], m["status"], m["epoch"], m["entered_at"], m["source"]] for m in page]
+    human = _table(
+        f"{bucket_id}: {len(page)} rows", ["contact", "status", "epoch", "since", "source"], rows
+    )
+    if cursor is not None:
+        human += f"\nnext page: --after {cursor}"
+    emit(as_json, payload, human)
+
+
+@main.command("explain")
+@click.argument("bucket_id")
+@click.argument("external_id")
+@now_option
+@common_options
+def explain_command(
+    *,
+    bucket_id: str,
+    external_id: str,
+    now: datetime,
+    database_url: str | None,
+    definitions: str | None,
+    as_json: bool,
+) -> None:
+    """Why EXTERNAL_ID is (not) in BUCKET_ID as of --now, and when the clock changes that."""
+    from buckets.explain import explain
+
+    with opened_runtime(database_url, definitions) as runtime:
+        result = explain(bucket_id, external_id, now=now, runtime=runtime)
+    emit(as_json, result.to_dict(), render_explanation(result))
+
+
+def render_explanation(result: Any) -> str:
+    """The human reading of an :class:`~buckets.explain.Explanation`."""
+    state = "a member" if result.member else "not a member"
+    lines = [
+        f"{result.external_id} is {state} of {result.bucket_id} as of {result.now.isoformat()}"
+    ]
+    if result.membership:
+        m = result.membership
+        lines.append(f"  since {m['since']} (epoch {m['epoch']}, via {m['source']})")
+    lines.append(f"  criteria {'match' if result.matches else 'do not match'}:")
+    for leaf in result.leaves:
+        mark = "yes" if leaf.value else "no "
+        extra = ""
+        if leaf.count is not None:
+            extra = f" — {leaf.count} matching events"
+        elif leaf.property_present is not None:
+            actual = json.dumps(leaf.property_value) if leaf.property_present else "missing"
+            extra = f" — value {actual}"
+        lines.append(f"    [{mark}] {leaf.description}{extra}")
+    if not result.enabled:
+        lines.append("  the bucket is disabled: nothing changes until it is enabled")
+    if result.deleted:
+        lines.append("  the contact is deleted")
+    change = result.next_change
+    if change is not None:
+        lines.append(f"  next change by the clock alone: {change.at.isoformat()} ({change.detail})")
+    else:
+        lines.append("  the clock alone will not change this")
+    return "\n".join(lines)
+
+
+@main.command("enable")
+@click.argument("bucket_id")
+@click.option("--reset", is_flag=True, help="Drop the override: follow the definition again.")
+@common_options
+def enable_command(
+    bucket_id: str, reset: bool, database_url: str | None, definitions: str | None, as_json: bool
+) -> None:
+    """Enable a bucket (an operator override of the definition's `enabled`)."""
+    _set_enabled(bucket_id, None if reset else True, database_url, definitions, as_json)
+
+
+@main.command("disable")
+@click.argument("bucket_id")
+@common_options
+def disable_command(
+    bucket_id: str, database_url: str | None, definitions: str | None, as_json: bool
+) -> None:
+    """Disable a bucket: ingest, cron and backfills skip it; its members are left untouched."""
+    _set_enabled(bucket_id, False, database_url, definitions, as_json)
+
+
+def _set_enabled(
+    bucket_id: str,
+    enabled: bool | None,
+    database_url: str | None,
+    definitions: str | None,
+    as_json: bool,
+) -> None:
+    from buckets.registry import set_enabled
+
+    with opened_runtime(database_url, definitions) as runtime:
+        bucket = runtime.registry.get(bucket_id)
+        with runtime.engine.begin() as conn:
+            set_enabled(conn, bucket_id, enabled)
+    effective = bucket.enabled if enabled is None else enabled
+    word = "enabled" if effective else "disabled"
+    how = "following its definition" if enabled is None else "operator override"
+    emit(
+        as_json,
+        {"bucket_id": bucket_id, "enabled": effective, "override": enabled},
+        f"{bucket_id}: {word} ({how})",
+    )
 
 
 def _table_count(engine: Engine) -> int:

@@ -1,0 +1,263 @@
+"""Why is a contact (not) in a bucket, and when will the clock alone change that? (SPEC §10)
+
+:func:`explain` answers for one (bucket, contact) as of ``now``, from the database:
+
+* membership: member or not, since when, epoch, source, ``max_dwell_at``, ``pending_leave_at``;
+* the criteria's answer and every leaf's value with what is behind it — a property leaf's
+  actual value (or that the key is missing), an event leaf's exact count of matching events in
+  its window (and the window's bounds);
+* the next instant at which the clock alone changes something: the criteria's answer flips
+  (an event ages out of a window — it counts while ``now - within <= occurred_at``, so it drops
+  out one microsecond after ``occurred_at + within`` — or an event stamped in the future starts
+  to count), the maximum dwell is reached, or a deferred leave falls due. The cron applies such
+  a change at its first tick at or after that instant.
+
+The leaf values come from the same Python evaluator the real-time path uses, over the
+contact's events loaded once; the next flip is found by evaluating the criteria at each
+instant where some leaf's count can change, in order.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from datetime import datetime, timedelta
+from typing import Any
+
+import sqlalchemy as sa
+from sqlalchemy.engine import Connection
+
+from buckets.contacts import UnknownContactError
+from buckets.criteria import Event, evaluate, in_memory_counter
+from buckets.criteria.durations import format_duration
+from buckets.criteria.evaluate import event_counts, property_matches
+from buckets.criteria.model import Composite, EventCondition, Node, PropertyCondition, leaves
+from buckets.definitions import Bucket
+from buckets.models import bucket_memberships, contacts, user_events
+from buckets.registry import read_overrides
+from buckets.runtime import Runtime, get_runtime
+
+TICK = timedelta(microseconds=1)
+_MISSING = object()
+
+
+@dataclass
+class Leaf:
+    path: str
+    description: str
+    value: bool
+    count: int | None = None  # event leaves: matching events counted as of now
+    window: tuple[datetime, datetime] | None = None
+    property_value: Any = None  # property leaves: the contact's value
+    property_present: bool | None = None
+
+    def to_dict(self) -> dict[str, Any]:
+        out: dict[str, Any] = {
+            "path": self.path,
+            "condition": self.description,
+            "value": self.value,
+        }
+        if self.count is not None:
+            out["count"] = self.count
+        if self.window is not None:
+            out["window"] = [self.window[0].isoformat(), self.window[1].isoformat()]
+        if self.property_present is not None:
+            out["present"] = self.property_present
+            out["actual"] = self.property_value
+        return out
+
+
+@dataclass
+class Change:
+    at: datetime
+    reason: str  # criteria | max_dwell | pending_leave
+    detail: str
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"at": self.at.isoformat(), "reason": self.reason, "detail": self.detail}
+
+
+@dataclass
+class Explanation:
+    bucket_id: str
+    external_id: str
+    now: datetime
+    enabled: bool
+    deleted: bool
+    member: bool
+    matches: bool
+    membership: dict[str, Any] | None
+    leaves: list[Leaf] = field(default_factory=list)
+    next_change: Change | None = None
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "bucket_id": self.bucket_id,
+            "external_id": self.external_id,
+            "now": self.now.isoformat(),
+            "enabled": self.enabled,
+            "deleted": self.deleted,
+            "member": self.member,
+            "matches": self.matches,
+            "membership": self.membership,
+            "leaves": [leaf.to_dict() for leaf in self.leaves],
+            "next_change": self.next_change.to_dict() if self.next_change else None,
+        }
+
+
+def describe(node: Node) -> str:
+    """A one-line reading of a leaf."""
+    if isinstance(node, PropertyCondition):
+        value = "" if node.operator in ("exists", "not_exists") else f" {node.value!r}"
+        return f"property {node.property!r} {node.operator}{value}"
+    if isinstance(node, EventCondition):
+        text = f"event {node.event!r}"
+        if node.where:
+            text += " where " + " and ".join(describe(w) for w in node.where)
+        if node.within is not None:
+            text += f" within {format_duration(node.within)}"
+        if node.check == "count":
+            return f"{text} count {node.operator} {node.value}"
+        return f"{text} {node.check}"
+    return f"{node.operator} of {len(node.conditions)}"
+
+
+def _leaves(node: Node, path: str, out: list[tuple[str, Node]]) -> None:
+    if isinstance(node, Composite):
+        for index, child in enumerate(node.conditions):
+            _leaves(child, f"{path}.conditions[{index}]", out)
+    else:
+        out.append((path, node))
+
+
+def explain(
+    bucket_id: str,
+    external_id: str,
+    *,
+    now: datetime,
+    runtime: Runtime | None = None,
+) -> Explanation:
+    rt = get_runtime(runtime)
+    bucket = rt.registry.get(bucket_id)
+    with rt.engine.connect() as conn:
+        contact = conn.execute(
+            sa.select(contacts.c.id, contacts.c.properties, contacts.c.deleted_at).where(
+                contacts.c.external_id == external_id
+            )
+        ).one_or_none()
+        if contact is None:
+            raise UnknownContactError(external_id)
+        events = _events(conn, contact.id, bucket)
+        row = conn.execute(
+            sa.select(bucket_memberships).where(
+                bucket_memberships.c.bucket_id == bucket.id,
+                bucket_memberships.c.contact_id == contact.id,
+                bucket_memberships.c.status == "active",
+            )
+        ).one_or_none()
+        enabled = read_overrides(conn).get(bucket.id, bucket.enabled)
+    properties = contact.properties
+    matches = contact.deleted_at is None and evaluate(
+        bucket.criteria, properties, in_memory_counter(events, now)
+    )
+    paths: list[tuple[str, Node]] = []
+    _leaves(bucket.criteria, "criteria", paths)
+    membership = None
+    if row is not None:
+        membership = {
+            "since": row.entered_at.isoformat(),
+            "epoch": row.entry_count,
+            "source": row.source,
+            "max_dwell_at": row.max_dwell_at.isoformat() if row.max_dwell_at else None,
+            "pending_leave_at": row.pending_leave_at.isoformat() if row.pending_leave_at else None,
+            "last_evaluated_at": row.last_evaluated_at.isoformat()
+            if row.last_evaluated_at
+            else None,
+        }
+    return Explanation(
+        bucket_id=bucket.id,
+        external_id=external_id,
+        now=now,
+        enabled=enabled,
+        deleted=contact.deleted_at is not None,
+        member=row is not None,
+        matches=matches,
+        membership=membership,
+        leaves=[_leaf(path, node, properties, events, now) for path, node in paths],
+        next_change=None
+        if contact.deleted_at is not None
+        else _next_change(bucket, properties, events, now, matches=matches, row=row),
+    )
+
+
+def _events(conn: Connection, contact_id: int, bucket: Bucket) -> list[Event]:
+    """The contact's events of the names the criteria mention (all of them: past and future)."""
+    if not bucket.event_names:
+        return []
+    rows = conn.execute(
+        sa.select(user_events.c.event, user_events.c.occurred_at, user_events.c.properties).where(
+            user_events.c.contact_id == contact_id,
+            user_events.c.event.in_(sorted(bucket.event_names)),
+        )
+    )
+    return [Event(row.event, row.occurred_at, row.properties) for row in rows]
+
+
+def _leaf(
+    path: str, node: Node, properties: dict[str, Any], events: list[Event], now: datetime
+) -> Leaf:
+    if isinstance(node, PropertyCondition):
+        actual = properties.get(node.property, _MISSING)
+        return Leaf(
+            path,
+            describe(node),
+            property_matches(node, properties),
+            property_present=actual is not _MISSING,
+            property_value=None if actual is _MISSING else actual,
+        )
+    assert isinstance(node, EventCondition)
+    count = sum(1 for event in events if event_counts(node, event, now))
+    window = (now - node.within, now) if node.within is not None else None
+    return Leaf(path, describe(node), node.satisfied_by(count), count=count, window=window)
+
+
+def _instants(bucket: Bucket, events: list[Event], now: datetime) -> list[datetime]:
+    """Every instant after ``now`` at which some event leaf's count can change."""
+    found: set[datetime] = set()
+    conditions = [n for n in leaves(bucket.criteria) if isinstance(n, EventCondition)]
+    for event in events:
+        if event.occurred_at > now:
+            found.add(event.occurred_at)  # starts to count
+        for condition in conditions:
+            if condition.within is not None and event.name == condition.event:
+                leaves_at = event.occurred_at + condition.within + TICK  # ages out
+                if leaves_at > now:
+                    found.add(leaves_at)
+    return sorted(found)
+
+
+def _next_change(
+    bucket: Bucket,
+    properties: dict[str, Any],
+    events: list[Event],
+    now: datetime,
+    *,
+    matches: bool,
+    row: Any,
+) -> Change | None:
+    candidates: list[Change] = []
+    for instant in _instants(bucket, events, now):
+        if evaluate(bucket.criteria, properties, in_memory_counter(events, instant)) != matches:
+            detail = "the criteria stop matching" if matches else "the criteria start matching"
+            candidates.append(Change(instant, "criteria", detail))
+            break
+    if row is not None and row.max_dwell_at is not None and row.max_dwell_at > now:
+        candidates.append(Change(row.max_dwell_at, "max_dwell", "the maximum dwell is reached"))
+    if row is not None and row.pending_leave_at is not None:
+        candidates.append(
+            Change(
+                max(row.pending_leave_at, now),
+                "pending_leave",
+                "a deferred leave falls due (if the criteria still fail then)",
+            )
+        )
+    return min(candidates, key=lambda change: change.at) if candidates else None
