@@ -159,3 +159,49 @@ def ledger_page(
         where.append(bucket_transitions.c.id < before)
     found = read(conn, where, newest_first=True, limit=limit + 1)
     return found[:limit], (found[limit - 1].id if len(found) > limit else None)
+
+
+@dataclass(frozen=True)
+class Preview:
+    """What the criteria say as of ``now`` against the stored membership (nothing written)."""
+
+    bucket_id: str
+    now: datetime
+    matching: int
+    members: int
+    would_join: int
+    would_leave: int
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "bucket_id": self.bucket_id,
+            "now": self.now.isoformat(),
+            "matching": self.matching,
+            "members": self.members,
+            "would_join": self.would_join,
+            "would_leave": self.would_leave,
+        }
+
+
+def preview(conn: Connection, bucket: Bucket, now: datetime) -> Preview:
+    """Matching contacts vs active members, in one set-based statement."""
+    from buckets.criteria import member_select
+
+    matching = member_select(bucket.criteria, now).cte("matching")
+    active = (
+        sa.select(bucket_memberships.c.contact_id)
+        .where(bucket_memberships.c.bucket_id == bucket.id, bucket_memberships.c.status == "active")
+        .cte("active")
+    )
+    both = sa.select(sa.func.count()).select_from(
+        matching.join(active, active.c.contact_id == matching.c.id)
+    )
+    counts = conn.execute(
+        sa.select(
+            sa.select(sa.func.count()).select_from(matching).scalar_subquery(),
+            sa.select(sa.func.count()).select_from(active).scalar_subquery(),
+            both.scalar_subquery(),
+        )
+    ).one()
+    matched, members, overlap = counts
+    return Preview(bucket.id, now, matched, members, matched - overlap, members - overlap)

@@ -79,7 +79,21 @@ def _json_object(value: object, name: str, index: int | None, external_id: str) 
         raise IngestError(
             name, f"not JSON-serialisable: {exc}", index=index, external_id=external_id
         ) from None
+    if _has_nul(value):  # PostgreSQL's jsonb cannot store NUL characters
+        raise IngestError(
+            name, "contains a NUL character (\\u0000)", index=index, external_id=external_id
+        )
     return dict(value)
+
+
+def _has_nul(value: object) -> bool:
+    if isinstance(value, str):
+        return "\x00" in value
+    if isinstance(value, Mapping):
+        return any(_has_nul(key) or _has_nul(item) for key, item in value.items())
+    if isinstance(value, list | tuple):
+        return any(_has_nul(item) for item in value)
+    return False
 
 
 def _instant(value: object, name: str, index: int | None, external_id: str) -> datetime:
@@ -118,6 +132,8 @@ def _text(
         )
     if not value.strip():
         raise IngestError(name, "must not be empty", index=index, external_id=external_id)
+    if "\x00" in value:  # PostgreSQL text cannot store NUL characters
+        raise IngestError(name, "contains a NUL character", index=index, external_id=external_id)
     if len(value) > MAX_ID_LENGTH and name != "email":
         raise IngestError(
             name, f"longer than {MAX_ID_LENGTH} characters", index=index, external_id=external_id

@@ -291,6 +291,9 @@ BAD: list[tuple[str, dict[str, Any], str]] = [
     ("oversized", {"properties": {"x": "y" * 70_000}}, "properties: payload of"),
     ("key not a string", {"idempotency_key": 5}, "idempotency_key: must be a string"),
     ("email not a string", {"email": ["a@b"]}, "email: must be a string"),
+    ("NUL in a name", {"event": "a\x00b"}, "event: contains a NUL character"),
+    ("NUL in a value", {"properties": {"k": "a\x00"}}, "properties: contains a NUL"),
+    ("NUL in a key", {"contact_properties": {"k\x00": 1}}, "contact_properties: contains a NUL"),
 ]
 
 

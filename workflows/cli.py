@@ -487,6 +487,28 @@ def _set_enabled(
     )
 
 
+@main.command("serve")
+@click.option("--host", default="127.0.0.1", show_default=True)
+@click.option("--port", type=click.IntRange(1, 65535), default=8080, show_default=True)
+@common_options
+def serve_command(
+    *, host: str, port: int, database_url: str | None, definitions: str | None, as_json: bool
+) -> None:
+    """Serve the admin HTTP API (OpenAPI at /openapi.json, docs at /docs). Requests need
+    `Authorization: Bearer $BUCKETS_ADMIN_TOKEN`."""
+    import uvicorn
+
+    from workflows.api import create_app
+
+    with opened_runtime(database_url, definitions) as runtime:
+        if not runtime.settings.admin_token:
+            click.echo(
+                "buckets: BUCKETS_ADMIN_TOKEN is not set: every API request will be refused (401)",
+                err=True,
+            )
+        uvicorn.run(create_app(runtime), host=host, port=port, log_level="info")
+
+
 def _table_count(engine: Engine) -> int:
     from sqlalchemy import inspect
 
