@@ -242,9 +242,12 @@ def test_no_joins_until_the_first_time_backfill_completed_but_leaves_still_run(m
     used(rt, "b", T0 + 9 * D)
     result = tick(rt, T0 + 8 * D)
     assert active(rt, "went-dormant") == set()
-    assert result["went-dormant"].joins.startswith("off (first-time backfill")
+    assert result["went-dormant"].joins.startswith("off (the bucket's backfill")
+    with rt.engine.begin() as conn:  # deployed, but for criteria that have changed since
+        conn.execute(sa.update(bucket_configs).values(criteria_hash="0" * 64))
+    assert tick(rt, T0 + 8 * D + H)["went-dormant"].joined == 0
     deployed(rt, dormant)
-    tick(rt, T0 + 8 * D + H)
+    tick(rt, T0 + 8 * D + 2 * H)
     assert active(rt, "went-dormant") == {"a"}
     with rt.engine.begin() as conn:  # a re-evaluation job claims the cohort again
         conn.execute(

@@ -215,12 +215,14 @@ def _reconcile_bucket(conn: Connection, bucket: Bucket, now: datetime, chunk: in
 
 
 def joins_blocked(conn: Connection, bucket: Bucket) -> bool:
-    """SPEC §6.4: the first-time backfill has not completed (no stored criteria hash), or a
-    backfill that claims the cohort (first-time or re-evaluation) is not terminal."""
+    """SPEC §6.4, §7: the cron does not join while the backfill that claims the cohort has not
+    completed — no criteria hash stored yet (first-time), a stored hash that differs from the
+    definition's (a re-evaluation is due), or a first-time / re-evaluation job not terminal.
+    Otherwise its joins would emit the historical matches the backfill records silently."""
     configured = conn.execute(
         sa.select(bucket_configs.c.criteria_hash).where(bucket_configs.c.bucket_id == bucket.id)
     ).scalar()
-    if configured is None:
+    if configured != bucket.fingerprint:
         return True
     running = conn.execute(
         sa.select(sa.literal(1)).where(
@@ -276,7 +278,7 @@ class _Passes:
             with self.conn.begin():
                 blocked = joins_blocked(self.conn, self.bucket)
             if blocked:
-                mode = "off (first-time backfill not completed)"
+                mode = "off (the bucket's backfill has not completed)"
             else:
                 self.timed("joins", self.exact_joins if mode == "exact" else self.confirmed_joins)
         self.result.joins = mode
