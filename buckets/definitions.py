@@ -406,10 +406,17 @@ def _buckets_from_document(data: object) -> list[Bucket]:
     return [bucket_from_mapping(entry, f"buckets[{index}]") for index, entry in enumerate(entries)]
 
 
-def _load_python_file(path: Path) -> list[Bucket]:
+def _python_module_name(path: Path) -> str:
     resolved = path.resolve()
     digest = hashlib.sha256(str(resolved).encode()).hexdigest()[:12]
-    module_name = f"_buckets_definitions_{resolved.stem}_{digest}"
+    return f"_buckets_definitions_{resolved.stem}_{digest}"
+
+
+def _load_python_file(path: Path) -> list[Bucket]:
+    resolved = path.resolve()
+    module_name = _python_module_name(path)
+    if module_name in sys.modules:  # loaded before (e.g. for its journeys): the same objects
+        return _buckets_in(sys.modules[module_name])
     spec = importlib.util.spec_from_file_location(module_name, resolved)
     if spec is None or spec.loader is None:
         raise DefinitionError("", "", "cannot import", source=str(path))
@@ -438,6 +445,26 @@ def _load_module(name: str) -> list[Bucket]:
             "", "", f"cannot import: {type(exc).__name__}: {exc}", source=name
         ) from exc
     return _buckets_in(module)
+
+
+def definition_modules(source: str | Path) -> list[ModuleType]:
+    """The Python modules ``source`` names (a module path, a ``.py`` file, or the ``.py`` files
+    of a directory), imported once: where journeys are found next to their buckets."""
+    text = str(source)
+    path = Path(text).expanduser()
+    if path.is_dir():
+        files = [p for p in sorted(path.iterdir()) if p.suffix == ".py" and p.is_file()]
+        files = [p for p in files if not p.name.startswith(("_", "."))]
+    elif path.suffix == ".py" and path.is_file():
+        files = [path]
+    elif path.suffix in FILE_SUFFIXES or path.exists() or not _MODULE_PATH.fullmatch(text):
+        return []
+    else:
+        _load_module(text)
+        return [sys.modules[text]]
+    for file in files:
+        _load_python_file(file)
+    return [sys.modules[_python_module_name(file)] for file in files]
 
 
 def _buckets_in(module: ModuleType) -> list[Bucket]:
