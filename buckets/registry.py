@@ -44,7 +44,11 @@ class Registry:
             if bucket.id in self.buckets:
                 raise BucketsError(f"{bucket.id}: duplicate bucket id")
             self.buckets[bucket.id] = bucket
-        self.journeys: tuple[Journey, ...] = tuple(journeys)
+        from buckets.journeys import validate_journeys
+
+        self.journeys: tuple[Journey, ...] = tuple(
+            validate_journeys(journeys, self.buckets.values())
+        )
         self._by_event: dict[str, list[Bucket]] = {}
         self._by_property: dict[str, list[Bucket]] = {}
         for bucket in self.buckets.values():

@@ -509,6 +509,32 @@ def serve_command(
         uvicorn.run(create_app(runtime), host=host, port=port, log_level="info")
 
 
+@main.command("dispatch")
+@click.option("--once", is_flag=True, help="Drain what is pending, then exit.")
+@now_option
+@common_options
+def dispatch_command(
+    *, once: bool, now: datetime, database_url: str | None, definitions: str | None, as_json: bool
+) -> None:
+    """Deliver emitted transitions to the journeys bound to them. With --once, drain what is
+    pending as of --now; otherwise run until SIGINT/SIGTERM (listening for new transitions)."""
+    import signal
+    import threading
+
+    from buckets.dispatcher import dispatch_once, run_dispatcher
+
+    with opened_runtime(database_url, definitions) as runtime:
+        if once:
+            result = dispatch_once(runtime, now=now)
+        else:
+            stop = threading.Event()
+            for signum in (signal.SIGINT, signal.SIGTERM):
+                signal.signal(signum, lambda *_: stop.set())
+            result = run_dispatcher(runtime, stop)
+    counts = result.to_dict()
+    emit(as_json, counts, ", ".join(f"{key} {value}" for key, value in counts.items()))
+
+
 def _table_count(engine: Engine) -> int:
     from sqlalchemy import inspect
 
