@@ -535,6 +535,129 @@ def dispatch_command(
     emit(as_json, counts, ", ".join(f"{key} {value}" for key, value in counts.items()))
 
 
+@main.command("backfill")
+@click.argument("bucket_id", required=False)
+@click.option("--deploy", is_flag=True, help="Run every job the deployed definitions need.")
+@click.option("--dry-run", is_flag=True, help="Report who would join/leave; write nothing.")
+@click.option(
+    "--emit", "emit_joins", is_flag=True, help="Admin backfills: emit joins (entry limit applies)."
+)
+@click.option("--chunk-size", type=click.IntRange(min=1), default=None, hidden=True)
+@now_option
+@common_options
+def backfill_command(
+    *,
+    bucket_id: str | None,
+    deploy: bool,
+    dry_run: bool,
+    emit_joins: bool,
+    chunk_size: int | None,
+    now: datetime,
+    database_url: str | None,
+    definitions: str | None,
+    as_json: bool,
+) -> None:
+    """Backfill BUCKET_ID in the foreground (its first-time job if it never completed one,
+    else an admin job), or with --deploy every first-time / re-evaluation job needed."""
+    from workflows import backfill
+    from workflows.backfill import CHUNK, Runner
+
+    if (bucket_id is None) == (not deploy):
+        raise click.UsageError("give a BUCKET_ID or --deploy (not both)")
+    with opened_runtime(database_url, definitions) as runtime:
+        if dry_run:
+            if bucket_id is None:
+                raise click.UsageError("--dry-run needs a BUCKET_ID")
+            report = backfill.dry_run(runtime, bucket_id, now, emit=emit_joins)
+            human = (
+                f"{report.bucket_id} ({report.mode} backfill as of {report.as_of.isoformat()}):"
+                f" would join {report.would_join}, leave {report.would_leave},"
+                f" emit {report.would_emit} transitions; nothing written"
+            )
+            emit(as_json, report.to_dict(), human)
+            return
+        if deploy:
+            backfill.deploy(runtime, now)
+            from workflows import jobs
+
+            with runtime.engine.connect() as conn:
+                pending = [j for j in jobs.jobs(conn) if j.status == "pending"]
+        else:
+            assert bucket_id is not None
+            job, created = backfill.start(runtime, bucket_id, now, emit=emit_joins)
+            if not created:
+                raise CliError(
+                    f"{bucket_id}: backfill job {job.id} is already {job.status}"
+                    " (see `buckets jobs`)"
+                )
+            pending = [job]
+        runner = Runner(runtime, chunk=chunk_size or CHUNK)
+        finished = [_run_with_progress(runner, job, as_json) for job in pending]
+    payload = {"jobs": [job.to_dict() for job in finished]}
+    human = "\n".join(
+        f"job {j.id} {j.bucket_id} ({j.mode}): {j.status}; processed {j.processed}/{j.total},"
+        f" joined {j.joined}, left {j.left}" + (f"; error: {j.error}" if j.error else "")
+        for j in finished
+    )
+    emit(as_json, payload, human or "nothing to backfill")
+    if any(job.status != "completed" for job in finished):
+        sys.exit(1)
+
+
+def _run_with_progress(runner: Any, job: Any, quiet: bool) -> Any:
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TimeElapsedColumn
+
+    if quiet:
+        return runner.run(job.id)
+    columns = [*Progress.get_default_columns()[:2], BarColumn(), MofNCompleteColumn()]
+    with Progress(*columns, TimeElapsedColumn(), console=_stderr()) as bar:
+        task = bar.add_task(f"{job.bucket_id} ({job.mode})", total=None)
+
+        def progress(current: Any) -> None:
+            bar.update(task, completed=current.processed, total=current.total)
+
+        return runner.run(job.id, progress=progress)
+
+
+def _stderr() -> Any:
+    from rich.console import Console
+
+    return Console(stderr=True)
+
+
+@main.command("jobs")
+@click.option("--bucket", "bucket_id", metavar="ID", help="Only this bucket's jobs.")
+@click.option("--cancel", "cancel_id", type=int, metavar="JOB_ID", help="Cancel a job.")
+@common_options
+def jobs_command(
+    *,
+    bucket_id: str | None,
+    cancel_id: int | None,
+    database_url: str | None,
+    definitions: str | None,
+    as_json: bool,
+) -> None:
+    """List backfill jobs (newest first) with status and progress; --cancel JOB_ID cancels."""
+    from workflows import jobs
+
+    with opened_runtime(database_url, definitions) as runtime:
+        if cancel_id is not None:
+            with runtime.engine.begin() as conn:
+                jobs.cancel(conn, cancel_id, datetime.now(UTC))
+        with runtime.engine.connect() as conn:
+            found = jobs.jobs(conn, bucket_id)
+    rows = [
+        [j.id, j.bucket_id, j.mode, j.status, f"{j.processed}/{j.total or '?'}", j.joined, j.left]
+        for j in found
+    ]
+    human = _table(
+        f"{len(found)} jobs",
+        ["job", "bucket", "mode", "status", "progress", "joined", "left"],
+        rows,
+    )
+    emit(as_json, {"jobs": [job.to_dict() for job in found]}, human)
+
+
 def _table_count(engine: Engine) -> int:
     from sqlalchemy import inspect
 

@@ -1,0 +1,348 @@
+"""Backfills: materialise a bucket's membership set-based, chunked and resumable (SPEC §7).
+
+Modes (the job's ``mode``):
+
+* ``first_time`` — the bucket never completed one: every contact matching as of the job's
+  ``as_of`` joins **silently** (``emitted=false, suppressed_by='backfill'``), so shipping a
+  bucket starts no journey for its historical cohort. On completion the criteria hash is stored
+  in ``bucket_configs``, which opens the cron's join pass (SPEC §6.4).
+* ``reevaluate`` — the stored hash differs from the definition (criteria changed): new matchers
+  join silently, members who no longer match leave **with** an emitted ``left`` (their
+  journeys exit).
+* ``admin`` — started by an operator on a bucket that completed its first-time backfill:
+  re-evaluation semantics, and with ``emit`` its joins are emitted through the entry limit.
+
+Every mode also leaves members who do not match (so a bucket is exact after any backfill).
+Chunks are ranges of contact ids, each one transaction holding the join statement, the leave
+statement, the job's progress and cursor and its lease extension: a crash loses at most the
+chunk in flight, and the job resumes after its cursor. Entry counts continue prior history and
+``max_dwell_at`` is stamped (the shared primitives do both); deleted contacts never match.
+Disabled buckets are not backfilled (the job fails with that reason).
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import socket
+import threading
+from collections.abc import Callable
+from dataclasses import dataclass
+from datetime import UTC, datetime, timedelta
+from typing import Any
+
+import sqlalchemy as sa
+from sqlalchemy.dialects.postgresql import insert as pg_insert
+from sqlalchemy.engine import Connection
+
+from buckets.criteria import compile_criteria, probe_predicate
+from buckets.definitions import Bucket
+from buckets.membership import Changes, Policy, Source, join, leave, redecide_stale
+from buckets.models import bucket_configs, contacts
+from buckets.models import bucket_memberships as memberships
+from buckets.registry import read_overrides
+from buckets.runtime import Runtime
+from workflows import jobs
+from workflows.jobs import Job
+
+log = logging.getLogger("buckets.backfill")
+CHUNK = 100_000  # contact ids per chunk (one transaction)
+LEASE = timedelta(seconds=60)
+Progress = Callable[[Job], None]
+
+
+def worker_id() -> str:
+    return f"{socket.gethostname()}:{os.getpid()}:{threading.get_ident()}"
+
+
+def mode_for(conn: Connection, bucket: Bucket) -> str | None:
+    """The job deployment needs for ``bucket``: first_time, reevaluate, or None."""
+    stored = conn.execute(
+        sa.select(bucket_configs.c.criteria_hash).where(bucket_configs.c.bucket_id == bucket.id)
+    ).scalar()
+    if stored is None:
+        return "first_time"
+    return None if stored == bucket.fingerprint else "reevaluate"
+
+
+def first_time_incomplete(conn: Connection, bucket_id: str) -> bool:
+    """No first-time backfill has completed for the bucket yet (SPEC §6.4)."""
+    stored = conn.execute(
+        sa.select(bucket_configs.c.criteria_hash).where(bucket_configs.c.bucket_id == bucket_id)
+    ).scalar()
+    return stored is None
+
+
+def deploy(runtime: Runtime, now: datetime) -> list[Job]:
+    """Enqueue the first-time / re-evaluation job each enabled bucket needs (exactly once:
+    concurrent callers meet the one-non-terminal-job-per-bucket index). Returns new jobs."""
+    created = []
+    with runtime.engine.begin() as conn:
+        overrides = read_overrides(conn)
+        for bucket in runtime.registry:
+            if not overrides.get(bucket.id, bucket.enabled):
+                continue
+            mode = mode_for(conn, bucket)
+            if mode is None or jobs.active_job(conn, bucket.id) is not None:
+                continue
+            job, new = jobs.enqueue(conn, bucket, mode, as_of=now)
+            if new:
+                created.append(job)
+    return created
+
+
+def start(
+    runtime: Runtime, bucket_id: str, now: datetime, *, emit: bool = False
+) -> tuple[Job, bool]:
+    """An operator's backfill: the first-time job if the bucket never completed one, else an
+    ``admin`` job. Returns (job, created); an existing non-terminal job is returned as is."""
+    bucket = runtime.registry.get(bucket_id)
+    with runtime.engine.begin() as conn:
+        mode = "first_time" if first_time_incomplete(conn, bucket.id) else "admin"
+        return jobs.enqueue(conn, bucket, mode, as_of=now, emit=emit and mode == "admin")
+
+
+@dataclass
+class Runner:
+    """Executes claimed jobs chunk by chunk."""
+
+    runtime: Runtime
+    owner: str = ""
+    chunk: int = CHUNK
+    lease: timedelta = LEASE
+    clock: Callable[[], datetime] = lambda: datetime.now(UTC)
+
+    def __post_init__(self) -> None:
+        self.owner = self.owner or worker_id()
+
+    def run(
+        self, job_id: int, progress: Progress | None = None, stop: threading.Event | None = None
+    ) -> Job:
+        """Claim job ``job_id`` and run it to its end (or until ``stop``: then it is released,
+        pending again, to be resumed)."""
+        with self.runtime.engine.begin() as conn:
+            job = jobs.claim(conn, job_id, self.owner, self.clock(), self.lease)
+        if job is None:
+            with self.runtime.engine.connect() as conn:
+                current = jobs.get(conn, job_id)
+            raise jobs.JobError(
+                f"backfill job {job_id} ({current.bucket_id}): {current.status}, not claimable"
+            )
+        return self._execute(job, progress, stop)
+
+    def run_pending(self, stop: threading.Event | None = None) -> list[Job]:
+        """Claim and run pending jobs until there are none (or ``stop``)."""
+        done = []
+        while stop is None or not stop.is_set():
+            with self.runtime.engine.begin() as conn:
+                job = jobs.claim_next(conn, self.owner, self.clock(), self.lease)
+            if job is None:
+                break
+            done.append(self._execute(job, None, stop))
+        return done
+
+    def _execute(self, job: Job, progress: Progress | None, stop: threading.Event | None) -> Job:
+        try:
+            bucket = self.runtime.registry.get(job.bucket_id)
+            job = self._chunks(job, bucket, progress, stop)
+        except Exception as exc:
+            log.exception("backfill job %d (%s) failed", job.id, job.bucket_id)
+            with self.runtime.engine.begin() as conn:
+                error = f"{type(exc).__name__}: {exc}"
+                jobs.finish(conn, job, self.owner, self.clock(), status="failed", error=error)
+        with self.runtime.engine.connect() as conn:
+            return jobs.get(conn, job.id)
+
+    def _chunks(
+        self, job: Job, bucket: Bucket, progress: Progress | None, stop: threading.Event | None
+    ) -> Job:
+        with self.runtime.engine.begin() as conn:
+            if not read_overrides(conn).get(bucket.id, bucket.enabled):
+                raise jobs.JobError(f"{bucket.id}: the bucket is disabled")
+            if job.criteria_hash != bucket.fingerprint:
+                raise jobs.JobError(f"{bucket.id}: the criteria changed since the job was created")
+            low, high = conn.execute(
+                sa.select(sa.func.min(contacts.c.id), sa.func.max(contacts.c.id))
+            ).one()
+            if job.total is None:
+                total = conn.execute(
+                    sa.select(sa.func.count()).where(contacts.c.deleted_at.is_(None))
+                ).scalar_one()
+                jobs.heartbeat(conn, job, self.owner, self.clock(), self.lease, total=total)
+            job = jobs.get(conn, job.id)
+        after = (job.cursor or {}).get("after", (low or 1) - 1)
+        high = high or 0
+        while after < high:
+            if stop is not None and stop.is_set():
+                with self.runtime.engine.begin() as conn:
+                    jobs.release(conn, job, self.owner)
+                return job
+            upper = min(after + self.chunk, high)
+            with self.runtime.engine.begin() as conn:
+                changes = apply_chunk(conn, bucket, job, (after + 1, upper))
+                examined = conn.execute(
+                    sa.select(sa.func.count()).where(
+                        contacts.c.id.between(after + 1, upper), contacts.c.deleted_at.is_(None)
+                    )
+                ).scalar_one()
+                alive = jobs.heartbeat(
+                    conn,
+                    job,
+                    self.owner,
+                    self.clock(),
+                    self.lease,
+                    processed=job.processed + examined,
+                    joined=job.joined + changes.joined,
+                    left=job.left + changes.left,
+                    cursor={"after": upper},
+                )
+                if not alive:  # cancelled, or no longer ours: undo this chunk and stop
+                    conn.rollback()
+                    return job
+                job = jobs.get(conn, job.id)
+            after = upper
+            if progress is not None:
+                progress(job)
+        with self.runtime.engine.begin() as conn:
+            store_hash(conn, bucket, job)
+            jobs.finish(conn, job, self.owner, self.clock(), status="completed")
+        return job
+
+
+def store_hash(conn: Connection, bucket: Bucket, job: Job) -> None:
+    """The membership now reflects these criteria: the cron may join from here on."""
+    conn.execute(
+        pg_insert(bucket_configs)
+        .values(bucket_id=bucket.id, criteria_hash=job.criteria_hash, definition=bucket.to_dict())
+        .on_conflict_do_update(
+            index_elements=[bucket_configs.c.bucket_id],
+            set_={
+                "criteria_hash": job.criteria_hash,
+                "definition": bucket.to_dict(),
+                "updated_at": sa.func.now(),
+            },
+        )
+    )
+
+
+def _matching_non_members(
+    bucket: Bucket, now: datetime, id_range: tuple[int, int] | None, ids: list[int] | None = None
+) -> sa.Select[Any]:
+    active = sa.exists().where(
+        memberships.c.bucket_id == bucket.id,
+        memberships.c.contact_id == contacts.c.id,
+        memberships.c.status == "active",
+    )
+    members = compile_criteria(bucket.criteria, now, id_range=id_range, contact_ids=ids).members()
+    return members.where(~active)
+
+
+def _failing_members(bucket: Bucket, now: datetime, where: Any) -> sa.Select[Any]:
+    return (
+        sa.select(memberships.c.bucket_id, memberships.c.contact_id, contacts.c.revision)
+        .join(contacts, contacts.c.id == memberships.c.contact_id)
+        .where(
+            memberships.c.bucket_id == bucket.id,
+            memberships.c.status == "active",
+            where,
+            sa.or_(
+                contacts.c.deleted_at.is_not(None),
+                ~probe_predicate(bucket.criteria, now, memberships.c.contact_id),
+            ),
+        )
+    )
+
+
+def apply_chunk(conn: Connection, bucket: Bucket, job: Job, id_range: tuple[int, int]) -> Changes:
+    """One chunk of a job: leaves of members who fail, then joins of matchers, both re-deciding
+    contacts an ingest changed meanwhile under their locks."""
+    now = job.as_of
+    policy = [Policy.of(bucket)]
+    source: Source = "admin" if job.mode == "admin" else "backfill"
+    silent = not (job.mode == "admin" and job.emit_joins)
+
+    def leave_(candidates: sa.Select[Any]) -> Changes:
+        return leave(conn, candidates, policy, now=now, reason="criteria", source=source)
+
+    def join_(candidates: sa.Select[Any]) -> Changes:
+        return join(conn, candidates, policy, now=now, source=source, silent=silent)
+
+    in_range = memberships.c.contact_id.between(*id_range)
+    changes = leave_(_failing_members(bucket, now, in_range))
+    redecide_stale(
+        conn,
+        changes,
+        lambda ids: _failing_members(
+            bucket, now, memberships.c.contact_id.in_(ids)
+        ).with_only_columns(memberships.c.bucket_id, memberships.c.contact_id),
+        leave_,
+    )
+    label = sa.literal(bucket.id).label("bucket_id")
+    joined = join_(
+        _matching_non_members(bucket, now, id_range).with_only_columns(
+            label, contacts.c.id.label("contact_id"), contacts.c.revision
+        )
+    )
+    redecide_stale(
+        conn,
+        joined,
+        lambda ids: _matching_non_members(bucket, now, None, ids).with_only_columns(
+            label, contacts.c.id.label("contact_id")
+        ),
+        join_,
+    )
+    return changes.add(joined)
+
+
+@dataclass(frozen=True)
+class DryRun:
+    bucket_id: str
+    mode: str
+    as_of: datetime
+    would_join: int
+    would_leave: int
+    would_emit: int
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "bucket_id": self.bucket_id,
+            "mode": self.mode,
+            "as_of": self.as_of.isoformat(),
+            "would_join": self.would_join,
+            "would_leave": self.would_leave,
+            "would_emit": self.would_emit,
+        }
+
+
+def dry_run(runtime: Runtime, bucket_id: str, now: datetime, *, emit: bool = False) -> DryRun:
+    """What :func:`start` would do as of ``now``, writing nothing: the same statements in a
+    transaction that is rolled back."""
+    bucket = runtime.registry.get(bucket_id)
+    with runtime.engine.connect() as conn:
+        transaction = conn.begin()
+        try:
+            mode = "first_time" if first_time_incomplete(conn, bucket.id) else "admin"
+            job = Job(
+                0,
+                bucket.id,
+                mode,
+                "running",
+                now,
+                emit and mode == "admin",
+                bucket.fingerprint,
+                None,
+                0,
+                0,
+                0,
+                None,
+                None,
+                None,
+                0,
+                None,
+                now,
+                None,
+            )
+            changes = apply_chunk(conn, bucket, job, (0, 2**63 - 1))
+        finally:
+            transaction.rollback()
+    return DryRun(bucket.id, mode, now, changes.joined, changes.left, changes.emitted)
