@@ -208,9 +208,17 @@ def _finish(
         )
     else:
         columns.append(sa.literal(None))
+    bulk = decided.stale is not None  # a set-based producer's snapshot pass
+    if bulk:
+        # Every table this statement reads has the index it needs; a sequential scan is only
+        # ever chosen on statistics that lag a bulk write (e.g. right after another bucket's
+        # backfill), and then runs once per candidate pair: quadratic. Rule it out.
+        conn.execute(sa.text("SET LOCAL enable_seqscan = off"))
     joined, left, emitted, suppressed, deferred_count, stale_pairs, found = conn.execute(
         sa.select(*columns)
     ).one()
+    if bulk:
+        conn.execute(sa.text("RESET enable_seqscan"))
     changes = Changes(
         joined=joined,
         left=left,

@@ -206,6 +206,10 @@ class Runner:
         with self.runtime.engine.begin() as conn:
             store_hash(conn, bucket, job)
             jobs.finish(conn, job, self.owner, self.clock(), status="completed")
+        with self.runtime.engine.begin() as conn:
+            # Fresh statistics for the plans of the next producers (cron, other backfills):
+            # a backfill may have just multiplied the table's size.
+            conn.execute(sa.text("ANALYZE bucket_memberships, bucket_transitions"))
         return job
 
 
