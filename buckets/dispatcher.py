@@ -361,17 +361,19 @@ class Dispatcher:
 
     # -- driving ------------------------------------------------------------------------------
 
-    def drain(self, now: datetime | None = None) -> Dispatched:
-        """Everything pending as of ``now`` (default: the clock at each step)."""
+    def drain(self, now: datetime | None = None, stop: threading.Event | None = None) -> Dispatched:
+        """Everything pending as of ``now`` (default: the clock at each step), or until
+        ``stop`` is set (checked between batches)."""
         total = Dispatched()
-        while True:
+        while stop is None or not stop.is_set():
             at = now or datetime.now(UTC)
             result, deliveries = self.dispatch_batch(at)
             retries = self.due(at)
             delivered = self.deliver([*deliveries, *retries], at)
             total.add(result).add(delivered)
             if result.transitions == 0 and not retries:
-                return total
+                break
+        return total
 
 
 def dispatch_once(runtime: Runtime | None = None, *, now: datetime | None = None) -> Dispatched:
@@ -409,7 +411,7 @@ def run_dispatcher(
         listener.execute(f"LISTEN {CHANNEL}")
         while not stop.is_set():
             try:
-                total.add(dispatcher.drain())
+                total.add(dispatcher.drain(stop=stop))
             except Exception:  # a database hiccup must not kill the worker: log, retry
                 log.exception("dispatch failed; retrying")
                 stop.wait(poll_seconds)

@@ -658,6 +658,20 @@ def jobs_command(
     emit(as_json, {"jobs": [job.to_dict() for job in found]}, human)
 
 
+@main.command("run")
+@common_options
+def run_command(database_url: str | None, definitions: str | None, as_json: bool) -> None:
+    """Run the worker: reconcile on BUCKETS_RECONCILE_CRON, the dispatcher, backfill jobs and
+    the reaper, until SIGTERM/SIGINT (then finish or release what is in flight)."""
+    import logging
+
+    from workflows.worker import run_worker
+
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s")
+    with opened_runtime(database_url, definitions) as runtime:
+        run_worker(runtime)
+
+
 def _table_count(engine: Engine) -> int:
     from sqlalchemy import inspect
 
