@@ -1,4 +1,5 @@
-"""The synthetic dataset (workflows/synthetic.py): deterministic, shaped as promised, and it leaves the schema intact."""
+"""The synthetic dataset (workflows/synthetic.py): deterministic, shaped as promised, and it
+leaves the schema intact."""
 
 from __future__ import annotations
 
