@@ -248,7 +248,7 @@ ERRORS: list[tuple[dict[str, Any], str]] = [
         "x: criteria.within: cannot parse duration '1.5d'",
     ),
     (
-        {"criteria": b.event("e").within(7).exists()  # type: ignore[arg-type]},
+        {"criteria": {"type": "event", "event": "e", "check": "exists", "within": 7}},
         "x: criteria.within: duration must be a timedelta or a string like '7d', got int 7",
     ),
     (
