@@ -35,11 +35,10 @@ import sqlalchemy as sa
 from sqlalchemy.dialects.postgresql import insert as pg_insert
 from sqlalchemy.engine import Connection
 
-from buckets.criteria import compile_criteria, probe_predicate
+from buckets.candidates import join_matching, leave_failing
 from buckets.definitions import Bucket
-from buckets.membership import Changes, Policy, Source, join, leave, redecide_stale
+from buckets.membership import Changes, Source
 from buckets.models import bucket_configs, contacts
-from buckets.models import bucket_memberships as memberships
 from buckets.registry import read_overrides
 from buckets.runtime import Runtime
 from workflows import jobs
@@ -229,72 +228,13 @@ def store_hash(conn: Connection, bucket: Bucket, job: Job) -> None:
     )
 
 
-def _matching_non_members(
-    bucket: Bucket, now: datetime, id_range: tuple[int, int] | None, ids: list[int] | None = None
-) -> sa.Select[Any]:
-    active = sa.exists().where(
-        memberships.c.bucket_id == bucket.id,
-        memberships.c.contact_id == contacts.c.id,
-        memberships.c.status == "active",
-    )
-    members = compile_criteria(bucket.criteria, now, id_range=id_range, contact_ids=ids).members()
-    return members.where(~active)
-
-
-def _failing_members(bucket: Bucket, now: datetime, where: Any) -> sa.Select[Any]:
-    return (
-        sa.select(memberships.c.bucket_id, memberships.c.contact_id, contacts.c.revision)
-        .join(contacts, contacts.c.id == memberships.c.contact_id)
-        .where(
-            memberships.c.bucket_id == bucket.id,
-            memberships.c.status == "active",
-            where,
-            sa.or_(
-                contacts.c.deleted_at.is_not(None),
-                ~probe_predicate(bucket.criteria, now, memberships.c.contact_id),
-            ),
-        )
-    )
-
-
 def apply_chunk(conn: Connection, bucket: Bucket, job: Job, id_range: tuple[int, int]) -> Changes:
     """One chunk of a job: leaves of members who fail, then joins of matchers, both re-deciding
     contacts an ingest changed meanwhile under their locks."""
-    now = job.as_of
-    policy = [Policy.of(bucket)]
     source: Source = "admin" if job.mode == "admin" else "backfill"
     silent = not (job.mode == "admin" and job.emit_joins)
-
-    def leave_(candidates: sa.Select[Any]) -> Changes:
-        return leave(conn, candidates, policy, now=now, reason="criteria", source=source)
-
-    def join_(candidates: sa.Select[Any]) -> Changes:
-        return join(conn, candidates, policy, now=now, source=source, silent=silent)
-
-    in_range = memberships.c.contact_id.between(*id_range)
-    changes = leave_(_failing_members(bucket, now, in_range))
-    redecide_stale(
-        conn,
-        changes,
-        lambda ids: _failing_members(
-            bucket, now, memberships.c.contact_id.in_(ids)
-        ).with_only_columns(memberships.c.bucket_id, memberships.c.contact_id),
-        leave_,
-    )
-    label = sa.literal(bucket.id).label("bucket_id")
-    joined = join_(
-        _matching_non_members(bucket, now, id_range).with_only_columns(
-            label, contacts.c.id.label("contact_id"), contacts.c.revision
-        )
-    )
-    redecide_stale(
-        conn,
-        joined,
-        lambda ids: _matching_non_members(bucket, now, None, ids).with_only_columns(
-            label, contacts.c.id.label("contact_id")
-        ),
-        join_,
-    )
+    changes = leave_failing(conn, bucket, job.as_of, id_range=id_range, source=source)
+    joined = join_matching(conn, bucket, job.as_of, id_range=id_range, source=source, silent=silent)
     return changes.add(joined)
 
 

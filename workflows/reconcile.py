@@ -39,9 +39,16 @@ import sqlalchemy as sa
 from sqlalchemy.dialects.postgresql import insert as pg_insert
 from sqlalchemy.engine import Connection
 
+from buckets.candidates import (
+    active_members,
+    failing_members,
+    join_matching,
+    leave_failing,
+    matching_non_members,
+    without_revision,
+)
 from buckets.criteria import (
     EventCondition,
-    compile_criteria,
     counts_counter,
     evaluate,
     leaf_counts,
@@ -57,7 +64,6 @@ from buckets.membership import (
     leave,
     lock_contacts,
     pairs,
-    redecide_stale,
     settle,
 )
 from buckets.models import backfill_jobs, bucket_configs, contacts
@@ -304,46 +310,22 @@ class _Passes:
         for start in range(low, high + 1, self.chunk):
             yield start, min(start + self.chunk - 1, high)
 
-    def members(self, id_range: tuple[int, int] | None, *where: Any) -> sa.Select[Any]:
-        """Active members in ``id_range`` satisfying ``where``, with their contact revision."""
-        return (
-            sa.select(memberships.c.bucket_id, memberships.c.contact_id, contacts.c.revision)
-            .join(contacts, contacts.c.id == memberships.c.contact_id)
-            .where(
-                memberships.c.bucket_id == self.bucket.id,
-                memberships.c.status == "active",
-                *where,
-            )
-        )
-
-    def fails(self) -> Any:
-        return ~probe_predicate(self.bucket.criteria, self.now, memberships.c.contact_id)
-
     # -- passes ---------------------------------------------------------------------------
 
     def criteria_leaves(self) -> None:
         composite = isinstance(self.bucket.criteria, Composite)
         for id_range in self.ranges():
-            if composite:
+            if composite:  # each candidate confirmed by the evaluator under its lock
+                found = failing_members(self.bucket, self.now, id_range=id_range)
                 ids = list(
-                    self.conn.execute(
-                        self.members(id_range, self.fails()).with_only_columns(
-                            memberships.c.contact_id
-                        )
-                    ).scalars()
+                    self.conn.execute(found.with_only_columns(memberships.c.contact_id)).scalars()
                 )
                 self.conn.commit()
                 self.confirmed(ids, want=False)
                 continue
             with self.conn.begin():
-                changes = self.leave(self.members(id_range, self.fails()), "criteria")
-                redecide_stale(
-                    self.conn,
-                    changes,
-                    lambda ids: self.members(
-                        None, self.fails(), memberships.c.contact_id.in_(ids)
-                    ).with_only_columns(memberships.c.bucket_id, memberships.c.contact_id),
-                    lambda candidates: self.leave(candidates, "criteria"),
+                changes = leave_failing(
+                    self.conn, self.bucket, self.now, id_range=id_range, source="reconcile"
                 )
                 self.result.count(changes, "criteria")
 
@@ -355,44 +337,18 @@ class _Passes:
     def join(self, candidates: sa.Select[Any]) -> Changes:
         return join(self.conn, candidates, self.policy, now=self.now, source="reconcile")
 
-    def non_members(
-        self, id_range: tuple[int, int] | None, contact_ids: Sequence[int] | None = None
-    ) -> sa.Select[Any]:
-        """Contacts matching the criteria (compiled, set-based) that are not active members."""
-        compiled = compile_criteria(
-            self.bucket.criteria, self.now, id_range=id_range, contact_ids=contact_ids
-        )
-        active = sa.exists().where(
-            memberships.c.bucket_id == self.bucket.id,
-            memberships.c.contact_id == contacts.c.id,
-            memberships.c.status == "active",
-        )
-        return compiled.members().where(~active)
-
     def exact_joins(self) -> None:
         for id_range in self.ranges():
             with self.conn.begin():
-                found = self.non_members(id_range)
-                candidates = found.with_only_columns(
-                    sa.literal(self.bucket.id).label("bucket_id"),
-                    contacts.c.id.label("contact_id"),
-                    contacts.c.revision,
-                )
-                changes = self.join(candidates)
-                redecide_stale(
-                    self.conn,
-                    changes,
-                    lambda ids: self.non_members(None, ids).with_only_columns(
-                        sa.literal(self.bucket.id).label("bucket_id"),
-                        contacts.c.id.label("contact_id"),
-                    ),
-                    self.join,
+                changes = join_matching(
+                    self.conn, self.bucket, self.now, id_range=id_range, source="reconcile"
                 )
                 self.result.count(changes)
 
     def confirmed_joins(self) -> None:
         for id_range in self.ranges():
-            ids = list(self.conn.execute(self.non_members(id_range)).scalars())
+            found = matching_non_members(self.bucket, self.now, id_range=id_range)
+            ids = list(self.conn.execute(found.with_only_columns(contacts.c.id)).scalars())
             self.conn.commit()
             self.confirmed(ids, want=True)
 
@@ -427,20 +383,17 @@ class _Passes:
         due = memberships.c.max_dwell_at <= sa.literal(self.now, sa.DateTime(timezone=True))
         for id_range in self.ranges():
             with self.conn.begin():
-                candidates = self.members(id_range, due).with_only_columns(
-                    memberships.c.bucket_id, memberships.c.contact_id
-                )
+                candidates = without_revision(active_members(self.bucket, due, id_range=id_range))
                 self.result.count(self.leave(candidates, "max_dwell"), "max_dwell")
 
     def clear_pending(self) -> None:
         holds = probe_predicate(self.bucket.criteria, self.now, memberships.c.contact_id)
+        pending = memberships.c.pending_leave_at.is_not(None)
         for id_range in self.ranges():
             with self.conn.begin():
                 # with the contact's revision: a contact changed since the snapshot was
                 # re-decided by whoever changed it, and is left alone here
-                candidates = self.members(
-                    id_range, memberships.c.pending_leave_at.is_not(None), holds
-                )
+                candidates = active_members(self.bucket, pending, holds, id_range=id_range)
                 self.result.cleared += settle(
                     self.conn, candidates, now=self.now, clear_pending=True
                 )
