@@ -63,22 +63,38 @@ def matching_non_members(
     ).where(~is_active_member(bucket.id, contacts.c.id))
 
 
+# The member's contact, fetched per membership row by primary key (OFFSET 0: never turned into
+# a join over every contact, which is what stale estimates pick and what costs a full scan of
+# contacts per chunk for a handful of leavers).
+member_contact = (
+    sa.select(contacts.c.revision, contacts.c.deleted_at, contacts.c.properties)
+    .where(contacts.c.id == memberships.c.contact_id)
+    .offset(sa.literal_column("0"))
+    .lateral("member_contact")
+)
+
+
 def active_members(bucket: Bucket, *where: Any, id_range: IdRange | None = None) -> sa.Select[Any]:
-    """The bucket's active members satisfying ``where``, with their contact's revision."""
+    """The bucket's active members satisfying ``where`` (which may use :data:`member_contact`),
+    with their contact's revision."""
     if id_range is not None:
         where = (memberships.c.contact_id.between(*id_range), *where)
     return (
-        sa.select(memberships.c.bucket_id, memberships.c.contact_id, contacts.c.revision)
-        .join(contacts, contacts.c.id == memberships.c.contact_id)
+        sa.select(memberships.c.bucket_id, memberships.c.contact_id, member_contact.c.revision)
+        .select_from(memberships.join(member_contact, sa.true()))
         .where(memberships.c.bucket_id == bucket.id, memberships.c.status == "active", *where)
     )
 
 
 def failing(bucket: Bucket, now: datetime) -> ColumnElement[bool]:
     """A member's criteria fail as of ``now`` (per-member probes), or its contact is deleted."""
-    return sa.or_(
-        contacts.c.deleted_at.is_not(None),
-        ~probe_predicate(bucket.criteria, now, memberships.c.contact_id),
+    return sa.or_(member_contact.c.deleted_at.is_not(None), ~holding(bucket, now))
+
+
+def holding(bucket: Bucket, now: datetime) -> ColumnElement[bool]:
+    """A member's criteria hold as of ``now`` (per-member probes)."""
+    return probe_predicate(
+        bucket.criteria, now, memberships.c.contact_id, properties=member_contact.c.properties
     )
 
 

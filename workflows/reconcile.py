@@ -42,6 +42,7 @@ from sqlalchemy.engine import Connection
 from buckets.candidates import (
     active_members,
     failing_members,
+    holding,
     join_matching,
     leave_failing,
     matching_non_members,
@@ -52,7 +53,6 @@ from buckets.criteria import (
     counts_counter,
     evaluate,
     leaf_counts,
-    probe_predicate,
 )
 from buckets.criteria.model import Composite, leaves
 from buckets.definitions import Bucket, clock_joinable
@@ -387,7 +387,7 @@ class _Passes:
                 self.result.count(self.leave(candidates, "max_dwell"), "max_dwell")
 
     def clear_pending(self) -> None:
-        holds = probe_predicate(self.bucket.criteria, self.now, memberships.c.contact_id)
+        holds = holding(self.bucket, self.now)
         pending = memberships.c.pending_leave_at.is_not(None)
         for id_range in self.ranges():
             with self.conn.begin():

@@ -323,20 +323,26 @@ def _probe_leaf(
 
 
 def probe_predicate(
-    node: Node, now: datetime, contact_id: ColumnElement[Any] | None = None
+    node: Node,
+    now: datetime,
+    contact_id: ColumnElement[Any] | None = None,
+    *,
+    properties: ColumnElement[Any] | None = None,
 ) -> ColumnElement[bool]:
-    """``node`` as a predicate over ``contacts`` (which must be in the query's FROM) whose event
-    leaves probe the events of ``contact_id`` (default ``contacts.id``) as of ``now``.
-    Soft-deleted contacts are not excluded here: callers scope the rows they examine."""
+    """``node`` as a correlated predicate: event leaves probe the events of ``contact_id``
+    (default ``contacts.id``) as of ``now``; property leaves read ``properties`` (default
+    ``contacts.properties``, which must then be in the query's FROM). Soft-deleted contacts
+    are not excluded here: callers scope the rows they examine."""
     if now.tzinfo is None:
         raise ValueError("now must be timezone-aware")
     contact = contacts.c.id if contact_id is None else contact_id
+    bag = contacts.c.properties if properties is None else properties
     if isinstance(node, PropertyCondition):
-        return property_predicate(node, contacts.c.properties)
+        return property_predicate(node, bag)
     if isinstance(node, EventCondition):
         return _probe_leaf(node, now, contact)
     assert isinstance(node, Composite)
-    parts = [probe_predicate(child, now, contact) for child in node.conditions]
+    parts = [probe_predicate(child, now, contact, properties=bag) for child in node.conditions]
     return sa.and_(*parts) if node.operator == "and" else sa.or_(*parts)
 
 
