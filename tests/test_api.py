@@ -155,3 +155,28 @@ def served(make_runtime) -> Any:
 )
 def test_no_server_errors_on_generated_input(case, served):
     case.call_and_validate(headers=AUTH, checks=[not_a_server_error])
+
+
+def test_backfill_endpoints(api):
+    api, rt = api
+    ingest_event("a", "x", {}, contact_properties={"plan": "pro"}, now=T0, runtime=rt)
+    preview = api.post("/buckets/pro/backfills", json={"dry_run": True}, headers=AUTH)
+    assert preview.status_code == 200
+    assert preview.json()["mode"] == "first_time"
+    started = api.post("/buckets/pro/backfills", json={"now": T0.isoformat()}, headers=AUTH)
+    assert started.status_code == 202
+    job = started.json()
+    assert (job["bucket_id"], job["mode"], job["status"]) == ("pro", "first_time", "pending")
+    again = api.post("/buckets/pro/backfills", json={}, headers=AUTH)
+    assert again.status_code == 409
+    assert "is already pending" in again.json()["detail"][0]["msg"]
+    from workflows.backfill import Runner
+
+    Runner(rt).run(job["id"])
+    status = api.get(f"/jobs/{job['id']}", headers=AUTH).json()
+    assert (status["status"], status["processed"]) == ("completed", 1)
+    assert [j["id"] for j in api.get("/jobs?bucket_id=pro", headers=AUTH).json()["jobs"]] == [
+        job["id"]
+    ]
+    assert api.get("/jobs/999999", headers=AUTH).status_code == 404
+    assert api.post("/buckets/nope/backfills", json={}, headers=AUTH).status_code == 404

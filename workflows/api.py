@@ -27,6 +27,7 @@ from buckets.ingest import ingest_events
 from buckets.registry import UnknownBucketError, set_enabled
 from buckets.runtime import Runtime
 from buckets.validation import IngestError, validate_event
+from workflows import backfill, jobs
 
 MAX_ID = 2**63 - 1
 bearer = HTTPBearer(auto_error=False, description="BUCKETS_ADMIN_TOKEN")
@@ -206,6 +207,61 @@ def ingest(runtime: RuntimeDep, batch: EventBatch) -> dict[str, Any]:
             for r in result.results
         ],
     }
+
+
+class BackfillRequest(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    emit: bool = Field(default=False, description="Admin backfills: emit joins (entry limit).")
+    dry_run: bool = Field(default=False, description="Report what would change; write nothing.")
+    now: datetime | None = Field(default=None, description="Decide as of (default: the clock).")
+
+
+@router.post("/buckets/{bucket_id}/backfills", tags=["backfills"], status_code=202)
+def start_backfill(
+    runtime: RuntimeDep, bucket_id: PathText, body: BackfillRequest
+) -> dict[str, Any]:
+    """Enqueue the bucket's backfill (first-time if it never completed one, else admin); a
+    worker (`buckets run`) executes it. 409 if the bucket already has a job in progress.
+    With ``dry_run``, the report of what it would change (200), nothing written."""
+    at = _now(body.now, ["body", "now"])
+    if body.dry_run:
+        report = backfill.dry_run(runtime, bucket_id, at, emit=body.emit)
+        return JSONResponse(report.to_dict(), 200)  # type: ignore[return-value]
+    job, created = backfill.start(runtime, bucket_id, at, emit=body.emit)
+    if not created:
+        raise HTTPException(
+            409,
+            detail=[
+                {
+                    "loc": ["path", "bucket_id"],
+                    "msg": f"{bucket_id}: backfill job {job.id} is already {job.status}",
+                }
+            ],
+        )
+    return job.to_dict()
+
+
+@router.get("/jobs", tags=["backfills"])
+def list_jobs(
+    runtime: RuntimeDep,
+    bucket_id: Annotated[str | None, Query(max_length=255, pattern=r"^[^\x00]*$")] = None,
+    limit: Limit = 100,
+) -> dict[str, Any]:
+    """Backfill jobs, newest first."""
+    with runtime.engine.connect() as conn:
+        return {"jobs": [job.to_dict() for job in jobs.jobs(conn, bucket_id, limit)]}
+
+
+@router.get("/jobs/{job_id}", tags=["backfills"])
+def job_status(runtime: RuntimeDep, job_id: Annotated[int, Path(ge=1, le=MAX_ID)]) -> Any:
+    """A job's status and progress (processed / total, joined, left, error)."""
+    with runtime.engine.connect() as conn:
+        try:
+            return jobs.get(conn, job_id).to_dict()
+        except jobs.JobError as exc:
+            raise HTTPException(
+                404, detail=[{"loc": ["path", "job_id"], "msg": str(exc)}]
+            ) from None
 
 
 def _detail(status: int, loc: list[str]) -> Any:
