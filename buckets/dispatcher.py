@@ -85,6 +85,34 @@ class Dispatched:
         return dict(vars(self))
 
 
+def _transitions() -> sa.Select[Any]:
+    """What an :class:`Enrollment` needs of its transition (and contact)."""
+    return sa.select(
+        transitions.c.id,
+        transitions.c.bucket_id,
+        transitions.c.contact_id,
+        transitions.c.kind,
+        transitions.c.epoch,
+        transitions.c.idempotency_key,
+        contacts.c.external_id,
+    ).join(contacts, contacts.c.id == transitions.c.contact_id)
+
+
+def _enrollment(enrollment_id: int, journey_id: str, t: Any, attempt: int) -> Enrollment:
+    return Enrollment(
+        id=enrollment_id,
+        journey_id=journey_id,
+        contact_id=t.contact_id,
+        external_id=t.external_id,
+        bucket_id=t.bucket_id,
+        kind=t.kind,
+        epoch=t.epoch,
+        transition_id=t.id,
+        idempotency_key=t.idempotency_key,
+        attempt=attempt,
+    )
+
+
 def _array(values: Sequence[Any], item: sa.types.TypeEngine[Any]) -> Any:
     return sa.literal(list(values), ARRAY(item))
 
@@ -135,21 +163,7 @@ class Dispatcher:
                 result.skipped += 1
                 continue
             result.enrolled += 1
-            t = by_id[row.transition_id]
-            deliveries.append(
-                Enrollment(
-                    row.id,
-                    row.journey_id,
-                    t.contact_id,
-                    t.external_id,
-                    t.bucket_id,
-                    t.kind,
-                    t.epoch,
-                    t.id,
-                    t.idempotency_key,
-                    1,
-                )
-            )
+            deliveries.append(_enrollment(row.id, row.journey_id, by_id[row.transition_id], 1))
         return result, deliveries
 
     def _claim(self, conn: Connection) -> Sequence[Any]:
@@ -161,16 +175,7 @@ class Dispatcher:
             earlier.c.dispatched_at.is_(None),
         )
         return conn.execute(
-            sa.select(
-                transitions.c.id,
-                transitions.c.bucket_id,
-                transitions.c.contact_id,
-                transitions.c.kind,
-                transitions.c.epoch,
-                transitions.c.idempotency_key,
-                contacts.c.external_id,
-            )
-            .join(contacts, contacts.c.id == transitions.c.contact_id)
+            _transitions()
             .where(transitions.c.emitted, transitions.c.dispatched_at.is_(None), head_of_contact)
             .order_by(transitions.c.id)
             .limit(self.batch_size)
@@ -277,35 +282,14 @@ class Dispatcher:
             info = {
                 row.id: row
                 for row in conn.execute(
-                    sa.select(
-                        transitions.c.id,
-                        transitions.c.bucket_id,
-                        transitions.c.contact_id,
-                        transitions.c.kind,
-                        transitions.c.epoch,
-                        transitions.c.idempotency_key,
-                        contacts.c.external_id,
-                    )
-                    .join(contacts, contacts.c.id == transitions.c.contact_id)
-                    .where(
+                    _transitions().where(
                         transitions.c.id
                         == sa.any_(_array([r.transition_id for r in reserved], sa.BigInteger()))
                     )
                 )
             }
         return [
-            Enrollment(
-                r.id,
-                r.journey_id,
-                t.contact_id,
-                t.external_id,
-                t.bucket_id,
-                t.kind,
-                t.epoch,
-                t.id,
-                t.idempotency_key,
-                r.attempts + 1,
-            )
+            _enrollment(r.id, r.journey_id, t, r.attempts + 1)
             for r in reserved
             if (t := info.get(r.transition_id)) is not None
         ]
