@@ -30,7 +30,7 @@ def test_the_reconcile_job_fires_on_the_configured_crontab_without_overlap(make_
 def test_the_job_runs_one_tick_as_of_its_clock(make_runtime):
     rt = make_runtime(TRIAL)
     ingest_event("t", "x", {}, contact_properties={"plan": "trial"}, now=T0, runtime=rt)
-    reconcile_job(rt, clock=lambda: T0 + timedelta(days=2))
+    reconcile_job(rt, clock=lambda: T0 + timedelta(days=2, seconds=7))  # slot: T0 + 2 days
     with rt.engine.connect() as conn:
         status = conn.execute(sa.select(bucket_memberships.c.leave_reason)).scalar_one()
     assert status == "max_dwell"

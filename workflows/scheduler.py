@@ -25,8 +25,9 @@ MISFIRE_GRACE_SECONDS = 300
 
 
 def reconcile_job(runtime: Runtime, clock: Callable[[], datetime] | None = None) -> None:
-    """One tick as of the clock at the moment the job starts."""
-    now = clock() if clock else datetime.now(UTC)
+    """One tick as of its cron slot: the clock truncated to the minute (crontab resolution),
+    so workers firing the same tick decide as of the same ``now`` and each bucket runs once."""
+    now = (clock() if clock else datetime.now(UTC)).replace(second=0, microsecond=0)
     tick = reconcile(now, runtime=runtime)
     for failed in tick.failed:
         log.error("bucket %s failed in the tick of %s: %s", failed.bucket_id, now, failed.reason)
