@@ -415,6 +415,16 @@ class _Chunk:
             )
         )
         contact_ids = [known[self.events[p].external_id].id for p in fresh if affected[p]]
+        needed_by: dict[EventCondition, list[int]] = {condition: [] for condition in conditions}
+        for position in fresh:
+            contact_id = known[self.events[position].external_id].id
+            for condition in {
+                leaf
+                for bucket in affected[position]
+                for leaf in leaves(bucket.criteria)
+                if isinstance(leaf, EventCondition)
+            }:
+                needed_by[condition].append(contact_id)
         active = (
             sa.select(
                 sa.func.json_object_agg(memberships.c.bucket_id, memberships.c.pending_leave_at)
@@ -428,7 +438,9 @@ class _Chunk:
             .scalar_subquery()
             .label("active")
         )
-        query = leaf_counts(conditions, self.now, contact_ids).add_columns(active)
+        query = leaf_counts(
+            conditions, self.now, contact_ids, needed_by=[needed_by[c] for c in conditions]
+        ).add_columns(active)
         state = {row.id: row for row in self.conn.execute(query)}
         decisions = _Decisions()
         for position in fresh:

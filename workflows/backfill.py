@@ -38,7 +38,7 @@ from sqlalchemy.engine import Connection
 from buckets.candidates import join_matching, leave_failing
 from buckets.definitions import Bucket
 from buckets.membership import Changes, Source
-from buckets.models import bucket_configs, contacts
+from buckets.models import backfill_jobs, bucket_configs, contacts
 from buckets.registry import read_overrides
 from buckets.runtime import Runtime
 from workflows import jobs
@@ -47,6 +47,7 @@ from workflows.jobs import Job
 log = logging.getLogger("buckets.backfill")
 CHUNK = 100_000  # contact ids per chunk (one transaction)
 LEASE = timedelta(seconds=60)
+ANALYZE_AFTER_ROWS = 10_000
 Progress = Callable[[Job], None]
 
 
@@ -179,36 +180,37 @@ class Runner:
             upper = min(after + self.chunk, high)
             with self.runtime.engine.begin() as conn:
                 changes = apply_chunk(conn, bucket, job, (after + 1, upper))
-                examined = conn.execute(
-                    sa.select(sa.func.count()).where(
-                        contacts.c.id.between(after + 1, upper), contacts.c.deleted_at.is_(None)
-                    )
-                ).scalar_one()
-                alive = jobs.heartbeat(
+                examined = (
+                    sa.select(sa.func.count())
+                    .where(contacts.c.id.between(after + 1, upper), contacts.c.deleted_at.is_(None))
+                    .scalar_subquery()
+                )
+                current = jobs.heartbeat(
                     conn,
                     job,
                     self.owner,
                     self.clock(),
                     self.lease,
-                    processed=job.processed + examined,
-                    joined=job.joined + changes.joined,
-                    left=job.left + changes.left,
+                    processed=backfill_jobs.c.processed + examined,
+                    joined=backfill_jobs.c.joined + changes.joined,
+                    left=backfill_jobs.c.left + changes.left,
                     cursor={"after": upper},
                 )
-                if not alive:  # cancelled, or no longer ours: undo this chunk and stop
+                if current is None:  # cancelled, or no longer ours: undo this chunk and stop
                     conn.rollback()
                     return job
-                job = jobs.get(conn, job.id)
+                job = current
             after = upper
             if progress is not None:
                 progress(job)
         with self.runtime.engine.begin() as conn:
             store_hash(conn, bucket, job)
             jobs.finish(conn, job, self.owner, self.clock(), status="completed")
-        with self.runtime.engine.begin() as conn:
-            # Fresh statistics for the plans of the next producers (cron, other backfills):
-            # a backfill may have just multiplied the table's size.
-            conn.execute(sa.text("ANALYZE bucket_memberships, bucket_transitions"))
+        if job.joined + job.left >= ANALYZE_AFTER_ROWS:
+            with self.runtime.engine.begin() as conn:
+                # Fresh statistics for the plans of the next producers (cron, other
+                # backfills): a large backfill may have just multiplied the table's size.
+                conn.execute(sa.text("ANALYZE bucket_memberships"))
         return job
 
 

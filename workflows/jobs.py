@@ -155,26 +155,22 @@ def claim_next(conn: Connection, owner: str, now: datetime, lease: timedelta) ->
 
 def heartbeat(
     conn: Connection, job: Job, owner: str, now: datetime, lease: timedelta, **progress: Any
-) -> bool:
-    """Extend the lease and record progress, in the caller's (chunk's) transaction. False when
-    the job is no longer ours (cancelled, or reaped and claimed elsewhere): stop."""
+) -> Job | None:
+    """Extend the lease and record progress (values or SQL expressions), in the caller's
+    (chunk's) transaction; returns the updated job. None when the job is no longer ours
+    (cancelled, or reaped and claimed elsewhere): stop."""
     values = {key: value for key, value in progress.items() if value is not None}
-    return bool(
-        conn.execute(
-            sa.update(backfill_jobs)
-            .where(
-                backfill_jobs.c.id == job.id,
-                backfill_jobs.c.status == "running",
-                backfill_jobs.c.lease_owner == owner,
-            )
-            .values(
-                lease_expires_at=now + lease,
-                heartbeat_at=now,
-                updated_at=sa.func.now(),
-                **values,
-            )
-        ).rowcount
-    )
+    row = conn.execute(
+        sa.update(backfill_jobs)
+        .where(
+            backfill_jobs.c.id == job.id,
+            backfill_jobs.c.status == "running",
+            backfill_jobs.c.lease_owner == owner,
+        )
+        .values(lease_expires_at=now + lease, heartbeat_at=now, updated_at=sa.func.now(), **values)
+        .returning(*backfill_jobs.c)
+    ).one_or_none()
+    return Job.of(row) if row is not None else None
 
 
 def finish(

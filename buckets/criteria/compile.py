@@ -347,17 +347,28 @@ def probe_predicate(
 
 
 def leaf_counts(
-    conditions: Sequence[EventCondition], now: datetime, contact_ids: Sequence[int]
+    conditions: Sequence[EventCondition],
+    now: datetime,
+    contact_ids: Sequence[int],
+    *,
+    needed_by: Sequence[Sequence[int]] | None = None,
 ) -> sa.Select[Any]:
     """``SELECT id, properties, deleted_at, c0, c1, ...`` for the contacts ``contact_ids``:
     ``c<i>`` counts the events of ``conditions[i]``, capped at :func:`decisive_count` (enough
-    for the evaluator to decide that leaf; not a true total)."""
+    for the evaluator to decide that leaf; not a true total). With ``needed_by``, ``c<i>`` is
+    computed only for the contacts in ``needed_by[i]`` (NULL for the others): a batch asks each
+    contact only about the buckets its own event affects."""
     if now.tzinfo is None:
         raise ValueError("now must be timezone-aware")
     columns = []
     for index, condition in enumerate(conditions):
         capped = _leaf_events(condition, now, contacts.c.id).limit(decisive_count(condition))
-        counted = sa.select(sa.func.count()).select_from(capped.subquery()).scalar_subquery()
+        counted: ColumnElement[Any] = (
+            sa.select(sa.func.count()).select_from(capped.subquery()).scalar_subquery()
+        )
+        if needed_by is not None:  # always the same shape: the compiled statement is cached
+            wanted = contacts.c.id == sa.any_(_ids(needed_by[index]))
+            counted = sa.case((wanted, counted), else_=sa.null())
         columns.append(counted.label(f"c{index}"))
     return sa.select(contacts.c.id, contacts.c.properties, contacts.c.deleted_at, *columns).where(
         contacts.c.id == sa.any_(_ids(contact_ids))
