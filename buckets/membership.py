@@ -149,13 +149,27 @@ def _decided(candidates: sa.Select[Any]) -> _Decided:
     if "revision" not in cand.c:
         plain = sa.select(cand.c.bucket_id, cand.c.contact_id, event_id.label("event_id"))
         return _Decided(plain.cte("decided"), None)
+    # Each candidate's contact is locked by a primary-key probe of its own (a lateral subquery
+    # with its locking clause cannot be turned into a join over all contacts), in contact id
+    # order; PostgreSQL re-reads a row it had to wait for, so the revision test sees the latest.
+    ordered = (
+        sa.select(cand)
+        .order_by(cand.c.contact_id)
+        .offset(sa.literal_column("0"))
+        .subquery("ordered")
+    )
+    lock = (
+        sa.select(sa.literal(1).label("locked"))
+        .where(contacts.c.id == ordered.c.contact_id, contacts.c.revision == ordered.c.revision)
+        .with_for_update(key_share=True)
+        .lateral("lock")
+    )
+    event_id = ordered.c.event_id if "event_id" in ordered.c else event_id
     locked = (
-        sa.select(cand.c.bucket_id, cand.c.contact_id, event_id.label("event_id"))
-        .join(contacts, contacts.c.id == cand.c.contact_id)
-        .where(contacts.c.revision == cand.c.revision)
-        .order_by(contacts.c.id)
-        .with_for_update(of=contacts, key_share=True)
-    ).cte("locked")
+        sa.select(ordered.c.bucket_id, ordered.c.contact_id, event_id.label("event_id"))
+        .select_from(ordered.join(lock, sa.true()))
+        .cte("locked")
+    )
     stale = (
         sa.select(cand.c.bucket_id, cand.c.contact_id)
         .where(
