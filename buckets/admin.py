@@ -7,12 +7,13 @@ ledger and in id order for members, so a page is an index range scan however dee
 from __future__ import annotations
 
 from dataclasses import dataclass
-from datetime import datetime
+from datetime import UTC, datetime
 from typing import Any
 
 import sqlalchemy as sa
 from sqlalchemy.engine import Connection
 
+from buckets import due
 from buckets.definitions import Bucket
 from buckets.ledger import Transition, read
 from buckets.models import bucket_configs, bucket_memberships, bucket_transitions, contacts
@@ -35,6 +36,9 @@ class BucketState:
     left: int
     criteria_hash: str | None
     reconciled_at: datetime | None
+    queue_complete: bool
+    backlog: due.Backlog
+    now: datetime
 
     def to_dict(self, *, detail: bool = False) -> dict[str, Any]:
         bucket = self.bucket
@@ -49,6 +53,13 @@ class BucketState:
             "deployed": self.criteria_hash == bucket.fingerprint,
             "first_time_backfill_done": self.criteria_hash is not None,
             "reconciled_at": _iso(self.reconciled_at),
+            "queue": {
+                "complete": self.queue_complete,
+                "entries": self.backlog.entries,
+                "due": self.backlog.due,
+                "oldest_due_at": _iso(self.backlog.oldest_due_at),
+                "lag_seconds": round(self.backlog.lag(self.now).total_seconds(), 3),
+            },
         }
         if detail:
             out["definition"] = bucket.to_dict()
@@ -58,11 +69,17 @@ class BucketState:
 
 
 def bucket_states(
-    conn: Connection, runtime: Runtime, ids: list[str] | None = None
+    conn: Connection,
+    runtime: Runtime,
+    ids: list[str] | None = None,
+    *,
+    now: datetime | None = None,
 ) -> list[BucketState]:
-    """Every loaded bucket (or ``ids``) with member counts and operator state, one query each
-    for counts and configs."""
+    """Every loaded bucket (or ``ids``) with member counts, operator state and due-queue
+    backlog as of ``now`` (default: the clock), one query each."""
+    at = now or datetime.now(UTC)
     buckets = [runtime.registry.get(i) for i in ids] if ids is not None else list(runtime.registry)
+    backlogs = due.backlog(conn, [b.id for b in buckets], at)
     counts: dict[tuple[str, str], int] = {
         (row.bucket_id, row.status): row.n
         for row in conn.execute(
@@ -94,6 +111,9 @@ def bucket_states(
                 left=counts.get((bucket.id, "left"), 0),
                 criteria_hash=config.criteria_hash if config else None,
                 reconciled_at=config.reconciled_at if config else None,
+                queue_complete=config is not None and config.due_hash == due.queue_hash(bucket),
+                backlog=backlogs[bucket.id],
+                now=at,
             )
         )
     return states

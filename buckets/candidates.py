@@ -120,40 +120,93 @@ def join_matching(
     id_range: IdRange | None,
     source: Source,
     silent: bool = False,
+    changed: bool = False,
 ) -> Changes:
     """Set-based joins of every matching non-member in ``id_range`` (the exact join of the
     cron, the materialisation of backfills), finishing contacts changed since the snapshot
     under their locks."""
     policy = [Policy.of(bucket)]
 
-    def apply(candidates: sa.Select[Any]) -> Changes:
-        return join(conn, candidates, policy, now=now, source=source, silent=silent)
+    def apply(candidates: sa.Select[Any], as_of: datetime) -> Changes:
+        return join(
+            conn, candidates, policy, now=as_of, source=source, silent=silent, changed=changed
+        )
 
-    changes = apply(matching_non_members(bucket, now, id_range=id_range))
+    changes = apply(matching_non_members(bucket, now, id_range=id_range), now)
     return redecide_stale(
         conn,
         changes,
-        lambda ids: without_revision(matching_non_members(bucket, now, contact_ids=ids)),
+        now,
+        lambda ids, as_of: without_revision(matching_non_members(bucket, as_of, contact_ids=ids)),
         apply,
     )
 
 
 def leave_failing(
-    conn: Connection, bucket: Bucket, now: datetime, *, id_range: IdRange | None, source: Source
+    conn: Connection,
+    bucket: Bucket,
+    now: datetime,
+    *,
+    id_range: IdRange | None,
+    source: Source,
+    changed: bool = False,
 ) -> Changes:
     """Set-based ``criteria`` leaves of every failing member in ``id_range`` (min dwell
     defers some), finishing contacts changed since the snapshot under their locks."""
     policy = [Policy.of(bucket)]
 
-    def apply(candidates: sa.Select[Any]) -> Changes:
-        return leave(conn, candidates, policy, now=now, reason="criteria", source=source)
+    def apply(candidates: sa.Select[Any], as_of: datetime) -> Changes:
+        return leave(
+            conn,
+            candidates,
+            policy,
+            now=as_of,
+            reason="criteria",
+            source=source,
+            changed=changed,
+        )
 
-    changes = apply(failing_members(bucket, now, id_range=id_range))
+    changes = apply(failing_members(bucket, now, id_range=id_range), now)
     return redecide_stale(
         conn,
         changes,
-        lambda ids: without_revision(
-            failing_members(bucket, now, memberships.c.contact_id.in_(ids))
+        now,
+        lambda ids, as_of: without_revision(
+            failing_members(bucket, as_of, memberships.c.contact_id.in_(ids))
+        ),
+        apply,
+    )
+
+
+def ttl_expired(
+    conn: Connection, bucket: Bucket, now: datetime, *, id_range: IdRange | None, source: Source
+) -> Changes:
+    """``max_dwell`` leaves of every member in ``id_range`` whose ``max_dwell_at`` has passed,
+    whatever the criteria. Locked like the other passes (every writer of a contact's
+    memberships holds its lock, so none can deadlock on another's rows)."""
+    policy = [Policy.of(bucket)]
+
+    def expired(as_of: datetime) -> ColumnElement[bool]:
+        return memberships.c.max_dwell_at <= sa.literal(as_of, sa.DateTime(timezone=True))
+
+    def apply(candidates: sa.Select[Any], as_of: datetime) -> Changes:
+        return leave(
+            conn,
+            candidates,
+            policy,
+            now=as_of,
+            reason="max_dwell",
+            source=source,
+            changed=True,
+        )
+
+    changes = apply(active_members(bucket, expired(now), id_range=id_range), now)
+    return redecide_stale(
+        conn,
+        changes,
+        now,
+        lambda ids, as_of: without_revision(
+            active_members(bucket, expired(as_of), memberships.c.contact_id.in_(ids))
         ),
         apply,
     )

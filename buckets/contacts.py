@@ -18,6 +18,7 @@ from datetime import UTC, datetime
 import sqlalchemy as sa
 from sqlalchemy.engine import Connection
 
+from buckets import due
 from buckets.errors import BucketsError
 from buckets.membership import Changes, Policy, leave
 from buckets.models import (
@@ -62,6 +63,7 @@ def delete_contact(
             .where(contacts.c.id == contact_id)
             .values(deleted_at=at, revision=contacts.c.revision + 1, updated_at=sa.func.now())
         )
+        due.clear_contacts(conn, [contact_id])
         active = sa.select(bucket_memberships.c.bucket_id, bucket_memberships.c.contact_id).where(
             bucket_memberships.c.contact_id == contact_id, bucket_memberships.c.status == "active"
         )
@@ -98,6 +100,7 @@ def erase_contact(external_id: str, *, runtime: Runtime | None = None) -> Erased
         def delete(table: sa.Table) -> int:
             return conn.execute(sa.delete(table).where(table.c.contact_id == contact_id)).rowcount
 
+        due.clear_contacts(conn, [contact_id])
         enrollments = delete(journey_enrollments)
         transitions = delete(bucket_transitions)
         memberships = delete(bucket_memberships)

@@ -125,6 +125,21 @@ class Bucket:
         return self.time_based or self.max_dwell is not None or self.min_dwell is not None
 
     @property
+    def cron_joins(self) -> bool:
+        """The cron joins matching non-members (SPEC §6.3): ``reconcile_joins`` true, or unset
+        and the criteria have a clock-joinable leaf."""
+        if self.reconcile_joins is not None:
+            return self.reconcile_joins
+        return any(clock_joinable(leaf) for leaf in leaves(self.criteria))
+
+    @property
+    def clocked(self) -> bool:
+        """The clock alone can change some answer or membership of this bucket, so it has
+        due-queue entries: an event leaf (a window, or a future-stamped event starting to
+        count, SPEC §6.7) or a dwell limit."""
+        return bool(self.event_names) or self.on_cron
+
+    @property
     def event_names(self) -> frozenset[str]:
         """Event names the criteria mention (the real-time path's index)."""
         return frozenset(

@@ -9,34 +9,36 @@
 * the next instant at which the clock alone changes something: the criteria's answer flips
   (an event ages out of a window — it counts while ``now - within <= occurred_at``, so it drops
   out one microsecond after ``occurred_at + within`` — or an event stamped in the future starts
-  to count), the maximum dwell is reached, or a deferred leave falls due. The cron applies such
-  a change at its first tick at or after that instant.
+  to count), the maximum dwell is reached, or a deferred leave falls due;
+* the pair's due-queue entry (:mod:`buckets.due`): when the worker will look at it again, which
+  is that instant or, for composite criteria, an earlier one it may have to re-check.
 
 The leaf values come from the same Python evaluator the real-time path uses, over the
-contact's events loaded once; the next flip is found by evaluating the criteria at each
-instant where some leaf's count can change, in order.
+contact's events loaded once; the next flip walks the lower bounds of the same clock function
+the queue's entries come from (:func:`buckets.criteria.clock.exact_flip`).
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from datetime import datetime, timedelta
+from datetime import datetime
 from typing import Any
 
 import sqlalchemy as sa
 from sqlalchemy.engine import Connection
 
+from buckets import due
 from buckets.contacts import UnknownContactError
 from buckets.criteria import Event, evaluate, in_memory_counter
+from buckets.criteria.clock import exact_flip, in_memory_state
 from buckets.criteria.durations import format_duration
 from buckets.criteria.evaluate import event_counts, property_matches
-from buckets.criteria.model import Composite, EventCondition, Node, PropertyCondition, leaves
+from buckets.criteria.model import Composite, EventCondition, Node, PropertyCondition
 from buckets.definitions import Bucket
 from buckets.models import bucket_memberships, contacts, user_events
 from buckets.registry import read_overrides
 from buckets.runtime import Runtime, get_runtime
 
-TICK = timedelta(microseconds=1)
 _MISSING = object()
 
 
@@ -88,6 +90,8 @@ class Explanation:
     membership: dict[str, Any] | None
     leaves: list[Leaf] = field(default_factory=list)
     next_change: Change | None = None
+    queued_at: datetime | None = None  # the pair's due-queue entry (None: no entry)
+    queue_complete: bool = False  # the bucket's entries are complete (else the cron sweeps it)
 
     def to_dict(self) -> dict[str, Any]:
         return {
@@ -101,6 +105,10 @@ class Explanation:
             "membership": self.membership,
             "leaves": [leaf.to_dict() for leaf in self.leaves],
             "next_change": self.next_change.to_dict() if self.next_change else None,
+            "queue": {
+                "due_at": self.queued_at.isoformat() if self.queued_at else None,
+                "complete": self.queue_complete,
+            },
         }
 
 
@@ -155,6 +163,8 @@ def explain(
             )
         ).one_or_none()
         enabled = read_overrides(conn).get(bucket.id, bucket.enabled)
+        queued_at = due.entry(conn, bucket.id, contact.id)
+        queue_complete = due.complete(conn, bucket)
     properties = contact.properties
     matches = contact.deleted_at is None and evaluate(
         bucket.criteria, properties, in_memory_counter(events, now)
@@ -185,7 +195,9 @@ def explain(
         leaves=[_leaf(path, node, properties, events, now) for path, node in paths],
         next_change=None
         if contact.deleted_at is not None
-        else _next_change(bucket, properties, events, now, matches=matches, row=row),
+        else _next_change(bucket, properties, events, now, row=row),
+        queued_at=queued_at,
+        queue_complete=queue_complete,
     )
 
 
@@ -220,36 +232,15 @@ def _leaf(
     return Leaf(path, describe(node), node.satisfied_by(count), count=count, window=window)
 
 
-def _instants(bucket: Bucket, events: list[Event], now: datetime) -> list[datetime]:
-    """Every instant after ``now`` at which some event leaf's count can change."""
-    found: set[datetime] = set()
-    conditions = [n for n in leaves(bucket.criteria) if isinstance(n, EventCondition)]
-    for event in events:
-        if event.occurred_at > now:
-            found.add(event.occurred_at)  # starts to count
-        for condition in conditions:
-            if condition.within is not None and event.name == condition.event:
-                leaves_at = event.occurred_at + condition.within + TICK  # ages out
-                if leaves_at > now:
-                    found.add(leaves_at)
-    return sorted(found)
-
-
 def _next_change(
-    bucket: Bucket,
-    properties: dict[str, Any],
-    events: list[Event],
-    now: datetime,
-    *,
-    matches: bool,
-    row: Any,
+    bucket: Bucket, properties: dict[str, Any], events: list[Event], now: datetime, *, row: Any
 ) -> Change | None:
     candidates: list[Change] = []
-    for instant in _instants(bucket, events, now):
-        if evaluate(bucket.criteria, properties, in_memory_counter(events, instant)) != matches:
-            detail = "the criteria stop matching" if matches else "the criteria start matching"
-            candidates.append(Change(instant, "criteria", detail))
-            break
+    flip = exact_flip(bucket.criteria, properties, events, now)
+    if flip is not None:
+        matches = in_memory_state(bucket.criteria, properties, events, now).value
+        detail = "the criteria stop matching" if matches else "the criteria start matching"
+        candidates.append(Change(flip, "criteria", detail))
     if row is not None and row.max_dwell_at is not None and row.max_dwell_at > now:
         candidates.append(Change(row.max_dwell_at, "max_dwell", "the maximum dwell is reached"))
     if row is not None and row.pending_leave_at is not None:

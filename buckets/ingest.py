@@ -44,12 +44,9 @@ from sqlalchemy.dialects.postgresql import insert as pg_insert
 from sqlalchemy.engine import Connection
 from sqlalchemy.exc import DBAPIError, OperationalError
 
-from buckets.criteria import EventCondition, counts_counter, evaluate, leaf_counts
-from buckets.criteria.model import leaves
-from buckets.definitions import Bucket
+from buckets.decide import Ask, decide
 from buckets.ledger import Transition, caused_by
-from buckets.membership import Changes, Policy, join, leave, pairs, settle
-from buckets.models import bucket_memberships as memberships
+from buckets.membership import latest_of, watermark
 from buckets.models import contacts, user_events
 from buckets.runtime import Runtime, get_runtime
 from buckets.validation import EventIn, IngestError, validate_event
@@ -242,6 +239,7 @@ class _Chunk:
         self, rt: Runtime, conn: Connection, events: Sequence[EventIn], now: datetime
     ) -> None:
         self.rt, self.conn, self.events, self.now = rt, conn, events, now
+        self.as_of = now  # the instant decisions are made as of (see _lock_contacts)
         self.results: list[IngestResult | None] = [None] * len(events)
 
     def run(self) -> list[IngestResult]:
@@ -292,11 +290,21 @@ class _Chunk:
             .on_conflict_do_nothing(index_elements=[contacts.c.external_id])
         )
         rows = self.conn.execute(
-            sa.select(contacts.c.id, contacts.c.external_id, contacts.c.deleted_at)
+            sa.select(
+                contacts.c.id,
+                contacts.c.external_id,
+                contacts.c.deleted_at,
+                watermark().label("watermark"),
+            )
             .where(contacts.c.external_id == sa.any_(_array(external_ids, sa.Text())))
             .order_by(contacts.c.id)
-            .with_for_update(key_share=True)
-        )
+            .with_for_update(of=contacts, key_share=True)
+        ).all()
+        # Decisions are monotone in time: decide as of the latest instant any of these
+        # contacts was already decided as of, if that is later than ours.
+        latest = latest_of(row.watermark for row in rows)
+        if latest is not None and latest > self.as_of:
+            self.as_of = latest
         return {row.external_id: _Contact(row.id, row.deleted_at is not None) for row in rows}
 
     def _apply_wave(self, wave: list[int], known: dict[str, _Contact]) -> list[int]:
@@ -385,6 +393,9 @@ class _Chunk:
                 properties=contacts.c.properties.op("||")(sa.cast(patch.c.patch, JSONB)),
                 email=sa.func.coalesce(patch.c.email, contacts.c.email),
                 revision=contacts.c.revision + 1,
+                decided_at=sa.func.greatest(
+                    contacts.c.decided_at, sa.literal(self.as_of, sa.DateTime(timezone=True))
+                ),
                 updated_at=sa.func.now(),
             )
         )
@@ -392,85 +403,31 @@ class _Chunk:
     def _evaluate(
         self, fresh: list[int], stored: dict[int, int], known: dict[str, _Contact]
     ) -> None:
+        """Decide the affected enabled buckets of every fresh event (buckets.decide)."""
         enabled = self.rt.enabled
-        affected: dict[int, list[Bucket]] = {}
+        asks: list[Ask] = []
         for position in fresh:
             event = self.events[position]
-            keys = event.contact_properties or {}
-            candidates = self.rt.registry.affected(event.event, keys)
-            affected[position] = enabled.enabled(self.conn, candidates) if candidates else []
             contact_id = known[event.external_id].id
             self.results[position] = IngestResult(
                 "accepted", event.external_id, stored[position], contact_id
             )
-        involved = {b.id: b for buckets in affected.values() for b in buckets}
-        if not involved:
+            candidates = self.rt.registry.affected(event.event, event.contact_properties or {})
+            if candidates:
+                for bucket in enabled.enabled(self.conn, candidates):
+                    asks.append(Ask(bucket, contact_id, stored[position]))
+        if not asks:
             return
-        conditions = list(
-            dict.fromkeys(
-                leaf
-                for bucket in involved.values()
-                for leaf in leaves(bucket.criteria)
-                if isinstance(leaf, EventCondition)
-            )
-        )
-        contact_ids = [known[self.events[p].external_id].id for p in fresh if affected[p]]
-        needed_by: dict[EventCondition, list[int]] = {condition: [] for condition in conditions}
-        for position in fresh:
-            contact_id = known[self.events[position].external_id].id
-            for condition in {
-                leaf
-                for bucket in affected[position]
-                for leaf in leaves(bucket.criteria)
-                if isinstance(leaf, EventCondition)
-            }:
-                needed_by[condition].append(contact_id)
-        active = (
-            sa.select(
-                sa.func.json_object_agg(memberships.c.bucket_id, memberships.c.pending_leave_at)
-            )
-            .where(
-                memberships.c.contact_id == contacts.c.id,
-                memberships.c.status == "active",
-                memberships.c.bucket_id == sa.any_(_array(list(involved), sa.Text())),
-            )
-            .correlate(contacts)
-            .scalar_subquery()
-            .label("active")
-        )
-        query = leaf_counts(
-            conditions, self.now, contact_ids, needed_by=[needed_by[c] for c in conditions]
-        ).add_columns(active)
-        state = {row.id: row for row in self.conn.execute(query)}
-        decisions = _Decisions()
-        for position in fresh:
-            contact_id = known[self.events[position].external_id].id
-            if not affected[position]:
-                continue
-            row = state[contact_id]
-            counts = {condition: row[3 + i] for i, condition in enumerate(conditions)}
-            counter = counts_counter(counts)
-            members: dict[str, Any] = row.active or {}
-            for bucket in affected[position]:
-                matches = evaluate(bucket.criteria, row.properties, counter)
-                decisions.add(
-                    bucket,
-                    contact_id=contact_id,
-                    event_id=stored[position],
-                    member=bucket.id in members,
-                    pending=members.get(bucket.id) is not None,
-                    matches=matches,
-                )
-        performed = decisions.apply(self.conn, self.now)
+        outcome = decide(self.conn, asks, self.as_of, source="ingest")
         by_event: dict[int, list[Transition]] = {}
-        for transition in performed:
+        for transition in outcome.changes.transitions:
             assert transition.event_id is not None
             by_event.setdefault(transition.event_id, []).append(transition)
         for position in fresh:
             result = self.results[position]
             assert result is not None
             assert result.event_id is not None
-            result.transitions = sorted(by_event.get(result.event_id, []), key=lambda t: t.id)
+            result.transitions = by_event.get(result.event_id, [])
 
     def _resolve_duplicates(self, positions: list[int]) -> None:
         """Results of events whose key an earlier ingest stored: that ingest's result."""
@@ -497,59 +454,3 @@ class _Chunk:
                 original.contact_id,
                 found.get(original.id, []),
             )
-
-
-@dataclass
-class _Decisions:
-    """What evaluation decided, gathered so each kind is one statement for the whole wave."""
-
-    policies: dict[str, Policy] = field(default_factory=dict)
-    joins: list[tuple[str, int, int]] = field(default_factory=list)
-    leaves: list[tuple[str, int, int]] = field(default_factory=list)
-    stable: list[tuple[str, int]] = field(default_factory=list)
-    cleared: list[tuple[str, int]] = field(default_factory=list)
-
-    def add(
-        self,
-        bucket: Bucket,
-        *,
-        contact_id: int,
-        event_id: int,
-        member: bool,
-        pending: bool,
-        matches: bool,
-    ) -> None:
-        self.policies[bucket.id] = Policy.of(bucket)
-        if matches and not member:
-            self.joins.append((bucket.id, contact_id, event_id))
-        elif member and not matches:  # `leave` defers it while min dwell has not passed
-            self.leaves.append((bucket.id, contact_id, event_id))
-        elif member and matches and pending:
-            self.cleared.append((bucket.id, contact_id))  # qualifies again: drop the leave
-        elif member:
-            self.stable.append((bucket.id, contact_id))
-
-    def apply(self, conn: Connection, now: datetime) -> list[Transition]:
-        changes = Changes()
-        policies = list(self.policies.values())
-        if self.joins:
-            b, c, e = zip(*self.joins, strict=True)
-            changes.add(join(conn, pairs(b, c, e), policies, now=now, source="ingest", rows=True))
-        if self.leaves:
-            b, c, e = zip(*self.leaves, strict=True)
-            changes.add(
-                leave(
-                    conn,
-                    pairs(b, c, e),
-                    policies,
-                    now=now,
-                    reason="criteria",
-                    source="ingest",
-                    rows=True,
-                )
-            )
-        for group, clear in ((self.stable, False), (self.cleared, True)):
-            if group:
-                b, c = zip(*group, strict=True)
-                settle(conn, pairs(b, c), now=now, clear_pending=clear)
-        return changes.transitions

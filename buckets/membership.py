@@ -16,6 +16,14 @@ Serialisation per contact. Every writer of a contact's memberships holds that co
   after the snapshot is not acted on from stale data. Such pairs come back as ``stale``; the
   caller re-decides them from fresh data under the lock (see :func:`lock_contacts`).
 
+Decisions are monotone in time per (bucket, contact): a decision made as of ``now`` is never
+applied over one made as of a later instant. Per-contact producers (ingest, due-queue chunks)
+record their instant in ``contacts.decided_at`` and decide as of at least every instant already
+recorded for the contact (:func:`watermark`); every membership write records its instant in
+the row's ``last_evaluated_at``. A set-based candidate whose contact was decided later is
+``stale`` (re-decided under its lock as of that later instant, :func:`redecide_stale`); a leave
+or join over a row evaluated later is dropped (that later decision stands).
+
 Entry limit (SPEC §5.3) gates emission only; the row is always written. ``epoch`` is one more
 than the number of prior rows, read from the latest prior row (epochs are gapless, enforced by
 the unique ``(bucket_id, contact_id, entry_count)``), whose ``left_at`` is also the latest.
@@ -74,8 +82,11 @@ class Changes:
     suppressed: int = 0
     deferred: int = 0
     transitions: list[Transition] = field(default_factory=list)
-    # Candidate pairs whose contact changed since the caller's snapshot: not acted on.
+    # Candidate pairs whose contact changed (or was decided as of a later instant) since the
+    # caller's snapshot: not acted on.
     stale: list[tuple[str, int]] = field(default_factory=list)
+    # The contacts whose membership changed (filled when asked for: due-queue refreshes).
+    changed: list[int] = field(default_factory=list)
 
     def add(self, other: Changes) -> Changes:
         self.joined += other.joined
@@ -85,6 +96,7 @@ class Changes:
         self.deferred += other.deferred
         self.transitions.extend(other.transitions)
         self.stale.extend(other.stale)
+        self.changed.extend(other.changed)
         return self
 
 
@@ -139,9 +151,10 @@ class _Decided:
     stale: sa.CTE | None  # bucket_id, contact_id skipped because their contact changed
 
 
-def _decided(candidates: sa.Select[Any]) -> _Decided:
+def _decided(candidates: sa.Select[Any], at: ColumnElement[Any]) -> _Decided:
     """The candidate pairs to act on: when they carry a ``revision``, locked in contact order and
-    filtered to contacts unchanged since the caller's snapshot. Duplicate pairs are harmless:
+    filtered to contacts unchanged since the caller's snapshot and not decided as of an instant
+    later than ``at``. Duplicate pairs are harmless:
     every write is a compare-and-swap or guarded by a unique index, and ledger rows are built
     from the changed rows, never from the pairs."""
     cand = candidates.cte("cand").prefix_with("MATERIALIZED")
@@ -160,7 +173,11 @@ def _decided(candidates: sa.Select[Any]) -> _Decided:
     )
     lock = (
         sa.select(sa.literal(1).label("locked"))
-        .where(contacts.c.id == ordered.c.contact_id, contacts.c.revision == ordered.c.revision)
+        .where(
+            contacts.c.id == ordered.c.contact_id,
+            contacts.c.revision == ordered.c.revision,
+            sa.or_(contacts.c.decided_at.is_(None), contacts.c.decided_at <= at),
+        )
         .with_for_update(key_share=True)
         .lateral("lock")
     )
@@ -190,9 +207,11 @@ def _finish(
     *,
     deferred: sa.CTE | None = None,
     rows: bool = False,
+    changed: bool = False,
 ) -> Changes:
     """Run the statement ending in the transitions CTE ``written`` (data-modifying CTEs run
-    whether or not they are read) and report what it did, in one row."""
+    whether or not they are read) and report what it did, in one row (with ``changed``, the
+    contacts whose membership changed, deferrals included)."""
 
     def counted(*where: ColumnElement[bool]) -> Any:
         return sa.select(sa.func.count()).select_from(written).where(*where).scalar_subquery()
@@ -222,15 +241,23 @@ def _finish(
         )
     else:
         columns.append(sa.literal(None))
+    if changed:
+        touched = sa.select(written.c.contact_id)
+        if deferred is not None:
+            touched = touched.union_all(sa.select(deferred.c.contact_id))  # type: ignore[assignment]
+        ids = touched.subquery()
+        columns.append(sa.select(sa.func.array_agg(ids.c.contact_id)).scalar_subquery())
+    else:
+        columns.append(sa.literal(None))
     bulk = decided.stale is not None  # a set-based producer's snapshot pass
     if bulk:
         # Every table this statement reads has the index it needs; a sequential scan is only
         # ever chosen on statistics that lag a bulk write (e.g. right after another bucket's
         # backfill), and then runs once per candidate pair: quadratic. Rule it out.
         conn.execute(sa.text("SET LOCAL enable_seqscan = off"))
-    joined, left, emitted, suppressed, deferred_count, stale_pairs, found = conn.execute(
-        sa.select(*columns)
-    ).one()
+    joined, left, emitted, suppressed, deferred_count, stale_pairs, found, touched_ids = (
+        conn.execute(sa.select(*columns)).one()
+    )
     if bulk:
         conn.execute(sa.text("RESET enable_seqscan"))
     changes = Changes(
@@ -240,6 +267,7 @@ def _finish(
         suppressed=suppressed,
         deferred=deferred_count,
         stale=[(bucket_id, contact_id) for bucket_id, contact_id in stale_pairs or ()],
+        changed=sorted(set(touched_ids or ())),
     )
     changes.transitions = sorted((from_json(item) for item in found or ()), key=lambda t: t.id)
     return changes
@@ -260,8 +288,10 @@ def join(
     source: Source,
     silent: bool = False,
     rows: bool = False,
+    changed: bool = False,
 ) -> Changes:
-    """Make the candidate pairs members (SPEC §5.1); pairs already active are left alone.
+    """Make the candidate pairs members (SPEC §5.1); pairs already active are left alone, and
+    so are pairs whose latest row was evaluated as of a later instant.
 
     ``candidates`` selects ``bucket_id, contact_id`` (plus ``revision`` to lock and check
     contacts, plus ``event_id`` to attribute transitions to an ingested event). Each join writes
@@ -269,11 +299,16 @@ def join(
     (first-time and re-evaluation backfills), recorded with ``suppressed_by='backfill'``.
     """
     at = _now(now)
-    decided = _decided(candidates)
+    decided = _decided(candidates, at)
     pairs_ = decided.pairs
     policy = _policies(policies)
     latest = (
-        sa.select(memberships.c.entry_count, memberships.c.status, memberships.c.left_at)
+        sa.select(
+            memberships.c.entry_count,
+            memberships.c.status,
+            memberships.c.left_at,
+            memberships.c.last_evaluated_at,
+        )
         .where(
             memberships.c.bucket_id == pairs_.c.bucket_id,
             memberships.c.contact_id == pairs_.c.contact_id,
@@ -291,7 +326,10 @@ def join(
             latest.c.left_at.label("prior_left_at"),
         )
         .select_from(pairs_.outerjoin(latest, sa.true()))
-        .where(sa.or_(latest.c.status.is_(None), latest.c.status != "active"))
+        .where(
+            sa.or_(latest.c.status.is_(None), latest.c.status != "active"),
+            sa.or_(latest.c.last_evaluated_at.is_(None), latest.c.last_evaluated_at <= at),
+        )
         .cte("prior")
     )
     inserted = (
@@ -383,7 +421,7 @@ def join(
         .join(policy, policy.c.bucket_id == inserted.c.bucket_id)
         .join(contacts, contacts.c.id == inserted.c.contact_id)
     )
-    return _finish(conn, decided, written, rows=rows)
+    return _finish(conn, decided, written, rows=rows, changed=changed)
 
 
 def _ledger(rows: sa.Select[Any]) -> sa.CTE:
@@ -418,16 +456,18 @@ def leave(
     reason: LeaveReason,
     source: Source,
     rows: bool = False,
+    changed: bool = False,
 ) -> Changes:
     """Compare-and-swap the candidates' active rows to ``left`` (SPEC §5.2), with their ``left``
-    transitions. Leaves are emitted, except ``contact_deleted`` (SPEC §11).
+    transitions. Leaves are emitted, except ``contact_deleted`` (SPEC §11). A row evaluated as
+    of a later instant is left alone (re-checked on the row's latest version).
 
     A ``criteria`` leave decided before the bucket's ``min_dwell`` has passed is deferred
     (SPEC §5.5): the row keeps ``status='active'`` and gets ``pending_leave_at = entered_at +
     min_dwell`` (kept if already set); the cron completes it when due.
     """
     at = _now(now)
-    decided = _decided(candidates)
+    decided = _decided(candidates, at)
     pairs_ = decided.pairs
     policy = _policies(policies)
     targets = [
@@ -435,6 +475,7 @@ def leave(
         memberships.c.contact_id == pairs_.c.contact_id,
         memberships.c.status == "active",
         policy.c.bucket_id == memberships.c.bucket_id,
+        _not_later(at),
     ]
     deferred = None
     if reason == "criteria":
@@ -450,7 +491,7 @@ def leave(
                 ),
                 last_evaluated_at=at,
             )
-            .returning(memberships.c.id)
+            .returning(memberships.c.id, memberships.c.contact_id)
             .cte("deferred")
         )
         targets.append(~too_early)
@@ -493,7 +534,12 @@ def leave(
             flipped.c.event_id,
         ).join(contacts, contacts.c.id == flipped.c.contact_id)
     )
-    return _finish(conn, decided, written, deferred=deferred, rows=rows)
+    return _finish(conn, decided, written, deferred=deferred, rows=rows, changed=changed)
+
+
+def _not_later(at: ColumnElement[Any]) -> ColumnElement[bool]:
+    """The membership row was not evaluated as of an instant later than ``at``."""
+    return sa.or_(memberships.c.last_evaluated_at.is_(None), memberships.c.last_evaluated_at <= at)
 
 
 def settle(
@@ -502,11 +548,12 @@ def settle(
     *,
     now: datetime,
     clear_pending: bool,
-) -> int:
+) -> list[int]:
     """Members re-evaluated with no change: stamp ``last_evaluated_at``; with
-    ``clear_pending``, also drop a deferred leave (the contact qualifies again, SPEC §5.5)."""
+    ``clear_pending``, also drop a deferred leave (the contact qualifies again, SPEC §5.5).
+    Returns the contacts whose rows it stamped."""
     at = _now(now)
-    decided = _decided(candidates)
+    decided = _decided(candidates, at)
     values: dict[str, Any] = {"last_evaluated_at": at}
     if clear_pending:
         values["pending_leave_at"] = None
@@ -516,39 +563,84 @@ def settle(
             memberships.c.bucket_id == decided.pairs.c.bucket_id,
             memberships.c.contact_id == decided.pairs.c.contact_id,
             memberships.c.status == "active",
+            _not_later(at),
         )
         .values(**values)
+        .returning(memberships.c.contact_id)
     )
-    return conn.execute(statement).rowcount
+    return list(conn.execute(statement).scalars())
 
 
-def lock_contacts(conn: Connection, contact_ids: Sequence[int]) -> list[int]:
-    """Take the row locks of ``contact_ids`` (in id order); returns the ids still present."""
+@dataclass(frozen=True)
+class Locked:
+    """Contacts whose row locks this transaction now holds."""
+
+    ids: list[int]  # those still present, in id order
+    decided_at: datetime | None  # the latest instant any of them was decided as of (watermark)
+
+    def as_of(self, now: datetime) -> datetime:
+        """The instant to decide them as of: ``now``, or later if one was decided later."""
+        return max(now, self.decided_at) if self.decided_at is not None else now
+
+
+def watermark() -> ColumnElement[Any]:
+    """Per ``contacts`` row: the latest instant the engine decided anything for the contact as
+    of — its ``decided_at`` or its membership rows' ``last_evaluated_at`` (NULL: never)."""
+    evaluated = (
+        sa.select(sa.func.max(memberships.c.last_evaluated_at))
+        .where(memberships.c.contact_id == contacts.c.id)
+        .scalar_subquery()
+    )
+    return sa.func.greatest(contacts.c.decided_at, evaluated)
+
+
+def lock_contacts(conn: Connection, contact_ids: Sequence[int]) -> Locked:
+    """Take the row locks of ``contact_ids`` (in id order)."""
     if not contact_ids:
-        return []
+        return Locked([], None)
     query = (
-        sa.select(contacts.c.id)
+        sa.select(contacts.c.id, watermark().label("watermark"))
         .where(contacts.c.id == sa.any_(_array(sorted(set(contact_ids)), sa.BigInteger())))
         .order_by(contacts.c.id)
-        .with_for_update(key_share=True)
+        .with_for_update(of=contacts, key_share=True)
     )
-    return list(conn.execute(query).scalars())
+    rows = conn.execute(query).all()
+    return Locked([row.id for row in rows], latest_of(row.watermark for row in rows))
+
+
+def latest_of(instants: Iterable[datetime | None]) -> datetime | None:
+    found = [instant for instant in instants if instant is not None]
+    return max(found) if found else None
+
+
+def record_decided(conn: Connection, contact_ids: Sequence[int], now: datetime) -> None:
+    """Record that these (locked) contacts were decided as of ``now``."""
+    if contact_ids:
+        conn.execute(
+            sa.update(contacts)
+            .where(contacts.c.id == sa.any_(_array(sorted(contact_ids), sa.BigInteger())))
+            .values(decided_at=sa.func.greatest(contacts.c.decided_at, _now(now)))
+        )
 
 
 def redecide_stale(
     conn: Connection,
     changes: Changes,
-    candidates_for: Callable[[list[int]], sa.Select[Any]],
-    apply: Callable[[sa.Select[Any]], Changes],
+    now: datetime,
+    candidates_for: Callable[[list[int], datetime], sa.Select[Any]],
+    apply: Callable[[sa.Select[Any], datetime], Changes],
 ) -> Changes:
-    """Finish a snapshot-based pass: lock the contacts ``changes.stale`` names (they changed
-    after the snapshot) and apply the same operation to them again, deciding from data read
-    after the locks were taken. ``candidates_for(ids)`` must select the pass's candidates among
-    ``ids`` *without* a ``revision`` column (the locks already serialise them)."""
+    """Finish a snapshot-based pass: lock the contacts ``changes.stale`` names (changed after
+    the snapshot, or decided as of an instant later than ``now``) and apply the same operation
+    to them again, deciding from data read after the locks were taken, as of ``now`` or the
+    latest instant they were decided as of. ``candidates_for(ids, as_of)`` must select the
+    pass's candidates among ``ids`` *without* a ``revision`` column (the locks already
+    serialise them)."""
     if not changes.stale:
         return changes
-    ids = lock_contacts(conn, [contact_id for _, contact_id in changes.stale])
+    locked = lock_contacts(conn, [contact_id for _, contact_id in changes.stale])
     changes.stale = []
-    if ids:
-        changes.add(apply(candidates_for(ids)))
+    if locked.ids:
+        as_of = locked.as_of(now)
+        changes.add(apply(candidates_for(locked.ids, as_of), as_of))
     return changes

@@ -55,7 +55,8 @@ MEMBERSHIP_STATUSES = ("active", "left")
 MEMBERSHIP_SOURCES = ("ingest", "reconcile", "backfill", "admin")
 LEAVE_REASONS = ("criteria", "max_dwell", "contact_deleted", "admin")
 TRANSITION_KINDS = ("entered", "left")
-BACKFILL_MODES = ("first_time", "reevaluate", "admin")
+# `queue_fill`: computes a bucket's due-queue entries (upgrades, re-enables); changes no membership.
+BACKFILL_MODES = ("first_time", "reevaluate", "admin", "queue_fill")
 BACKFILL_STATUSES = ("pending", "running", "completed", "failed", "cancelled")
 BACKFILL_ACTIVE_STATUSES = ("pending", "running")
 # `skipped`: the journey already had an active enrollment for the contact and does not allow a
@@ -105,6 +106,10 @@ class Contact(Base):
     # revision their snapshot saw: a contact changed since is re-decided from fresh data
     # (see buckets.membership).
     revision: Mapped[int] = mapped_column(BigInteger, nullable=False, server_default=text("0"))
+    # The latest `now` as of which a per-contact producer (ingest, a due-queue chunk) decided
+    # this contact's memberships. Decisions are monotone in time: nobody applies a decision
+    # made as of an earlier instant (see buckets.membership).
+    decided_at: Mapped[datetime | None] = _timestamp()
     created_at: Mapped[datetime] = _created_at()
     updated_at: Mapped[datetime] = _updated_at()
 
@@ -152,9 +157,15 @@ class BucketConfig(Base):
     # first-time backfill completed (SPEC §6.4).
     criteria_hash: Mapped[str | None] = mapped_column(Text)
     definition: Mapped[dict[str, Any] | None] = mapped_column(JSONB)  # last deployed definition
-    # The `now` of the last reconcile tick that completed for this bucket: a second worker
-    # firing the same tick finds it done and skips the bucket.
+    # The `now` of the last full reconcile (every member and candidate examined) completed for
+    # this bucket, and the cron slot it ran for: a second worker firing the same slot finds it
+    # done and skips the bucket.
     reconciled_at: Mapped[datetime | None] = _timestamp()
+    reconciled_slot: Mapped[datetime | None] = _timestamp()
+    # The due-queue fingerprint (criteria + clock rules) the bucket's entries in `bucket_due`
+    # are complete for; NULL while they are not (new database, disabled, criteria changed):
+    # the cron then examines the whole bucket until a job has filled them (buckets.due).
+    due_hash: Mapped[str | None] = mapped_column(Text)
     created_at: Mapped[datetime] = _created_at()
     updated_at: Mapped[datetime] = _updated_at()
 
@@ -216,6 +227,23 @@ class BucketMembership(Base):
         ),
         # A contact's memberships across buckets (soft delete, erase, explain).
         Index("ix_bucket_memberships_contact_id", "contact_id"),
+    )
+
+
+class BucketDue(Base):
+    """The due queue: for a (bucket, contact) whose answer the clock alone can change, the
+    first instant it may change (a lower bound). Owned by :mod:`buckets.due`."""
+
+    __tablename__ = "bucket_due"
+
+    # No foreign key (written in bulk next to the ledger; erase deletes by contact_id).
+    contact_id: Mapped[int] = mapped_column(BigInteger, primary_key=True)
+    bucket_id: Mapped[str] = mapped_column(Text, primary_key=True)
+    due_at: Mapped[datetime] = _timestamp(nullable=False)
+
+    __table_args__ = (
+        # What is due per bucket, oldest first; the next due instant; backlog and lag.
+        Index("ix_bucket_due_bucket_id_due_at", "bucket_id", "due_at"),
     )
 
 
@@ -377,3 +405,4 @@ bucket_memberships = _table(BucketMembership)
 bucket_transitions = _table(BucketTransition)
 backfill_jobs = _table(BackfillJob)
 journey_enrollments = _table(JourneyEnrollment)
+bucket_due = _table(BucketDue)

@@ -137,13 +137,17 @@ class EnabledState:
 
 
 def set_enabled(conn: Connection, bucket_id: str, enabled: bool | None) -> None:
-    """Set (or, with None, clear) the operator's override for ``bucket_id``."""
+    """Set (or, with None, clear) the operator's override for ``bucket_id``. Disabling also
+    marks the bucket's due queue incomplete: ingest stops maintaining it (buckets.due)."""
     from sqlalchemy.dialects.postgresql import insert
 
-    statement = insert(bucket_configs).values(bucket_id=bucket_id, enabled=enabled)
+    values: dict[str, Any] = {"enabled": enabled}
+    if enabled is False:
+        values["due_hash"] = None
+    statement = insert(bucket_configs).values(bucket_id=bucket_id, **values)
     conn.execute(
         statement.on_conflict_do_update(
             index_elements=[bucket_configs.c.bucket_id],
-            set_={"enabled": enabled, "updated_at": sa.func.now()},
+            set_={**values, "updated_at": sa.func.now()},
         )
     )

@@ -20,6 +20,7 @@ from pydantic_settings import BaseSettings, SettingsConfigDict
 from buckets.errors import ConfigError
 
 DEFAULT_RECONCILE_CRON = "*/5 * * * *"
+DEFAULT_FULL_SWEEP_CRON = "30 3 * * *"
 
 
 def default_data_dir() -> Path:
@@ -43,6 +44,11 @@ class Settings(BaseSettings):
     reconcile_cron: str = Field(
         default=DEFAULT_RECONCILE_CRON,
         description="Crontab expression (5 fields, UTC) on which the reconcile tick runs.",
+    )
+    full_sweep_cron: str = Field(
+        default=DEFAULT_FULL_SWEEP_CRON,
+        description="Crontab (5 fields, UTC) of the full sweep: every member and candidate"
+        " examined and the due queue rebuilt (the safety net; what it heals is logged).",
     )
     data_dir: Path = Field(
         default_factory=default_data_dir,
@@ -80,7 +86,7 @@ class Settings(BaseSettings):
             return None
         return value
 
-    @field_validator("reconcile_cron")
+    @field_validator("reconcile_cron", "full_sweep_cron")
     @classmethod
     def _valid_crontab(cls, value: str) -> str:
         try:

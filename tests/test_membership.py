@@ -157,7 +157,7 @@ def test_settle_clears_a_pending_leave(connection):
     settled = settle(
         connection, pairs(["b1"], [alice]), now=T0 + timedelta(hours=2), clear_pending=True
     )
-    assert settled == 1
+    assert settled == [alice]
     [row] = rows(connection, alice)
     assert (row.pending_leave_at, row.last_evaluated_at) == (None, T0 + timedelta(hours=2))
 

@@ -250,6 +250,7 @@ def test_no_joins_until_the_first_time_backfill_completed_but_leaves_still_run(m
     tick(rt, T0 + 8 * D + 2 * H)
     assert active(rt, "went-dormant") == {"a"}
     with rt.engine.begin() as conn:  # a re-evaluation job claims the cohort again
+        conn.execute(sa.delete(backfill_jobs))  # (the queue_fill job the ticks enqueued)
         conn.execute(
             sa.insert(backfill_jobs).values(bucket_id="went-dormant", mode="reevaluate", as_of=T0)
         )
@@ -315,14 +316,16 @@ def test_disabled_bucket_is_untouched(make_runtime):
     assert active(rt, "trial") == {"t"}
 
 
-def test_a_tick_runs_once_per_bucket_and_now(make_runtime):
+def test_full_passes_run_once_per_bucket_and_slot(make_runtime):
     trial = define_bucket(id="trial", criteria=b.prop("plan").eq("trial"), max_dwell="1d")
     rt = make_runtime(trial)
     first = reconcile(T0, runtime=rt)
-    again = reconcile(T0, runtime=rt)
-    assert first.buckets[0].status == "done"
-    assert again.buckets[0].status == "skipped"
-    assert "already reconciled" in (again.buckets[0].reason or "")
+    again = reconcile(T0 + H, runtime=rt, slot=T0)
+    later = reconcile(T0 + H, runtime=rt)
+    assert first.buckets[0].passes_ran == "incomplete queue"
+    assert again.buckets[0].status == "done"  # its due entries, if any, were still processed
+    assert again.buckets[0].passes_ran.startswith("no (incomplete queue: already done for")
+    assert later.buckets[0].passes_ran == "incomplete queue"
 
 
 def test_only_cron_buckets_are_ticked_and_unknown_ids_raise(make_runtime):

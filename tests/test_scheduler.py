@@ -19,7 +19,7 @@ TRIAL = define_bucket(id="trial", criteria=b.prop("plan").eq("trial"), max_dwell
 def test_the_reconcile_job_fires_on_the_configured_crontab_without_overlap(make_runtime):
     rt = make_runtime(TRIAL, reconcile_cron="*/10 * * * *")
     scheduler = build_scheduler(rt)
-    [job] = scheduler.get_jobs()
+    job = scheduler.get_job("reconcile")
     assert job.id == "reconcile"
     assert (job.max_instances, job.coalesce) == (1, True)
     assert isinstance(job.trigger, CronTrigger)
@@ -27,13 +27,13 @@ def test_the_reconcile_job_fires_on_the_configured_crontab_without_overlap(make_
     assert fires == datetime(2026, 11, 1, 12, 10, tzinfo=UTC)
 
 
-def test_the_job_runs_one_tick_as_of_its_clock(make_runtime):
+def test_the_job_decides_as_of_its_real_start_once_per_slot(make_runtime):
     rt = make_runtime(TRIAL)
     ingest_event("t", "x", {}, contact_properties={"plan": "trial"}, now=T0, runtime=rt)
-    reconcile_job(rt, clock=lambda: T0 + timedelta(days=2, seconds=7))  # slot: T0 + 2 days
+    started = T0 + timedelta(days=2, seconds=7)
+    reconcile_job(rt, clock=lambda: started)  # slot: T0 + 2 days
     with rt.engine.connect() as conn:
-        status = conn.execute(sa.select(bucket_memberships.c.leave_reason)).scalar_one()
-    assert status == "max_dwell"
-    again = reconcile(T0 + timedelta(days=2), runtime=rt)
-    assert again.buckets[0].reason is not None
-    assert "already reconciled" in again.buckets[0].reason
+        row = conn.execute(sa.select(bucket_memberships)).one()
+    assert (row.leave_reason, row.left_at) == ("max_dwell", started)  # not a truncated slot
+    again = reconcile(started + timedelta(seconds=20), runtime=rt, slot=T0 + timedelta(days=2))
+    assert again.buckets[0].passes_ran.startswith("no (incomplete queue: already done for")

@@ -12,7 +12,12 @@ Modes (the job's ``mode``):
 * ``admin`` — started by an operator on a bucket that completed its first-time backfill:
   re-evaluation semantics, and with ``emit`` its joins are emitted through the entry limit.
 
-Every mode also leaves members who do not match (so a bucket is exact after any backfill).
+* ``queue_fill`` — changes no membership: computes the bucket's due-queue entries (an upgraded
+  database, a re-enabled bucket) so the cron can stop examining the whole bucket.
+
+Every mode but ``queue_fill`` also leaves members who do not match (so a bucket is exact after
+any backfill), and every mode rewrites the due-queue entries of each chunk's contacts as of the
+job's ``as_of`` (:func:`buckets.due.refresh`), so on completion the bucket's queue is complete.
 Chunks are ranges of contact ids, each one transaction holding the join statement, the leave
 statement, the job's progress and cursor and its lease extension: a crash loses at most the
 chunk in flight, and the job resumes after its cursor. Entry counts continue prior history and
@@ -35,6 +40,7 @@ import sqlalchemy as sa
 from sqlalchemy.dialects.postgresql import insert as pg_insert
 from sqlalchemy.engine import Connection
 
+from buckets import due
 from buckets.candidates import join_matching, leave_failing
 from buckets.definitions import Bucket
 from buckets.membership import Changes, Source
@@ -56,13 +62,15 @@ def worker_id() -> str:
 
 
 def mode_for(conn: Connection, bucket: Bucket) -> str | None:
-    """The job deployment needs for ``bucket``: first_time, reevaluate, or None."""
+    """The job deployment needs for ``bucket``: first_time, reevaluate, queue_fill or None."""
     stored = conn.execute(
         sa.select(bucket_configs.c.criteria_hash).where(bucket_configs.c.bucket_id == bucket.id)
     ).scalar()
     if stored is None:
         return "first_time"
-    return None if stored == bucket.fingerprint else "reevaluate"
+    if stored != bucket.fingerprint:
+        return "reevaluate"
+    return "queue_fill" if bucket.clocked and not due.complete(conn, bucket) else None
 
 
 def first_time_incomplete(conn: Connection, bucket_id: str) -> bool:
@@ -74,13 +82,16 @@ def first_time_incomplete(conn: Connection, bucket_id: str) -> bool:
 
 
 def deploy(runtime: Runtime, now: datetime) -> list[Job]:
-    """Enqueue the first-time / re-evaluation job each enabled bucket needs (exactly once:
-    concurrent callers meet the one-non-terminal-job-per-bucket index). Returns new jobs."""
+    """Enqueue the first-time / re-evaluation / queue-fill job each enabled bucket needs
+    (exactly once: concurrent callers meet the one-non-terminal-job-per-bucket index); forget
+    the queues of disabled buckets (ingest does not maintain them). Returns new jobs."""
     created = []
     with runtime.engine.begin() as conn:
         overrides = read_overrides(conn)
+        disabled = [b.id for b in runtime.registry if not overrides.get(b.id, b.enabled)]
+        due.mark_incomplete(conn, disabled)
         for bucket in runtime.registry:
-            if not overrides.get(bucket.id, bucket.enabled):
+            if bucket.id in disabled:
                 continue
             mode = mode_for(conn, bucket)
             if mode is None or jobs.active_job(conn, bucket.id) is not None:
@@ -204,7 +215,9 @@ class Runner:
             if progress is not None:
                 progress(job)
         with self.runtime.engine.begin() as conn:
-            store_hash(conn, bucket, job)
+            if job.mode != "queue_fill":
+                store_hash(conn, bucket, job)
+            due.mark_complete(conn, bucket)
             jobs.finish(conn, job, self.owner, self.clock(), status="completed")
         if job.joined + job.left >= ANALYZE_AFTER_ROWS:
             with self.runtime.engine.begin() as conn:
@@ -230,14 +243,29 @@ def store_hash(conn: Connection, bucket: Bucket, job: Job) -> None:
     )
 
 
-def apply_chunk(conn: Connection, bucket: Bucket, job: Job, id_range: tuple[int, int]) -> Changes:
+def apply_chunk(
+    conn: Connection,
+    bucket: Bucket,
+    job: Job,
+    id_range: tuple[int, int],
+    *,
+    queue: bool = True,
+) -> Changes:
     """One chunk of a job: leaves of members who fail, then joins of matchers, both re-deciding
-    contacts an ingest changed meanwhile under their locks."""
-    source: Source = "admin" if job.mode == "admin" else "backfill"
-    silent = not (job.mode == "admin" and job.emit_joins)
-    changes = leave_failing(conn, bucket, job.as_of, id_range=id_range, source=source)
-    joined = join_matching(conn, bucket, job.as_of, id_range=id_range, source=source, silent=silent)
-    return changes.add(joined)
+    contacts an ingest changed meanwhile under their locks; then (``queue``) the chunk's
+    due-queue entries."""
+    changes = Changes()
+    if job.mode != "queue_fill":
+        source: Source = "admin" if job.mode == "admin" else "backfill"
+        silent = not (job.mode == "admin" and job.emit_joins)
+        changes = leave_failing(conn, bucket, job.as_of, id_range=id_range, source=source)
+        changes.add(
+            join_matching(conn, bucket, job.as_of, id_range=id_range, source=source, silent=silent)
+        )
+    if queue and bucket.clocked:
+        blocked = job.mode in ("first_time", "reevaluate")
+        due.refresh(conn, bucket, job.as_of, id_range=id_range, blocked=blocked)
+    return changes
 
 
 @dataclass(frozen=True)
@@ -288,7 +316,7 @@ def dry_run(runtime: Runtime, bucket_id: str, now: datetime, *, emit: bool = Fal
                 now,
                 None,
             )
-            changes = apply_chunk(conn, bucket, job, (0, 2**63 - 1))
+            changes = apply_chunk(conn, bucket, job, (0, 2**63 - 1), queue=False)
         finally:
             transaction.rollback()
     return DryRun(bucket.id, mode, now, changes.joined, changes.left, changes.emitted)

@@ -259,20 +259,28 @@ def ingest_command(
 
 @main.command("reconcile")
 @click.option("--bucket", "bucket_ids", multiple=True, metavar="ID", help="Only this bucket.")
+@click.option(
+    "--full",
+    is_flag=True,
+    help="The full sweep: examine every member and candidate and rebuild the due queue; "
+    "reports what the queue had missed (healed).",
+)
 @click.option("--chunk-size", type=click.IntRange(min=1), default=None, hidden=True)
 @now_option
 @common_options
 def reconcile_command(
     *,
     bucket_ids: tuple[str, ...],
+    full: bool,
     chunk_size: int | None,
     now: datetime,
     database_url: str | None,
     definitions: str | None,
     as_json: bool,
 ) -> None:
-    """Run one reconcile tick (every bucket on the cron's list, or --bucket ones) and print
-    per-bucket counts. Exit status 1 if a bucket failed."""
+    """Run one reconcile tick: the due-queue entries due as of --now, and the full passes
+    where the queue is not complete yet (every bucket, or --bucket ones). Prints per-bucket
+    counts. Exit status 1 if a bucket failed."""
     from workflows.reconcile import DEFAULT_CHUNK_SIZE, reconcile
 
     with opened_runtime(database_url, definitions) as runtime:
@@ -281,18 +289,27 @@ def reconcile_command(
             list(bucket_ids) or None,
             runtime=runtime,
             chunk_size=chunk_size or DEFAULT_CHUNK_SIZE,
+            full=full,
         )
-    lines = [f"reconcile as of {now.isoformat()}: {len(tick.buckets)} buckets"]
+    kind = "full sweep" if full else "reconcile"
+    lines = [f"{kind} as of {now.isoformat()}: {len(tick.buckets)} buckets"]
     for item in tick.buckets:
         if item.status != "done":
             lines.append(f"  {item.bucket_id}: {item.status} ({item.reason})")
             continue
         left = ", ".join(f"{reason} {count}" for reason, count in sorted(item.left.items()))
-        lines.append(
-            f"  {item.bucket_id}: joined {item.joined} (emitted {item.emitted},"
+        line = (
+            f"  {item.bucket_id}: due {item.due}, joined {item.joined} (emitted {item.emitted},"
             f" suppressed {item.suppressed}), left {left or '0'}, deferred {item.deferred},"
-            f" cleared {item.cleared}, joins {item.joins}, {item.seconds * 1000:.0f} ms"
+            f" cleared {item.cleared}, full passes {item.passes_ran}"
         )
+        if item.passes_ran != "no" and not item.passes_ran.startswith("no "):
+            line += f" (joins {item.joins})"
+        if full:
+            line += f", healed {item.healed}"
+        lines.append(f"{line}, {item.seconds * 1000:.0f} ms")
+    if full:
+        lines.append(f"healed {tick.healed} (what the due queue had missed; expected 0)")
     emit(as_json, tick.to_dict(), "\n".join(lines))
     if tick.failed:
         sys.exit(1)
@@ -329,11 +346,16 @@ def list_command(database_url: str | None, definitions: str | None, as_json: boo
             s.active,
             "yes" if s.bucket.on_cron else "no",
             "yes" if s.criteria_hash == s.bucket.fingerprint else "no",
+            ("complete" if s.queue_complete else "filling") if s.bucket.clocked else "-",
+            s.backlog.due,
+            f"{s.backlog.lag(s.now).total_seconds():.1f} s" if s.backlog.due else "",
         ]
         for s in states
     ]
     human = _table(
-        f"{len(states)} buckets", ["bucket", "enabled", "members", "cron", "deployed"], rows
+        f"{len(states)} buckets",
+        ["bucket", "enabled", "members", "cron", "deployed", "queue", "due", "lag"],
+        rows,
     )
     emit(as_json, payload, human if states else "no buckets loaded (see --definitions)")
 
@@ -440,6 +462,12 @@ def render_explanation(result: Any) -> str:
         lines.append(f"  next change by the clock alone: {change.at.isoformat()} ({change.detail})")
     else:
         lines.append("  the clock alone will not change this")
+    if result.queued_at is not None:
+        lines.append(f"  due-queue entry: {result.queued_at.isoformat()}")
+    elif result.queue_complete:
+        lines.append("  due-queue entry: none")
+    if not result.queue_complete:
+        lines.append("  (the bucket's due queue is not complete yet: every tick sweeps it)")
     return "\n".join(lines)
 
 

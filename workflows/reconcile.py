@@ -1,36 +1,31 @@
-"""The cron reconcile: the changes only the clock makes (SPEC §6).
+"""The cron reconcile: the changes only the clock makes (SPEC §6), driven by the due queue.
 
-``reconcile(now)`` runs one tick. Each enabled bucket on the cron's list (time-based criteria,
-``min_dwell`` or ``max_dwell``, or ``reconcile_joins=True``) is processed on its own, under a
-per-bucket advisory lock held in PostgreSQL, in this order:
+``reconcile(now)`` runs one tick as of ``now`` (the tick's real start). Per enabled bucket,
+each on its own, one failing bucket not stopping the others:
 
-1. **criteria leaves** — members whose criteria fail as of ``now`` (correlated index probes over
-   the members only, the fastest form: PERFORMANCE-NOTES.md). Single-leaf criteria leave in one
-   set-based statement; composite criteria have each candidate confirmed by the Python
-   evaluator under its contact lock first (SPEC §6.1). ``min_dwell`` defers a leave.
-2. **joins** (SPEC §6.2, §6.3), unless ``reconcile_joins`` is false or the first-time backfill
-   has not completed (SPEC §6.4): a single clock-joinable leaf and the lapsed-active pair join
-   by an exact ``INSERT … SELECT`` from the compiled criteria; other shapes (with a
-   clock-joinable leaf, or any shape with ``reconcile_joins=True``) take the compiled SQL's exact
-   candidate set and confirm each under its contact lock. Joins pass the entry-limit gate.
-3. **TTL leaves** — ``max_dwell_at <= now``, ``reason='max_dwell'``, whatever the criteria.
-4. **pending leaves** — a deferred (min-dwell) leave that is due completes in pass 1 when the
-   criteria still fail; here the ones whose contact qualifies again are cleared.
+1. **due entries** (:mod:`buckets.due`): the pairs whose answer the clock may have changed by
+   ``now`` are claimed in chunks (``FOR UPDATE SKIP LOCKED``: several workers split them),
+   their contacts locked, each pair decided afresh as of ``now`` (:func:`buckets.decide.decide`
+   with the cron's view: maximum dwell, entry limits, no joins while the bucket's backfill has
+   not completed) and its next entry written — in one transaction per chunk. A tick with
+   nothing due costs an index probe per bucket; its cost follows the flips, not the population.
+2. **full passes** (:mod:`workflows.passes`), every member and candidate examined, only for a
+   cron bucket whose queue is not complete yet (a ``queue_fill`` job is enqueued for it), for
+   ``reconcile_joins=True`` (the self-healing sweep it asks for), and with ``full`` (the full
+   sweep: the safety net; what it changes or re-queues earlier is reported as *healed*). These
+   run under a per-bucket advisory lock, once per cron slot (``slot``, default ``now``) across
+   workers.
 
-Set-based passes decide from a snapshot and act only on contacts unchanged since (their
-``revision``), re-deciding the rest under their locks (see :mod:`buckets.membership`): an ingest
-racing the tick is never overruled by stale data. Every pass walks the contact ids in chunks
-(``chunk_size`` ids per transaction), so transactions stay bounded while a bucket of any size
-converges in one tick. A bucket already reconciled as of ``now`` (``bucket_configs.
-reconciled_at``), or being reconciled by another worker, is skipped; one bucket failing is
-logged and reported, and the others go on.
+:func:`process_due` alone (``due_only``) is what the worker's waker runs between ticks, as soon
+as the next entry falls due: each flip is decided as of its due instant or later (SPEC §6.7).
+Disabled buckets are skipped and their queues marked incomplete (ingest stops writing them).
 """
 
 from __future__ import annotations
 
 import logging
 import time
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from typing import Any
@@ -39,42 +34,33 @@ import sqlalchemy as sa
 from sqlalchemy.dialects.postgresql import insert as pg_insert
 from sqlalchemy.engine import Connection
 
-from buckets.candidates import (
-    active_members,
-    failing_members,
-    holding,
-    join_matching,
-    leave_failing,
-    matching_non_members,
-    without_revision,
-)
-from buckets.criteria import (
-    EventCondition,
-    counts_counter,
-    evaluate,
-    leaf_counts,
-)
-from buckets.criteria.model import Composite, leaves
-from buckets.definitions import Bucket, clock_joinable
-from buckets.membership import (
-    Changes,
-    LeaveReason,
-    Policy,
-    join,
-    leave,
-    lock_contacts,
-    pairs,
-    settle,
-)
-from buckets.models import backfill_jobs, bucket_configs, contacts
-from buckets.models import bucket_memberships as memberships
+from buckets import due
+from buckets.decide import Ask, Outcome, decide
+from buckets.definitions import Bucket
+from buckets.due import Refreshed, joins_blocked
+from buckets.membership import Changes, latest_of, record_decided
+from buckets.models import bucket_configs
 from buckets.registry import read_overrides
 from buckets.runtime import Runtime, get_runtime
+from workflows import jobs
+from workflows.passes import Passes, join_mode, lapsed_pair
 
 log = logging.getLogger("buckets.reconcile")
 
-DEFAULT_CHUNK_SIZE = 250_000  # contact ids per transaction
-CONFIRM_BATCH = 2_000  # candidates locked and confirmed per transaction
+DEFAULT_CHUNK_SIZE = 250_000  # contact ids per transaction of the full passes
+DUE_CHUNK = 500  # due entries claimed and decided per transaction
+
+__all__ = [
+    "DEFAULT_CHUNK_SIZE",
+    "BucketTick",
+    "Tick",
+    "join_mode",
+    "joins_blocked",
+    "lapsed_pair",
+    "on_cron",
+    "process_due",
+    "reconcile",
+]
 
 
 @dataclass
@@ -90,7 +76,10 @@ class BucketTick:
     left: dict[str, int] = field(default_factory=dict)  # by reason
     deferred: int = 0
     cleared: int = 0
-    joins: str = "off"  # how joins ran: exact | confirmed | off (and why)
+    due: int = 0  # due entries decided
+    passes_ran: str = "no"  # the full passes: no | incomplete queue | reconcile_joins | full
+    joins: str = "off"  # how the full passes joined: exact | confirmed | off (and why)
+    queue: Refreshed = field(default_factory=Refreshed)  # the full sweep's refresh
     seconds: float = 0.0
     passes: dict[str, float] = field(default_factory=dict)  # seconds per pass
 
@@ -101,6 +90,21 @@ class BucketTick:
         self.deferred += changes.deferred
         if reason and changes.left:
             self.left[reason] = self.left.get(reason, 0) + changes.left
+
+    def count_outcome(self, outcome: Outcome) -> None:
+        self.count(outcome.changes)
+        for reason, count in outcome.left.items():
+            self.left[reason] = self.left.get(reason, 0) + count
+        self.cleared += outcome.cleared
+
+    @property
+    def transitions(self) -> int:
+        return self.joined + sum(self.left.values())
+
+    @property
+    def healed(self) -> int:
+        """What a full sweep fixed: transitions it made plus entries missing or late."""
+        return (self.transitions + self.queue.healed) if self.passes_ran == "full" else 0
 
     def to_dict(self) -> dict[str, Any]:
         return {
@@ -113,7 +117,10 @@ class BucketTick:
             "left": dict(self.left),
             "deferred": self.deferred,
             "cleared": self.cleared,
+            "due": self.due,
+            "passes_ran": self.passes_ran,
             "joins": self.joins,
+            "healed": self.healed,
             "seconds": round(self.seconds, 4),
             "passes": {name: round(seconds, 4) for name, seconds in self.passes.items()},
         }
@@ -128,8 +135,26 @@ class Tick:
     def failed(self) -> list[BucketTick]:
         return [bucket for bucket in self.buckets if bucket.status == "failed"]
 
+    @property
+    def transitions(self) -> int:
+        return sum(bucket.transitions for bucket in self.buckets)
+
+    @property
+    def healed(self) -> int:
+        return sum(bucket.healed for bucket in self.buckets)
+
     def to_dict(self) -> dict[str, Any]:
-        return {"now": self.now.isoformat(), "buckets": [b.to_dict() for b in self.buckets]}
+        return {
+            "now": self.now.isoformat(),
+            "buckets": [b.to_dict() for b in self.buckets],
+            "transitions": self.transitions,
+            "healed": self.healed,
+        }
+
+
+def on_cron(bucket: Bucket) -> bool:
+    """Time-based, or with min/max dwell (SPEC §6), or asking for the self-healing sweep."""
+    return bucket.on_cron or bucket.reconcile_joins is True
 
 
 def reconcile(
@@ -138,262 +163,181 @@ def reconcile(
     *,
     runtime: Runtime | None = None,
     chunk_size: int = DEFAULT_CHUNK_SIZE,
+    full: bool = False,
+    due_only: bool = False,
+    slot: datetime | None = None,
+    due_chunk: int = DUE_CHUNK,
 ) -> Tick:
-    """One tick as of ``now`` over every bucket on the cron's list (or exactly
-    ``bucket_ids``: unknown ids raise, disabled ones are skipped)."""
+    """One tick as of ``now`` (default: the clock) over every bucket the clock concerns (or
+    exactly ``bucket_ids``: unknown ids raise, disabled ones are skipped). ``full``: the full
+    sweep; ``due_only``: only the due entries (the waker)."""
     rt = get_runtime(runtime)
     at = now or datetime.now(UTC)
     if at.tzinfo is None:
         raise ValueError("now must be timezone-aware")
     if bucket_ids is None:
-        chosen = [bucket for bucket in rt.registry if on_cron(bucket)]
+        chosen = [bucket for bucket in rt.registry if bucket.clocked or on_cron(bucket)]
     else:
         chosen = [rt.registry.get(bucket_id) for bucket_id in bucket_ids]
     with rt.engine.connect() as conn:
         overrides = read_overrides(conn)  # fresh: a disable counts from the next tick
-        conn.rollback()
+        disabled = [b.id for b in chosen if not overrides.get(b.id, b.enabled)]
+        if disabled:
+            due.mark_incomplete(conn, disabled)
+        conn.commit()
         results = []
         for bucket in chosen:
-            if not overrides.get(bucket.id, bucket.enabled):
+            if bucket.id in disabled:
                 results.append(BucketTick(bucket.id, "skipped", "disabled"))
                 continue
-            results.append(_reconcile_bucket(conn, bucket, at, chunk_size))
+            results.append(
+                _reconcile_bucket(
+                    conn,
+                    bucket,
+                    at,
+                    chunk=chunk_size,
+                    full=full,
+                    due_only=due_only,
+                    slot=slot or at,
+                    due_chunk=due_chunk,
+                )
+            )
     return Tick(at, results)
-
-
-def on_cron(bucket: Bucket) -> bool:
-    """Time-based, or with min/max dwell (SPEC §6), or asking for the self-healing sweep."""
-    return bucket.on_cron or bucket.reconcile_joins is True
 
 
 def _lock_key(bucket_id: str) -> Any:
     return sa.func.hashtextextended(sa.literal(f"buckets:reconcile:{bucket_id}"), 0)
 
 
-def _reconcile_bucket(conn: Connection, bucket: Bucket, now: datetime, chunk: int) -> BucketTick:
+def _reconcile_bucket(
+    conn: Connection,
+    bucket: Bucket,
+    now: datetime,
+    *,
+    chunk: int,
+    full: bool,
+    due_only: bool,
+    slot: datetime,
+    due_chunk: int,
+) -> BucketTick:
     result = BucketTick(bucket.id)
     started = time.perf_counter()
-    locked = conn.execute(sa.select(sa.func.pg_try_advisory_lock(_lock_key(bucket.id)))).scalar()
-    conn.commit()
-    if not locked:
-        result.status, result.reason = "skipped", "being reconciled by another worker"
-        return result
     try:
-        done = conn.execute(
-            sa.select(bucket_configs.c.reconciled_at).where(bucket_configs.c.bucket_id == bucket.id)
-        ).scalar()
-        conn.commit()
-        if done is not None and done >= now:
-            result.status, result.reason = "skipped", f"already reconciled as of {done.isoformat()}"
-            return result
-        _Passes(conn, bucket, now, chunk, result).run()
-        with conn.begin():
-            conn.execute(
-                pg_insert(bucket_configs)
-                .values(bucket_id=bucket.id, reconciled_at=now)
-                .on_conflict_do_update(
-                    index_elements=[bucket_configs.c.bucket_id],
-                    set_={"reconciled_at": now, "updated_at": sa.func.now()},
-                )
-            )
+        if bucket.clocked:
+            due_started = time.perf_counter()
+            process_due(conn, bucket, now, result, limit=due_chunk)
+            result.passes["due"] = time.perf_counter() - due_started
+        if not due_only:
+            _full_passes(conn, bucket, now, result, chunk=chunk, full=full, slot=slot)
     except Exception as exc:  # one bucket failing does not stop the tick
         if conn.in_transaction():
             conn.rollback()
         log.exception("reconcile of bucket %s failed", bucket.id)
         result.status, result.reason = "failed", f"{type(exc).__name__}: {exc}"
-    finally:
-        conn.execute(sa.select(sa.func.pg_advisory_unlock(_lock_key(bucket.id))))
-        conn.commit()
-        result.seconds = time.perf_counter() - started
-    log.info(
-        "reconciled %s: joined %d (emitted %d, suppressed %d), left %s, deferred %d, cleared %d"
-        " in %.3fs",
-        bucket.id,
-        result.joined,
-        result.emitted,
-        result.suppressed,
-        result.left or "0",
-        result.deferred,
-        result.cleared,
-        result.seconds,
-    )
+    result.seconds = time.perf_counter() - started
+    if result.transitions or result.status != "done" or result.passes_ran != "no":
+        log.info(
+            "reconciled %s: due %d, joined %d (emitted %d, suppressed %d), left %s, deferred %d,"
+            " cleared %d, full passes %s in %.3fs",
+            bucket.id,
+            result.due,
+            result.joined,
+            result.emitted,
+            result.suppressed,
+            result.left or "0",
+            result.deferred,
+            result.cleared,
+            result.passes_ran,
+            result.seconds,
+        )
     return result
 
 
-def joins_blocked(conn: Connection, bucket: Bucket) -> bool:
-    """SPEC §6.4, §7: the cron does not join while the backfill that claims the cohort has not
-    completed — no criteria hash stored yet (first-time), a stored hash that differs from the
-    definition's (a re-evaluation is due), or a first-time / re-evaluation job not terminal.
-    Otherwise its joins would emit the historical matches the backfill records silently."""
-    configured = conn.execute(
-        sa.select(bucket_configs.c.criteria_hash).where(bucket_configs.c.bucket_id == bucket.id)
-    ).scalar()
-    if configured != bucket.fingerprint:
-        return True
-    running = conn.execute(
-        sa.select(sa.literal(1)).where(
-            backfill_jobs.c.bucket_id == bucket.id,
-            backfill_jobs.c.mode.in_(("first_time", "reevaluate")),
-            backfill_jobs.c.status.in_(("pending", "running")),
-        )
-    ).first()
-    return running is not None
+def process_due(
+    conn: Connection, bucket: Bucket, now: datetime, result: BucketTick, *, limit: int = DUE_CHUNK
+) -> None:
+    """Decide every entry of ``bucket`` due as of ``now``, a chunk per transaction (see the
+    module); entries whose contact another producer holds stay due for the next pass."""
+    blocked: frozenset[str] | None = None
+    seen: set[int] = set()
+    while True:
+        with conn.begin():
+            rows = due.claim(conn, bucket.id, now, limit)
+            ids = [row.id for row in rows]
+            if not ids or seen.issuperset(ids):
+                break
+            seen.update(ids)
+            if blocked is None:
+                blocked = frozenset({bucket.id}) if joins_blocked(conn, bucket) else frozenset()
+            as_of = max(now, latest_of(row.watermark for row in rows) or now)
+            asks = [Ask(bucket, contact_id) for contact_id in ids]
+            outcome = decide(conn, asks, as_of, source="reconcile", clock=True, blocked=blocked)
+            record_decided(conn, ids, as_of)
+        result.due += len(ids)
+        result.count_outcome(outcome)
 
 
-def lapsed_pair(node: Any) -> bool:
-    """``and(X exists, X within W not_exists)`` with the same ``where`` (in either order)."""
-    if not isinstance(node, Composite) or node.operator != "and" or len(node.conditions) != 2:
-        return False
-    events = [child for child in node.conditions if isinstance(child, EventCondition)]
-    ever = [c for c in events if c.check == "exists" and c.within is None]
-    recent = [c for c in events if c.check == "not_exists" and c.within is not None]
-    return (
-        len(ever) == 1
-        and len(recent) == 1
-        and ever[0].event == recent[0].event
-        and ever[0].where == recent[0].where
-    )
-
-
-def join_mode(bucket: Bucket) -> str:
-    """``exact`` (set-based), ``confirmed`` (candidates + per-member confirm) or ``off``."""
-    criteria = bucket.criteria
-    joinable = any(clock_joinable(leaf) for leaf in leaves(criteria))
-    if bucket.reconcile_joins is False or (bucket.reconcile_joins is None and not joinable):
-        return "off"
-    single = isinstance(criteria, EventCondition) and clock_joinable(criteria)
-    return "exact" if single or lapsed_pair(criteria) else "confirmed"
-
-
-class _Passes:
-    def __init__(
-        self, conn: Connection, bucket: Bucket, now: datetime, chunk: int, result: BucketTick
-    ) -> None:
-        self.conn, self.bucket, self.now, self.chunk, self.result = conn, bucket, now, chunk, result
-        self.policy = [Policy.of(bucket)]
-        self.conditions = list(
-            dict.fromkeys(
-                leaf for leaf in leaves(bucket.criteria) if isinstance(leaf, EventCondition)
+def _full_passes(
+    conn: Connection,
+    bucket: Bucket,
+    now: datetime,
+    result: BucketTick,
+    *,
+    chunk: int,
+    full: bool,
+    slot: datetime,
+) -> None:
+    with conn.begin():
+        complete = due.complete(conn, bucket)
+        if not complete and bucket.clocked:
+            _ensure_fill(conn, bucket, now)
+    if full:
+        why = "full"
+    elif bucket.reconcile_joins is True:
+        why = "reconcile_joins"
+    elif on_cron(bucket) and not complete:
+        why = "incomplete queue"
+    else:
+        return
+    locked = conn.execute(sa.select(sa.func.pg_try_advisory_lock(_lock_key(bucket.id)))).scalar()
+    conn.commit()
+    if not locked:
+        result.passes_ran = f"no ({why}: another worker is on it)"
+        return
+    try:
+        done = conn.execute(
+            sa.select(bucket_configs.c.reconciled_slot).where(
+                bucket_configs.c.bucket_id == bucket.id
             )
-        )
-
-    def run(self) -> None:
-        self.timed("criteria_leaves", self.criteria_leaves)
-        mode = join_mode(self.bucket)
-        if mode != "off":
-            with self.conn.begin():
-                blocked = joins_blocked(self.conn, self.bucket)
-            if blocked:
-                mode = "off (the bucket's backfill has not completed)"
-            else:
-                self.timed("joins", self.exact_joins if mode == "exact" else self.confirmed_joins)
-        self.result.joins = mode
-        if self.bucket.max_dwell is not None:
-            self.timed("ttl_leaves", self.ttl_leaves)
-        if self.bucket.min_dwell is not None:
-            self.timed("pending", self.clear_pending)
-
-    def timed(self, name: str, run: Callable[[], None]) -> None:
-        started = time.perf_counter()
-        run()
-        self.result.passes[name] = time.perf_counter() - started
-
-    # -- chunking -------------------------------------------------------------------------
-
-    def ranges(self) -> Iterator[tuple[int, int]]:
-        low, high = self.conn.execute(
-            sa.select(sa.func.min(contacts.c.id), sa.func.max(contacts.c.id))
-        ).one()
-        self.conn.commit()
-        if low is None:
+        ).scalar()
+        conn.commit()
+        if done is not None and done >= slot and not full:
+            result.passes_ran = f"no ({why}: already done for {slot.isoformat()})"
             return
-        for start in range(low, high + 1, self.chunk):
-            yield start, min(start + self.chunk - 1, high)
-
-    # -- passes ---------------------------------------------------------------------------
-
-    def criteria_leaves(self) -> None:
-        composite = isinstance(self.bucket.criteria, Composite)
-        for id_range in self.ranges():
-            if composite:  # each candidate confirmed by the evaluator under its lock
-                found = failing_members(self.bucket, self.now, id_range=id_range)
-                ids = list(
-                    self.conn.execute(found.with_only_columns(memberships.c.contact_id)).scalars()
+        result.passes_ran = why
+        Passes(conn, bucket, now, chunk, result, mode=join_mode(bucket), full=full).run()
+        with conn.begin():
+            values = {"reconciled_at": now, "reconciled_slot": slot}
+            conn.execute(
+                pg_insert(bucket_configs)
+                .values(bucket_id=bucket.id, **values)
+                .on_conflict_do_update(
+                    index_elements=[bucket_configs.c.bucket_id],
+                    set_={**values, "updated_at": sa.func.now()},
                 )
-                self.conn.commit()
-                self.confirmed(ids, want=False)
-                continue
-            with self.conn.begin():
-                changes = leave_failing(
-                    self.conn, self.bucket, self.now, id_range=id_range, source="reconcile"
-                )
-                self.result.count(changes, "criteria")
+            )
+    finally:
+        if conn.in_transaction():
+            conn.rollback()
+        conn.execute(sa.select(sa.func.pg_advisory_unlock(_lock_key(bucket.id))))
+        conn.commit()
 
-    def leave(self, candidates: sa.Select[Any], reason: LeaveReason) -> Changes:
-        return leave(
-            self.conn, candidates, self.policy, now=self.now, reason=reason, source="reconcile"
-        )
 
-    def join(self, candidates: sa.Select[Any]) -> Changes:
-        return join(self.conn, candidates, self.policy, now=self.now, source="reconcile")
-
-    def exact_joins(self) -> None:
-        for id_range in self.ranges():
-            with self.conn.begin():
-                changes = join_matching(
-                    self.conn, self.bucket, self.now, id_range=id_range, source="reconcile"
-                )
-                self.result.count(changes)
-
-    def confirmed_joins(self) -> None:
-        for id_range in self.ranges():
-            found = matching_non_members(self.bucket, self.now, id_range=id_range)
-            ids = list(self.conn.execute(found.with_only_columns(contacts.c.id)).scalars())
-            self.conn.commit()
-            self.confirmed(ids, want=True)
-
-    def confirmed(self, candidates: list[int], *, want: bool) -> None:
-        """Lock each candidate, evaluate it afresh in Python, and join (``want``) or leave the
-        ones whose answer is still ``want``; a batch per transaction."""
-        for start in range(0, len(candidates), CONFIRM_BATCH):
-            with self.conn.begin():
-                ids = lock_contacts(self.conn, candidates[start : start + CONFIRM_BATCH])
-                if not ids:
-                    continue
-                rows = self.conn.execute(leaf_counts(self.conditions, self.now, ids))
-                confirmed = []
-                for row in rows:
-                    counts = {c: row[3 + i] for i, c in enumerate(self.conditions)}
-                    matches = row.deleted_at is None and evaluate(
-                        self.bucket.criteria, row.properties, counts_counter(counts)
-                    )
-                    if matches == want:
-                        confirmed.append(row.id)
-                if not confirmed:
-                    continue
-                chosen = pairs([self.bucket.id] * len(confirmed), confirmed)
-                if want:
-                    self.result.count(self.join(chosen))
-                else:
-                    self.result.count(self.leave(chosen, "criteria"), "criteria")
-
-    def ttl_leaves(self) -> None:
-        """Unconditional on the criteria, so no contact data to go stale: the compare-and-swap
-        on the membership row is what serialises it with other writers."""
-        due = memberships.c.max_dwell_at <= sa.literal(self.now, sa.DateTime(timezone=True))
-        for id_range in self.ranges():
-            with self.conn.begin():
-                candidates = without_revision(active_members(self.bucket, due, id_range=id_range))
-                self.result.count(self.leave(candidates, "max_dwell"), "max_dwell")
-
-    def clear_pending(self) -> None:
-        holds = holding(self.bucket, self.now)
-        pending = memberships.c.pending_leave_at.is_not(None)
-        for id_range in self.ranges():
-            with self.conn.begin():
-                # with the contact's revision: a contact changed since the snapshot was
-                # re-decided by whoever changed it, and is left alone here
-                candidates = active_members(self.bucket, pending, holds, id_range=id_range)
-                self.result.cleared += settle(
-                    self.conn, candidates, now=self.now, clear_pending=True
-                )
+def _ensure_fill(conn: Connection, bucket: Bucket, now: datetime) -> None:
+    """A bucket whose backfill completed but whose queue is not complete gets a
+    ``queue_fill`` job (once: the one-active-job-per-bucket index)."""
+    if joins_blocked(conn, bucket) or jobs.active_job(conn, bucket.id) is not None:
+        return
+    job, created = jobs.enqueue(conn, bucket, "queue_fill", as_of=now)
+    if created:
+        log.info("queue of %s incomplete: queue_fill job %d enqueued", bucket.id, job.id)

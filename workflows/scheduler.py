@@ -25,17 +25,45 @@ MISFIRE_GRACE_SECONDS = 300
 
 
 def reconcile_job(runtime: Runtime, clock: Callable[[], datetime] | None = None) -> None:
-    """One tick as of its cron slot: the clock truncated to the minute (crontab resolution),
-    so workers firing the same tick decide as of the same ``now`` and each bucket runs once."""
-    now = (clock() if clock else datetime.now(UTC)).replace(second=0, microsecond=0)
-    tick = reconcile(now, runtime=runtime)
+    """One tick as of its real start (never an earlier instant: decisions are monotone in
+    time); its cron slot (the start truncated to the minute, crontab resolution) keeps the full
+    passes once per slot when several workers fire the same tick."""
+    now = clock() if clock else datetime.now(UTC)
+    tick = reconcile(now, runtime=runtime, slot=now.replace(second=0, microsecond=0))
     for failed in tick.failed:
         log.error("bucket %s failed in the tick of %s: %s", failed.bucket_id, now, failed.reason)
 
 
+def full_sweep_job(runtime: Runtime, clock: Callable[[], datetime] | None = None) -> None:
+    """The full sweep (every member and candidate, the queue rebuilt): it should heal
+    nothing; anything it heals is what the due queue missed, logged as a warning."""
+    now = clock() if clock else datetime.now(UTC)
+    tick = reconcile(now, runtime=runtime, full=True, slot=now.replace(second=0, microsecond=0))
+    for failed in tick.failed:
+        log.error(
+            "bucket %s failed in the full sweep of %s: %s", failed.bucket_id, now, failed.reason
+        )
+    if tick.healed:
+        log.warning("full sweep of %s healed %d changes the due queue had missed", now, tick.healed)
+    else:
+        log.info("full sweep of %s: nothing to heal", now)
+
+
 def build_scheduler(runtime: Runtime, **options: Any) -> BackgroundScheduler:
-    """A scheduler (not started) with the reconcile job on the configured crontab."""
+    """A scheduler (not started) with the reconcile job and the full sweep on their
+    configured crontabs."""
     scheduler = BackgroundScheduler(timezone=UTC, **options)
+    scheduler.add_job(
+        full_sweep_job,
+        CronTrigger.from_crontab(runtime.settings.full_sweep_cron, timezone=UTC),
+        args=[runtime],
+        id="full_sweep",
+        name="full sweep",
+        max_instances=1,
+        coalesce=True,
+        misfire_grace_time=MISFIRE_GRACE_SECONDS,
+        replace_existing=True,
+    )
     scheduler.add_job(
         reconcile_job,
         CronTrigger.from_crontab(runtime.settings.reconcile_cron, timezone=UTC),

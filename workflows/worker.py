@@ -1,4 +1,5 @@
-"""``buckets run``: the worker — reconcile on its cron, the dispatcher, backfill jobs, the reaper.
+"""``buckets run``: the worker — reconcile on its cron, the waker (due-queue flips as they fall
+due), the daily full sweep, the dispatcher, backfill jobs, the reaper.
 
 Several workers may share one database: the reconcile takes per-bucket locks and runs a tick
 once per bucket, jobs are leased, transitions are claimed with ``SKIP LOCKED``. On start a
@@ -26,6 +27,7 @@ from buckets.runtime import Runtime
 from workflows import jobs
 from workflows.backfill import Runner, deploy
 from workflows.scheduler import build_scheduler
+from workflows.waker import Waker
 
 log = logging.getLogger("buckets.worker")
 BACKFILL_POLL_SECONDS = 2
@@ -58,6 +60,9 @@ class Worker:
         self.dispatcher = threading.Thread(
             target=run_dispatcher, args=(runtime, self.stop), name="dispatcher", daemon=True
         )
+        self.waker = threading.Thread(
+            target=Waker(runtime, clock=clock).run, args=(self.stop,), name="waker", daemon=True
+        )
 
     def start(self) -> list[Any]:
         """Migrate, deploy, start the scheduler and the dispatcher; returns the jobs deployed."""
@@ -67,6 +72,7 @@ class Worker:
             log.info("deployed: %s backfill job %d for %s", job.mode, job.id, job.bucket_id)
         self.scheduler.start()
         self.dispatcher.start()
+        self.waker.start()
         return created
 
     def shutdown(self) -> None:
@@ -74,6 +80,7 @@ class Worker:
         self.stop.set()
         self.scheduler.shutdown(wait=True)
         self.dispatcher.join(timeout=30)
+        self.waker.join(timeout=30)
 
     def _backfills(self) -> None:
         for job in self.runner.run_pending(self.stop):

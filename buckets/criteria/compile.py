@@ -21,8 +21,9 @@ contact), where probing each contact's index range beats aggregating every conta
 * :func:`probe_predicate` — the criteria as a correlated predicate: each event leaf asks "does
   an n-th matching event exist" (``EXISTS (... OFFSET n-1 LIMIT 1)``), which stops after n index
   entries (PERFORMANCE-NOTES.md: the fastest form for leaves over members);
-* :func:`leaf_counts` — per contact, each event leaf's count capped at the value that decides
-  it, for the Python evaluator (per-member confirms, the real-time path).
+* :func:`.compile_clock.leaf_facts` — per contact, each event leaf's newest counting events
+  (as many as decide it) and next arrival, for the Python evaluator and clock (the real-time
+  path, due-queue chunks, per-member confirms).
 
 ``now`` is always a bound parameter (never the database's ``now()``): the same ``now`` over
 the same data gives the same answer. Soft-deleted contacts never match.
@@ -32,15 +33,16 @@ from __future__ import annotations
 
 import json
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from datetime import datetime, timedelta
 from decimal import Decimal
 from typing import Any
 
 import sqlalchemy as sa
-from sqlalchemy.dialects.postgresql import ARRAY, JSONB
+from sqlalchemy.dialects.postgresql import ARRAY, JSONB, aggregate_order_by
 from sqlalchemy.sql.elements import ColumnElement
 
+from buckets.criteria.clock import threshold
 from buckets.criteria.model import (
     Composite,
     EventCondition,
@@ -112,12 +114,22 @@ def _contains(container: ColumnElement[Any], contained: object) -> ColumnElement
 
 
 @dataclass(frozen=True)
+class LeafColumns:
+    """What the aggregates give about one event condition (clock columns only when asked)."""
+
+    count: ColumnElement[Any]
+    newest: dict[int, ColumnElement[Any]]  # rank (1 = newest) -> occurred_at of that event
+    arrival: ColumnElement[Any] | None  # the first matching event stamped after now
+
+
+@dataclass(frozen=True)
 class CompiledCriteria:
     """The member set as SQL: ``from_clause`` (contacts + aggregates) and ``predicate``."""
 
     from_clause: sa.FromClause
     predicate: ColumnElement[bool]
     scope: tuple[ColumnElement[bool], ...] = ()  # restrictions on contacts.id
+    columns: dict[EventCondition, LeafColumns] = field(default_factory=dict)
 
     def members(self) -> sa.Select[Any]:
         """``SELECT contacts.id`` of every non-deleted contact that matches."""
@@ -152,27 +164,30 @@ def compile_criteria(
     *,
     contact_ids: Sequence[int] | None = None,
     id_range: IdRange | None = None,
+    clock: bool = False,
 ) -> CompiledCriteria:
     """Compile ``node`` as of ``now``. ``contact_ids`` restricts it to those contacts (per
     contact index probes, not a scan of every event); ``id_range`` (inclusive) to a slice of
-    contact ids, pushed into every aggregate (a chunk of a set-wide pass)."""
+    contact ids, pushed into every aggregate (a chunk of a set-wide pass). With ``clock``, the
+    aggregates also read future-stamped events and give the columns the next clock change
+    needs (:mod:`.compile_clock`)."""
     if now.tzinfo is None:
         raise ValueError("now must be timezone-aware")
-    counts: dict[EventCondition, ColumnElement[Any]] = {}
+    columns: dict[EventCondition, LeafColumns] = {}
     from_clause: sa.FromClause = contacts
     by_name: dict[str, list[EventCondition]] = {}
     for leaf in leaves(node):
         if isinstance(leaf, EventCondition) and leaf not in by_name.get(leaf.event, []):
             by_name.setdefault(leaf.event, []).append(leaf)
     for index, (name, conditions) in enumerate(by_name.items()):
-        aggregate = _aggregate(
-            index, name, conditions, now, contact_ids=contact_ids, id_range=id_range
+        aggregate, found = _aggregate(
+            index, name, conditions, now, contact_ids=contact_ids, id_range=id_range, clock=clock
         )
         from_clause = from_clause.outerjoin(aggregate, aggregate.c.contact_id == contacts.c.id)
-        for position, condition in enumerate(conditions):
-            counts[condition] = aggregate.c[f"n{position}"]
+        columns.update(found)
+    counts = {condition: leaf.count for condition, leaf in columns.items()}
     scope = _scope(contacts.c.id, contact_ids, id_range)
-    return CompiledCriteria(from_clause, _predicate(node, counts), tuple(scope))
+    return CompiledCriteria(from_clause, _predicate(node, counts), tuple(scope), columns)
 
 
 def member_select(
@@ -186,6 +201,16 @@ def member_select(
     return compile_criteria(node, now, contact_ids=contact_ids, id_range=id_range).members()
 
 
+def newest_ranks(condition: EventCondition) -> tuple[int, ...]:
+    """Which of the newest counting events decide when ``condition`` changes (see
+    :func:`.clock.event_state`); none without a window (events never stop counting)."""
+    if condition.within is None:
+        return ()
+    kind, n = threshold(condition)
+    ranks = (n, n + 1) if kind == "eq" else (n,)
+    return tuple(rank for rank in ranks if rank >= 1)
+
+
 def _aggregate(
     index: int,
     name: str,
@@ -194,42 +219,78 @@ def _aggregate(
     *,
     contact_ids: Sequence[int] | None,
     id_range: IdRange | None,
-) -> sa.Subquery:
-    """One pass over the events called ``name``: a count column per condition."""
+    clock: bool,
+) -> tuple[sa.Subquery, dict[EventCondition, LeafColumns]]:
+    """One pass over the events called ``name``: a count column per condition (and, with
+    ``clock``, its newest counting events' instants and its next arrival)."""
     windows = [condition.within for condition in conditions]
     widest: timedelta | None = None
     if all(window is not None for window in windows):
         widest = max(window for window in windows if window is not None)
     wheres = {condition.where for condition in conditions}
     shared_where = next(iter(wheres)) if len(wheres) == 1 else None
+    at = sa.literal(now, TIMESTAMP)
+    occurred = user_events.c.occurred_at
 
-    scope = [user_events.c.event == name, user_events.c.occurred_at <= sa.literal(now, TIMESTAMP)]
+    scope = [user_events.c.event == name]
+    if not clock:  # with the clock, future events are read too (arrivals)
+        scope.append(occurred <= at)
     if widest is not None:
-        scope.append(user_events.c.occurred_at >= sa.literal(now - widest, TIMESTAMP))
+        scope.append(occurred >= sa.literal(now - widest, TIMESTAMP))
     for where in shared_where or ():
         scope.append(property_predicate(where, user_events.c.properties))
     scope.extend(_scope(user_events.c.contact_id, contact_ids, id_range))
 
-    columns = []
+    selected: list[Any] = []
+    names: dict[EventCondition, tuple[str, dict[int, str], str | None]] = {}
     for position, condition in enumerate(conditions):
-        narrower: list[ColumnElement[bool]] = []
-        if condition.within is not None and condition.within != widest:
-            start = sa.literal(now - condition.within, TIMESTAMP)
-            narrower.append(user_events.c.occurred_at >= start)
+        matching: list[ColumnElement[bool]] = []  # name, where (beyond the shared scope)
         if condition.where is not None and shared_where is None:
-            narrower.extend(
+            matching.extend(
                 property_predicate(where, user_events.c.properties) for where in condition.where
             )
-        count = sa.func.count()
-        if narrower:
-            count = count.filter(sa.and_(*narrower))  # type: ignore[assignment]
-        columns.append(count.label(f"n{position}"))
-    return (
-        sa.select(user_events.c.contact_id, *columns)
+        counting = list(matching)
+        if clock:
+            counting.append(occurred <= at)
+        if condition.within is not None and condition.within != widest:
+            counting.append(occurred >= sa.literal(now - condition.within, TIMESTAMP))
+
+        def filtered(aggregate: Any, where: list[ColumnElement[bool]]) -> Any:
+            return aggregate.filter(sa.and_(*where)) if where else aggregate
+
+        selected.append(filtered(sa.func.count(), counting).label(f"n{position}"))
+        newest: dict[int, str] = {}
+        arrival: str | None = None
+        if clock:
+            for rank in newest_ranks(condition):
+                label = f"r{position}_{rank}"
+                if rank == 1:
+                    value = filtered(sa.func.max(occurred), counting)
+                else:
+                    ordered = aggregate_order_by(occurred, occurred.desc())
+                    value = filtered(sa.func.array_agg(ordered, type_=ARRAY(TIMESTAMP)), counting)
+                    value = value[rank]
+                selected.append(value.label(label))
+                newest[rank] = label
+            arrival = f"a{position}"
+            first = filtered(sa.func.min(occurred), [*matching, occurred > at])
+            selected.append(first.label(arrival))
+        names[condition] = (f"n{position}", newest, arrival)
+    subquery = (
+        sa.select(user_events.c.contact_id, *selected)
         .where(*scope)
         .group_by(user_events.c.contact_id)
         .subquery(f"ev{index}")
     )
+    found = {
+        condition: LeafColumns(
+            subquery.c[count],
+            {rank: subquery.c[label] for rank, label in newest.items()},
+            subquery.c[arrival] if arrival is not None else None,
+        )
+        for condition, (count, newest, arrival) in names.items()
+    }
+    return subquery, found
 
 
 def _predicate(node: Node, counts: dict[EventCondition, ColumnElement[Any]]) -> ColumnElement[bool]:
@@ -258,30 +319,37 @@ def _count_predicate(node: EventCondition, count: ColumnElement[Any]) -> ColumnE
 # --- forms restricted to known contacts ---------------------------------------------------
 
 
-def _leaf_events(condition: EventCondition, now: datetime, contact_id: ColumnElement[Any]) -> Any:
-    """``SELECT 1`` of the events counting for ``condition`` of the contact ``contact_id``."""
-    scope = [
-        user_events.c.contact_id == contact_id,
-        user_events.c.event == condition.event,
-        user_events.c.occurred_at <= sa.literal(now, TIMESTAMP),
-    ]
-    if condition.within is not None:
-        scope.append(user_events.c.occurred_at >= sa.literal(now - condition.within, TIMESTAMP))
+def leaf_event_scope(
+    condition: EventCondition,
+    now: datetime,
+    contact_id: ColumnElement[Any],
+    *,
+    future: bool = False,
+) -> list[ColumnElement[bool]]:
+    """The events of the contact ``contact_id`` counting for ``condition`` as of ``now`` (with
+    ``future``: those matching its name and ``where`` stamped after ``now``)."""
+    at = sa.literal(now, TIMESTAMP)
+    scope = [user_events.c.contact_id == contact_id, user_events.c.event == condition.event]
+    if future:
+        scope.append(user_events.c.occurred_at > at)
+    else:
+        scope.append(user_events.c.occurred_at <= at)
+        if condition.within is not None:
+            start = sa.literal(now - condition.within, TIMESTAMP)
+            scope.append(user_events.c.occurred_at >= start)
     scope.extend(
         property_predicate(where, user_events.c.properties) for where in condition.where or ()
     )
-    # Explicit, because auto-correlation does not reach through the derived table of
-    # leaf_counts; everything but user_events (contacts, or the table ``contact_id`` comes
-    # from, e.g. bucket_memberships) belongs to the enclosing query.
+    return scope
+
+
+def _leaf_events(condition: EventCondition, now: datetime, contact_id: ColumnElement[Any]) -> Any:
+    """``SELECT 1`` of the events counting for ``condition`` of the contact ``contact_id``."""
+    # Explicit correlation, because auto-correlation does not reach through derived tables;
+    # everything but user_events (contacts, or the table ``contact_id`` comes from, e.g.
+    # bucket_memberships) belongs to the enclosing query.
+    scope = leaf_event_scope(condition, now, contact_id)
     return sa.select(sa.literal(1)).where(*scope).correlate_except(user_events)
-
-
-def decisive_count(condition: EventCondition) -> int:
-    """Counting beyond this many events cannot change ``condition``'s answer."""
-    if condition.check != "count":
-        return 1
-    assert condition.value is not None
-    return condition.value + 1
 
 
 def _reached(
@@ -344,32 +412,3 @@ def probe_predicate(
     assert isinstance(node, Composite)
     parts = [probe_predicate(child, now, contact, properties=bag) for child in node.conditions]
     return sa.and_(*parts) if node.operator == "and" else sa.or_(*parts)
-
-
-def leaf_counts(
-    conditions: Sequence[EventCondition],
-    now: datetime,
-    contact_ids: Sequence[int],
-    *,
-    needed_by: Sequence[Sequence[int]] | None = None,
-) -> sa.Select[Any]:
-    """``SELECT id, properties, deleted_at, c0, c1, ...`` for the contacts ``contact_ids``:
-    ``c<i>`` counts the events of ``conditions[i]``, capped at :func:`decisive_count` (enough
-    for the evaluator to decide that leaf; not a true total). With ``needed_by``, ``c<i>`` is
-    computed only for the contacts in ``needed_by[i]`` (NULL for the others): a batch asks each
-    contact only about the buckets its own event affects."""
-    if now.tzinfo is None:
-        raise ValueError("now must be timezone-aware")
-    columns = []
-    for index, condition in enumerate(conditions):
-        capped = _leaf_events(condition, now, contacts.c.id).limit(decisive_count(condition))
-        counted: ColumnElement[Any] = (
-            sa.select(sa.func.count()).select_from(capped.subquery()).scalar_subquery()
-        )
-        if needed_by is not None:  # always the same shape: the compiled statement is cached
-            wanted = contacts.c.id == sa.any_(_ids(needed_by[index]))
-            counted = sa.case((wanted, counted), else_=sa.null())
-        columns.append(counted.label(f"c{index}"))
-    return sa.select(contacts.c.id, contacts.c.properties, contacts.c.deleted_at, *columns).where(
-        contacts.c.id == sa.any_(_ids(contact_ids))
-    )

@@ -13,11 +13,14 @@ from sqlalchemy.engine import Connection
 from buckets.criteria import (
     Event,
     EventCondition,
+    Facts,
     Node,
-    counts_counter,
+    State,
+    clock_select,
     evaluate,
     in_memory_counter,
-    leaf_counts,
+    in_memory_state,
+    leaf_facts,
     member_select,
     probe_predicate,
 )
@@ -103,16 +106,54 @@ def probe_members(
     return set(conn.execute(query).scalars())
 
 
+def conditions_of(node: Node) -> list[EventCondition]:
+    return list(dict.fromkeys(leaf for leaf in leaves(node) if isinstance(leaf, EventCondition)))
+
+
 def counted_members(
     conn: Connection, node: Node, now: datetime, contact_ids: Sequence[int]
 ) -> set[int]:
-    """The evaluator fed with capped counts from :func:`leaf_counts` (the confirm path)."""
-    conditions = list(
-        dict.fromkeys(leaf for leaf in leaves(node) if isinstance(leaf, EventCondition))
-    )
+    """The evaluator fed with the capped counts of :func:`leaf_facts` (the path of the real
+    time, due-queue chunks and confirms)."""
+    conditions = conditions_of(node)
     members = set()
-    for row in conn.execute(leaf_counts(conditions, now, contact_ids)):
-        counts = {condition: row[3 + index] for index, condition in enumerate(conditions)}
-        if row.deleted_at is None and evaluate(node, row.properties, counts_counter(counts)):
+    for row in conn.execute(leaf_facts(conditions, now, contact_ids)):
+        facts = Facts.of(row, conditions)
+        if row.deleted_at is None and evaluate(node, row.properties, facts.counter):
             members.add(row.id)
     return members
+
+
+def python_states(
+    node: Node, people: Sequence[Person], ids: Sequence[int], now: datetime
+) -> dict[int, State]:
+    """The clock of every live contact, from its data in memory."""
+    return {
+        contact_id: in_memory_state(node, person.properties, person.events, now)
+        for contact_id, person in zip(ids, people, strict=True)
+        if not person.deleted
+    }
+
+
+def facts_states(
+    conn: Connection, node: Node, now: datetime, contact_ids: Sequence[int]
+) -> dict[int, State]:
+    """The clock from :func:`leaf_facts` (per-contact probes), combined in Python."""
+    conditions = conditions_of(node)
+    return {
+        row.id: Facts.of(row, conditions).state(node)
+        for row in conn.execute(leaf_facts(conditions, now, contact_ids))
+        if row.deleted_at is None
+    }
+
+
+def sql_states(
+    conn: Connection,
+    node: Node,
+    now: datetime,
+    contact_ids: Sequence[int] | None = None,
+    id_range: tuple[int, int] | None = None,
+) -> dict[int, State]:
+    """The clock computed set-wide in SQL."""
+    query = clock_select(node, now, contact_ids=contact_ids, id_range=id_range)
+    return {row.id: State(row.matches, row.next_at) for row in conn.execute(query)}

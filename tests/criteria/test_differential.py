@@ -6,7 +6,9 @@ and small datasets built to sit on the edges the semantics care about: mixed JSO
 events exactly on, just inside and just outside window bounds, and events after ``now``. The
 compiled SQL member set must equal the evaluator's, over all contacts and over a random
 subset of contact ids (the confirm form); so must the correlated probe form and the evaluator
-fed with capped counts fetched by SQL.
+fed with capped counts fetched by SQL. The clock (each contact's value and the next instant
+the clock alone may change it) must agree the same way: in memory, from per-contact SQL
+facts, and set-wide in SQL.
 
 ``BUCKETS_DIFFERENTIAL_EXAMPLES`` sets the example count (default 400; CI runs the default).
 Failures hypothesis finds are kept below as ``@example`` regression cases.
@@ -27,10 +29,13 @@ from tests.criteria.support import (
     NOW,
     Person,
     counted_members,
+    facts_states,
     load,
     probe_members,
     python_members,
+    python_states,
     sql_members,
+    sql_states,
 )
 
 EXAMPLES = int(os.environ.get("BUCKETS_DIFFERENTIAL_EXAMPLES", "400"))
@@ -155,5 +160,17 @@ def test_sql_and_python_agree(
         # the evaluator (what per-member confirms and the real-time path use).
         assert probe_members(connection, node, NOW, chosen) == expected & set(chosen)
         assert counted_members(connection, node, NOW, ids) == expected
+        # The clock (value and next change) agrees across its three executors too.
+        clock = python_states(node, people, ids, NOW)
+        assert {i for i, state in clock.items() if state.value} == expected
+        event("clock: " + ("never" if all(s.next_at is None for s in clock.values()) else "some"))
+        assert facts_states(connection, node, NOW, ids) == clock
+        assert sql_states(connection, node, NOW) == clock
+        assert sql_states(connection, node, NOW, contact_ids=chosen) == {
+            i: state for i, state in clock.items() if i in chosen
+        }
+        assert sql_states(connection, node, NOW, id_range=middle) == {
+            i: state for i, state in clock.items() if middle[0] <= i <= middle[1]
+        }
     finally:
         savepoint.rollback()

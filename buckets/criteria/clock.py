@@ -1,0 +1,185 @@
+"""When can the clock alone change a contact's answer? (SPEC §6.7, the due queue)
+
+Every criteria node has, for one contact as of ``now``, a :class:`State`: its value, and
+``next_at`` — the first instant after ``now`` at which that value *may* differ, assuming no new
+data arrives (``None``: never). ``next_at`` is a **lower bound**: the answer never changes
+before it, and at it the answer changes or a later ``next_at`` is computed from there. Queue
+entries and explain both come from :func:`state`; the SQL form in :mod:`.compile_clock`
+implements the same rules set-wide and is tested equal to this one.
+
+Event leaves (SPEC §1: an event counts while ``now - within <= occurred_at <= now``). With
+``recent`` the contact's counting events as of ``now``, newest first (as many as decide the
+leaf: :func:`~.compile.decisive_count`), and ``arrival`` its first matching event stamped after
+``now``:
+
+* an event *departs* from a window one microsecond after ``occurred_at + within``;
+* an event *arrives* at its ``occurred_at`` (a future-stamped event starts to count);
+* "at least ``n``" leaves (``exists``, ``count gte|gt``) that hold stop holding when the ``n``-th
+  newest event departs; that fail start holding no earlier than the next arrival;
+* "fewer than ``n``" leaves (``not_exists``, ``count lt|lte``) mirror that;
+* ``count eq n`` may change at the next arrival or the departure that brings the count to (or
+  away from) ``n``.
+
+Composites combine the children's states: an ``and`` that holds may fail when its first child
+changes (the minimum); one that fails cannot hold before every failing child has changed (the
+maximum of theirs, never if one of them never changes). ``or`` mirrors that. Property leaves
+have no clock (yet). :func:`exact_flip` walks the lower bounds to the instant the answer really
+flips (explain shows it).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterable, Mapping, Sequence
+from dataclasses import dataclass
+from datetime import datetime, timedelta
+from typing import Any
+
+from buckets.criteria.evaluate import Event, event_counts, property_matches
+from buckets.criteria.model import Composite, EventCondition, Leaf, Node, PropertyCondition
+
+TICK = timedelta(microseconds=1)  # the resolution of timestamps (Python and PostgreSQL)
+EXACT_FLIP_STEPS = 10_000  # lower bounds walked by exact_flip before it gives up
+
+
+@dataclass(frozen=True)
+class State:
+    """A node's value as of ``now`` and the first later instant it may change (None: never)."""
+
+    value: bool
+    next_at: datetime | None
+
+
+def earliest(*instants: datetime | None) -> datetime | None:
+    """The earliest of ``instants`` (None is "never", later than any instant)."""
+    found = [instant for instant in instants if instant is not None]
+    return min(found) if found else None
+
+
+def latest(instants: Iterable[datetime | None]) -> datetime | None:
+    """The latest of ``instants``, "never" if any of them is."""
+    found = list(instants)
+    if not found or any(instant is None for instant in found):
+        return None
+    return max(instant for instant in found if instant is not None)
+
+
+def decisive_count(condition: EventCondition) -> int:
+    """Counting beyond this many events cannot change ``condition``'s answer; as many of the
+    newest counting events also decide when it changes."""
+    if condition.check != "count":
+        return 1
+    assert condition.value is not None
+    return condition.value + 1
+
+
+def threshold(condition: EventCondition) -> tuple[str, int]:
+    """``("at_least", n)``, ``("below", n)`` or ``("eq", n)``: the leaf in terms of its count."""
+    if condition.check == "exists":
+        return "at_least", 1
+    if condition.check == "not_exists":
+        return "below", 1
+    assert condition.value is not None
+    value = condition.value
+    match condition.operator:
+        case "gte":
+            return "at_least", value
+        case "gt":
+            return "at_least", value + 1
+        case "lt":
+            return "below", value
+        case "lte":
+            return "below", value + 1
+    return "eq", value
+
+
+def event_state(
+    condition: EventCondition, recent: Sequence[datetime], arrival: datetime | None
+) -> State:
+    """An event leaf's state from its counting events (newest first, at least
+    :func:`decisive_count` of them when there are that many) and its next arrival."""
+    value = condition.satisfied_by(len(recent))
+    kind, n = threshold(condition)
+
+    def departs(rank: int) -> datetime | None:  # when the rank-th newest stops counting
+        if condition.within is None or rank < 1 or rank > len(recent):
+            return None
+        return recent[rank - 1] + condition.within + TICK
+
+    if kind == "at_least":
+        return State(value, departs(n) if value else arrival)
+    if kind == "below":
+        return State(value, arrival if value else departs(n))
+    return State(value, earliest(arrival, departs(n) if value else departs(n + 1)))
+
+
+LeafStates = Callable[[Leaf], State]
+
+
+def state(node: Node, leaf_state: LeafStates) -> State:
+    """The node's state from its leaves' states (see the module docstring)."""
+    if isinstance(node, PropertyCondition | EventCondition):
+        return leaf_state(node)
+    assert isinstance(node, Composite)
+    children = [state(child, leaf_state) for child in node.conditions]
+    holds = node.operator == "and"  # the children's value that does not decide alone
+    value = all(c.value for c in children) if holds else any(c.value for c in children)
+    if value == holds:  # every child agrees: the first child to change may change the node
+        return State(value, earliest(*(c.next_at for c in children)))
+    deciding = [c.next_at for c in children if c.value != holds]
+    return State(value, latest(deciding))
+
+
+# --- one contact in memory (explain, tests) ---------------------------------------------------
+
+
+def counting(condition: EventCondition, events: Iterable[Event], now: datetime) -> list[datetime]:
+    """The instants of the events counting for ``condition`` as of ``now``, newest first."""
+    return sorted((e.occurred_at for e in events if event_counts(condition, e, now)), reverse=True)
+
+
+def arrival(condition: EventCondition, events: Iterable[Event], now: datetime) -> datetime | None:
+    """The first event matching ``condition`` (name, ``where``) stamped after ``now``."""
+    return earliest(
+        *(
+            e.occurred_at
+            for e in events
+            if e.name == condition.event
+            and e.occurred_at > now
+            and all(property_matches(w, e.properties) for w in condition.where or ())
+        )
+    )
+
+
+def in_memory_leaf_states(
+    properties: Mapping[str, Any], events: Sequence[Event], now: datetime
+) -> LeafStates:
+    def leaf_state(leaf: Leaf) -> State:
+        if isinstance(leaf, PropertyCondition):
+            return State(property_matches(leaf, properties), None)
+        return event_state(leaf, counting(leaf, events, now), arrival(leaf, events, now))
+
+    return leaf_state
+
+
+def in_memory_state(
+    node: Node, properties: Mapping[str, Any], events: Sequence[Event], now: datetime
+) -> State:
+    """:func:`state` of a contact whose properties and events are in memory."""
+    return state(node, in_memory_leaf_states(properties, events, now))
+
+
+def exact_flip(
+    node: Node, properties: Mapping[str, Any], events: Sequence[Event], now: datetime
+) -> datetime | None:
+    """The first instant after ``now`` at which the answer really differs (None: never, or
+    not within :data:`EXACT_FLIP_STEPS` lower bounds)."""
+    current = in_memory_state(node, properties, events, now)
+    at = current.next_at
+    for _ in range(EXACT_FLIP_STEPS):
+        if at is None:
+            return None
+        there = in_memory_state(node, properties, events, at)
+        if there.value != current.value:
+            return at
+        at = there.next_at
+    return None

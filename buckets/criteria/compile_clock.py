@@ -1,0 +1,217 @@
+"""The clock in SQL: what :mod:`.clock` needs, fetched per contact, or computed set-wide.
+
+* :func:`leaf_facts` — for known contacts (an ingested event's, a due-queue chunk's, confirmed
+  candidates), per event leaf: its newest counting events (as many as decide it, newest first)
+  and its next arrival; :class:`Facts` turns a row into the evaluator's counter and the leaf
+  states of :func:`.clock.state`. One statement for a whole batch; each leaf is two index
+  probes per contact (``(event, contact_id, occurred_at)``), stopping after the events that
+  decide.
+* :func:`clock_select` — for every contact of a chunk (or of a list): ``matches`` and
+  ``next_at`` computed set-wide from the compiled criteria's aggregates, by the same rules as
+  :func:`.clock.state` (tested equal by the differential suite). Never is ``NULL``.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from datetime import datetime
+from typing import Any
+
+import sqlalchemy as sa
+from sqlalchemy.dialects.postgresql import ARRAY, aggregate_order_by
+from sqlalchemy.sql.elements import ColumnElement
+
+from buckets.criteria.clock import (
+    TICK,
+    LeafStates,
+    State,
+    decisive_count,
+    event_state,
+    state,
+    threshold,
+)
+from buckets.criteria.compile import (
+    TIMESTAMP,
+    IdRange,
+    LeafColumns,
+    _count_predicate,
+    _ids,
+    compile_criteria,
+    contacts,
+    leaf_event_scope,
+    property_predicate,
+    user_events,
+)
+from buckets.criteria.evaluate import EventCounter, property_matches
+from buckets.criteria.model import Composite, EventCondition, Leaf, Node, PropertyCondition
+
+# --- per contact ------------------------------------------------------------------------------
+
+
+def leaf_facts(
+    conditions: Sequence[EventCondition],
+    now: datetime,
+    contact_ids: Sequence[int],
+    *,
+    needed_by: Sequence[Sequence[int]] | None = None,
+) -> sa.Select[Any]:
+    """``SELECT id, properties, deleted_at, r0, a0, r1, a1, ...`` for ``contact_ids``:
+    ``r<i>`` the instants of the newest events counting for ``conditions[i]`` as of ``now``
+    (at most :func:`~.clock.decisive_count`, newest first; NULL for none), ``a<i>`` its first
+    matching event after ``now``. With ``needed_by``, leaf ``i`` is computed only for the
+    contacts in ``needed_by[i]`` (NULL for the others): a batch asks each contact only about
+    the buckets its own event affects. Row locks are the caller's."""
+    if now.tzinfo is None:
+        raise ValueError("now must be timezone-aware")
+    occurred = user_events.c.occurred_at
+    columns: list[Any] = []
+    for index, condition in enumerate(conditions):
+        # Explicit correlation: auto-correlation does not reach through the derived table.
+        newest = (
+            sa.select(occurred)
+            .where(*leaf_event_scope(condition, now, contacts.c.id))
+            .order_by(occurred.desc())
+            .limit(decisive_count(condition))
+            .correlate_except(user_events)
+            .subquery()
+        )
+        recent: ColumnElement[Any] = (
+            sa.select(
+                sa.func.array_agg(
+                    aggregate_order_by(newest.c.occurred_at, newest.c.occurred_at.desc()),
+                    type_=ARRAY(TIMESTAMP),
+                )
+            )
+            .select_from(newest)
+            .scalar_subquery()
+        )
+        arrival: ColumnElement[Any] = (
+            sa.select(sa.func.min(occurred))
+            .where(*leaf_event_scope(condition, now, contacts.c.id, future=True))
+            .correlate_except(user_events)
+            .scalar_subquery()
+        )
+        if needed_by is not None:  # always the same shape: the compiled statement is cached
+            wanted = contacts.c.id == sa.any_(_ids(needed_by[index]))
+            recent = sa.case((wanted, recent), else_=sa.null())
+            arrival = sa.case((wanted, arrival), else_=sa.null())
+        columns += [recent.label(f"r{index}"), arrival.label(f"a{index}")]
+    return sa.select(contacts.c.id, contacts.c.properties, contacts.c.deleted_at, *columns).where(
+        contacts.c.id == sa.any_(_ids(contact_ids))
+    )
+
+
+@dataclass(frozen=True)
+class Facts:
+    """One contact's row of :func:`leaf_facts`: its properties and, per event leaf asked
+    for, the newest counting events and the next arrival."""
+
+    properties: Mapping[str, Any]
+    recent: Mapping[EventCondition, Sequence[datetime]]
+    arrivals: Mapping[EventCondition, datetime | None]
+
+    @classmethod
+    def of(cls, row: Any, conditions: Sequence[EventCondition], offset: int = 3) -> Facts:
+        recent: dict[EventCondition, Sequence[datetime]] = {}
+        arrivals: dict[EventCondition, datetime | None] = {}
+        for index, condition in enumerate(conditions):
+            recent[condition] = row[offset + 2 * index] or ()
+            arrivals[condition] = row[offset + 2 * index + 1]
+        return cls(row.properties, recent, arrivals)
+
+    @property
+    def counter(self) -> EventCounter:
+        """The evaluator's counter (counts capped at what decides each leaf)."""
+        return lambda condition: len(self.recent[condition])
+
+    def leaf_state(self, leaf: Leaf) -> State:
+        if isinstance(leaf, PropertyCondition):
+            return State(property_matches(leaf, self.properties), None)
+        return event_state(leaf, self.recent[leaf], self.arrivals[leaf])
+
+    def state(self, node: Node) -> State:
+        leaf_state: LeafStates = self.leaf_state
+        return state(node, leaf_state)
+
+
+# --- set-wide ---------------------------------------------------------------------------------
+
+INFINITY: ColumnElement[Any] = sa.literal_column("'infinity'::timestamptz")
+NEG_INFINITY: ColumnElement[Any] = sa.literal_column("'-infinity'::timestamptz")
+
+
+@dataclass(frozen=True)
+class _SqlState:
+    value: ColumnElement[bool]  # never NULL
+    next_at: ColumnElement[Any]  # 'infinity' for never
+
+
+def clock_select(
+    node: Node,
+    now: datetime,
+    *,
+    contact_ids: Sequence[int] | None = None,
+    id_range: IdRange | None = None,
+) -> sa.Select[Any]:
+    """``SELECT id, matches, next_at`` of every non-deleted contact in scope (``next_at`` NULL:
+    the clock alone never changes its answer)."""
+    compiled = compile_criteria(node, now, contact_ids=contact_ids, id_range=id_range, clock=True)
+    found = _state(node, compiled.columns, now)
+    next_at = sa.func.nullif(found.next_at, INFINITY)
+    return (
+        sa.select(
+            contacts.c.id,
+            sa.type_coerce(found.value, sa.Boolean).label("matches"),
+            sa.type_coerce(next_at, TIMESTAMP).label("next_at"),
+        )
+        .select_from(compiled.from_clause)
+        .where(contacts.c.deleted_at.is_(None), *compiled.scope)
+    )
+
+
+def _state(node: Node, columns: Mapping[EventCondition, LeafColumns], now: datetime) -> _SqlState:
+    if isinstance(node, PropertyCondition):
+        return _SqlState(property_predicate(node, contacts.c.properties), INFINITY)
+    if isinstance(node, EventCondition):
+        return _event_state(node, columns[node])
+    assert isinstance(node, Composite)
+    children = [_state(child, columns, now) for child in node.conditions]
+    holds = node.operator == "and"  # the children's value that does not decide alone
+    values = [child.value for child in children]
+    value = sa.and_(*values) if holds else sa.or_(*values)
+    same = value if holds else ~value  # every child agrees: the earliest change of any
+    agreeing = sa.func.least(*(child.next_at for child in children))
+    # otherwise the latest change among the children that decide ('infinity' wins: never)
+    deciding = sa.func.greatest(
+        *(
+            sa.case((child.value if holds else ~child.value, NEG_INFINITY), else_=child.next_at)
+            for child in children
+        )
+    )
+    return _SqlState(value, sa.case((same, agreeing), else_=deciding))
+
+
+def _event_state(condition: EventCondition, found: LeafColumns) -> _SqlState:
+    count = sa.func.coalesce(found.count, 0)
+    value = _count_predicate(condition, count)
+    kind, n = threshold(condition)
+    assert condition.within is not None or not found.newest
+
+    def departs(rank: int) -> ColumnElement[Any]:
+        column = found.newest.get(rank)
+        if column is None or condition.within is None:
+            return INFINITY
+        # No such event: NULL, i.e. never.
+        instant = column + sa.literal(condition.within + TICK, sa.Interval)
+        return sa.func.coalesce(instant, INFINITY)
+
+    arrival = sa.func.coalesce(found.arrival, INFINITY) if found.arrival is not None else INFINITY
+    nxt: ColumnElement[Any]
+    if kind == "at_least":
+        nxt = sa.case((value, departs(n)), else_=arrival)
+    elif kind == "below":
+        nxt = sa.case((value, arrival), else_=departs(n))
+    else:
+        nxt = sa.func.least(arrival, sa.case((value, departs(n)), else_=departs(n + 1)))
+    return _SqlState(value, nxt)

@@ -1,0 +1,128 @@
+"""The next change by the clock alone (buckets.criteria.clock), against brute force.
+
+For random clock-heavy criteria (windowed event leaves under and/or) and event streams on the
+window edges and in the future, the brute-force answer is the first instant among every
+event's arrival and every (event, window) departure at which the evaluator's answer differs.
+The clock's ``next_at`` must be a lower bound of it (the answer is unchanged one microsecond
+before), never "never" when a flip exists, and :func:`exact_flip` must find it exactly. The
+three executors (memory, per-contact SQL facts, set-wide SQL) must agree on these trees too.
+"""
+
+from __future__ import annotations
+
+from datetime import datetime, timedelta
+from typing import Any
+
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+from sqlalchemy.engine import Connection
+
+from buckets.criteria import Event, evaluate, in_memory_counter, parse_criteria
+from buckets.criteria.clock import TICK, exact_flip, in_memory_state
+from buckets.criteria.model import EventCondition, leaves
+from tests.criteria.support import NOW, Person, facts_states, load, python_states, sql_states
+from tests.criteria.test_differential import EXAMPLES, PROPERTY_KEYS, WINDOWS, property_leaf
+
+NAMES = ("e1", "e2")
+# Event times: window edges and around them, now, and the future (arrivals).
+OFFSETS = st.sampled_from(
+    [timedelta(0), TICK, -TICK, -timedelta(minutes=3), -timedelta(days=2)]
+    + [
+        edge + delta
+        for edge in WINDOWS
+        for delta in (-TICK, timedelta(0), TICK, timedelta(hours=2))
+    ]
+)
+
+
+@st.composite
+def clock_leaf(draw: st.DrawFn) -> dict[str, Any]:
+    leaf: dict[str, Any] = {"type": "event", "event": draw(st.sampled_from(NAMES))}
+    check = draw(st.sampled_from(["exists", "not_exists", "count", "count"]))
+    leaf["check"] = check
+    if check == "count":
+        operator = draw(st.sampled_from(["gt", "gte", "lt", "lte", "eq"]))
+        leaf["operator"] = operator
+        leaf["value"] = draw(st.integers(min_value=1 if operator == "lt" else 0, max_value=3))
+    if draw(st.integers(0, 3)):  # mostly windowed
+        leaf["within"] = draw(st.sampled_from(WINDOWS))
+    if not draw(st.integers(0, 5)):
+        leaf["where"] = [{"type": "property", "property": "k", "operator": "eq", "value": 1}]
+    return leaf
+
+
+def composite(children: st.SearchStrategy[dict[str, Any]]) -> st.SearchStrategy[dict[str, Any]]:
+    return st.builds(
+        lambda operator, conditions: {
+            "type": "composite",
+            "operator": operator,
+            "conditions": conditions,
+        },
+        st.sampled_from(["and", "or"]),
+        st.lists(children, min_size=1, max_size=3),
+    )
+
+
+LEAVES = st.one_of(clock_leaf(), clock_leaf(), property_leaf(PROPERTY_KEYS))
+TREES = st.one_of(LEAVES, composite(LEAVES), composite(composite(LEAVES)))
+EVENTS = st.lists(
+    st.builds(
+        lambda name, offset, kind: Event(name, NOW - offset, {"k": kind}),
+        st.sampled_from(NAMES),
+        OFFSETS,
+        st.sampled_from([1, 2]),
+    ),
+    max_size=6,
+)
+
+
+def brute_force_flip(node: Any, properties: dict[str, Any], events: list[Event]) -> datetime | None:
+    windows = {leaf.within for leaf in leaves(node) if isinstance(leaf, EventCondition)}
+    instants = {e.occurred_at for e in events}
+    instants |= {e.occurred_at + w + TICK for e in events for w in windows if w is not None}
+    now_value = evaluate(node, properties, in_memory_counter(events, NOW))
+    for instant in sorted(i for i in instants if i > NOW):
+        if evaluate(node, properties, in_memory_counter(events, instant)) != now_value:
+            return instant
+    return None
+
+
+@settings(max_examples=EXAMPLES, deadline=None)
+@given(criteria=TREES, events=EVENTS, plan=st.sampled_from(["pro", "free"]))
+def test_next_change_is_a_lower_bound_and_exact_flip_is_exact(
+    criteria: dict[str, Any], events: list[Event], plan: str
+):
+    node = parse_criteria(criteria)
+    properties = {"plan": plan}
+    state = in_memory_state(node, properties, events, NOW)
+    flip = brute_force_flip(node, properties, events)
+    assert state.value == evaluate(node, properties, in_memory_counter(events, NOW))
+    if flip is None:
+        assert exact_flip(node, properties, events, NOW) is None
+    else:
+        assert state.next_at is not None, "a flip exists, the clock said never"
+        assert state.next_at <= flip
+        assert exact_flip(node, properties, events, NOW) == flip
+    if state.next_at is not None:  # unchanged up to the bound
+        before = state.next_at - TICK
+        assert evaluate(node, properties, in_memory_counter(events, before)) == state.value
+
+
+@settings(
+    max_examples=EXAMPLES // 2,
+    deadline=None,
+    suppress_health_check=[HealthCheck.function_scoped_fixture, HealthCheck.too_slow],
+)
+@given(criteria=TREES, people=st.lists(st.builds(Person, st.just({}), EVENTS), max_size=4))
+def test_clock_executors_agree_on_clock_heavy_trees(
+    connection: Connection, criteria: dict[str, Any], people: list[Person]
+):
+    node = parse_criteria(criteria)
+    savepoint = connection.begin_nested()
+    try:
+        ids = load(connection, people)
+        expected = python_states(node, people, ids, NOW)
+        assert facts_states(connection, node, NOW, ids) == expected
+        assert sql_states(connection, node, NOW) == expected
+    finally:
+        savepoint.rollback()

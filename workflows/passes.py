@@ -1,0 +1,230 @@
+"""The full reconcile of one bucket: every member and every candidate examined (SPEC §6.1-6.5).
+
+Since the due queue (:mod:`buckets.due`) the cron runs these passes only where the queue cannot
+be trusted yet (a cron bucket whose entries are not complete: an upgraded database, a
+re-enabled bucket, until its ``queue_fill`` job completes), for ``reconcile_joins=True`` (the
+self-healing sweep it asks for), and in the **full sweep** (``buckets reconcile --full``, and
+daily in the worker): the safety net that heals whatever the queue missed and reports it.
+
+1. **criteria leaves** — members whose criteria fail as of ``now`` (correlated index probes
+   over the members only, the fastest form: PERFORMANCE-NOTES.md). Single-leaf criteria leave
+   in one set-based statement; composite criteria have each candidate decided afresh under its
+   contact lock (:func:`buckets.decide.decide`). ``min_dwell`` defers a leave.
+2. **joins** (SPEC §6.2, §6.3), unless ``reconcile_joins`` is false or the backfill that claims
+   the cohort has not completed (SPEC §6.4): a single clock-joinable leaf and the lapsed-active
+   pair join by an exact ``INSERT … SELECT``; other shapes take the compiled SQL's exact
+   candidate set and decide each under its lock. Joins pass the entry-limit gate.
+3. **TTL leaves** — ``max_dwell_at <= now``, ``reason='max_dwell'``, whatever the criteria.
+4. **pending leaves** — deferred (min-dwell) leaves whose contact qualifies again are cleared
+   (a due one whose criteria still fail completes in pass 1).
+5. with ``full``: **queue refresh** — every contact's due-queue entry recomputed; entries that
+   were missing or late are counted as healed.
+
+Every pass walks contact ids in chunks (one transaction each) and rewrites the queue entries
+of the contacts it changed in the same transaction. Set-based passes decide from a snapshot
+and act only on contacts unchanged since (see :mod:`buckets.membership`).
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable, Iterator
+from datetime import datetime
+from typing import Any
+
+import sqlalchemy as sa
+from sqlalchemy.engine import Connection
+
+from buckets import due
+from buckets.candidates import (
+    active_members,
+    failing_members,
+    holding,
+    join_matching,
+    leave_failing,
+    matching_non_members,
+    ttl_expired,
+)
+from buckets.criteria.model import Composite, EventCondition
+from buckets.decide import Ask, decide
+from buckets.definitions import Bucket, clock_joinable
+from buckets.membership import Changes, lock_contacts, record_decided, settle
+from buckets.models import bucket_memberships as memberships
+from buckets.models import contacts
+
+CONFIRM_BATCH = 2_000  # candidates locked and decided per transaction
+
+
+def lapsed_pair(node: Any) -> bool:
+    """``and(X exists, X within W not_exists)`` with the same ``where`` (in either order)."""
+    if not isinstance(node, Composite) or node.operator != "and" or len(node.conditions) != 2:
+        return False
+    events = [child for child in node.conditions if isinstance(child, EventCondition)]
+    ever = [c for c in events if c.check == "exists" and c.within is None]
+    recent = [c for c in events if c.check == "not_exists" and c.within is not None]
+    return (
+        len(ever) == 1
+        and len(recent) == 1
+        and ever[0].event == recent[0].event
+        and ever[0].where == recent[0].where
+    )
+
+
+def join_mode(bucket: Bucket) -> str:
+    """``exact`` (set-based), ``confirmed`` (candidates decided one by one) or ``off``."""
+    if not bucket.cron_joins:
+        return "off"
+    criteria = bucket.criteria
+    single = isinstance(criteria, EventCondition) and clock_joinable(criteria)
+    return "exact" if single or lapsed_pair(criteria) else "confirmed"
+
+
+class Passes:
+    """The passes over one bucket as of ``now``; counts go to ``result`` (a BucketTick)."""
+
+    def __init__(
+        self,
+        conn: Connection,
+        bucket: Bucket,
+        now: datetime,
+        chunk: int,
+        result: Any,
+        *,
+        mode: str,
+        full: bool = False,
+    ) -> None:
+        self.conn, self.bucket, self.now, self.chunk, self.result = conn, bucket, now, chunk, result
+        self.mode, self.full = mode, full
+        self.blocked = False
+
+    def run(self) -> None:
+        with self.conn.begin():
+            self.blocked = due.joins_blocked(self.conn, self.bucket)
+        self.timed("criteria_leaves", self.criteria_leaves)
+        mode = self.mode
+        if mode != "off":
+            if self.blocked:
+                mode = "off (the bucket's backfill has not completed)"
+            else:
+                self.timed("joins", self.exact_joins if mode == "exact" else self.confirmed_joins)
+        self.result.joins = mode
+        if self.bucket.max_dwell is not None:
+            self.timed("ttl_leaves", self.ttl_leaves)
+        if self.bucket.min_dwell is not None:
+            self.timed("pending", self.clear_pending)
+        if self.full and self.bucket.clocked:
+            self.timed("queue", self.refresh_queue)
+
+    def timed(self, name: str, run: Callable[[], None]) -> None:
+        started = time.perf_counter()
+        run()
+        self.result.passes[name] = time.perf_counter() - started
+
+    # -- chunking -------------------------------------------------------------------------
+
+    def ranges(self) -> Iterator[tuple[int, int]]:
+        low, high = self.conn.execute(
+            sa.select(sa.func.min(contacts.c.id), sa.func.max(contacts.c.id))
+        ).one()
+        self.conn.commit()
+        if low is None:
+            return
+        for start in range(low, high + 1, self.chunk):
+            yield start, min(start + self.chunk - 1, high)
+
+    def refreshed(self, changes: Changes, reason: str | None = None) -> None:
+        """Count ``changes`` and rewrite the queue entries of the contacts they changed (last
+        statement of the chunk's transaction)."""
+        self.result.count(changes, reason)
+        if self.bucket.clocked and changes.changed:
+            due.refresh(
+                self.conn, self.bucket, self.now, contact_ids=changes.changed, blocked=self.blocked
+            )
+
+    # -- passes ---------------------------------------------------------------------------
+
+    def criteria_leaves(self) -> None:
+        composite = isinstance(self.bucket.criteria, Composite)
+        for id_range in self.ranges():
+            if composite:  # each candidate decided afresh under its lock
+                found = failing_members(self.bucket, self.now, id_range=id_range)
+                ids = list(
+                    self.conn.execute(found.with_only_columns(memberships.c.contact_id)).scalars()
+                )
+                self.conn.commit()
+                self.decided(ids)
+                continue
+            with self.conn.begin():
+                changes = leave_failing(
+                    self.conn,
+                    self.bucket,
+                    self.now,
+                    id_range=id_range,
+                    source="reconcile",
+                    changed=True,
+                )
+                self.refreshed(changes, "criteria")
+
+    def exact_joins(self) -> None:
+        for id_range in self.ranges():
+            with self.conn.begin():
+                changes = join_matching(
+                    self.conn,
+                    self.bucket,
+                    self.now,
+                    id_range=id_range,
+                    source="reconcile",
+                    changed=True,
+                )
+                self.refreshed(changes)
+
+    def confirmed_joins(self) -> None:
+        for id_range in self.ranges():
+            found = matching_non_members(self.bucket, self.now, id_range=id_range)
+            ids = list(self.conn.execute(found.with_only_columns(contacts.c.id)).scalars())
+            self.conn.commit()
+            self.decided(ids)
+
+    def decided(self, candidates: list[int]) -> None:
+        """Lock each candidate and decide it afresh (buckets.decide): a batch a transaction."""
+        blocked = frozenset({self.bucket.id}) if self.blocked else frozenset()
+        for start in range(0, len(candidates), CONFIRM_BATCH):
+            with self.conn.begin():
+                locked = lock_contacts(self.conn, candidates[start : start + CONFIRM_BATCH])
+                if not locked.ids:
+                    continue
+                as_of = locked.as_of(self.now)
+                asks = [Ask(self.bucket, contact_id) for contact_id in locked.ids]
+                outcome = decide(
+                    self.conn, asks, as_of, source="reconcile", clock=True, blocked=blocked
+                )
+                record_decided(self.conn, locked.ids, as_of)
+                self.result.count_outcome(outcome)
+
+    def ttl_leaves(self) -> None:
+        for id_range in self.ranges():
+            with self.conn.begin():
+                changes = ttl_expired(
+                    self.conn, self.bucket, self.now, id_range=id_range, source="reconcile"
+                )
+                self.refreshed(changes, "max_dwell")
+
+    def clear_pending(self) -> None:
+        holds = holding(self.bucket, self.now)
+        pending = memberships.c.pending_leave_at.is_not(None)
+        for id_range in self.ranges():
+            with self.conn.begin():
+                # with the contact's revision: a contact changed since the snapshot was
+                # re-decided by whoever changed it, and is left alone here
+                candidates = active_members(self.bucket, pending, holds, id_range=id_range)
+                cleared = settle(self.conn, candidates, now=self.now, clear_pending=True)
+                self.result.cleared += len(cleared)
+                self.refreshed(Changes(changed=cleared))
+
+    def refresh_queue(self) -> None:
+        for id_range in self.ranges():
+            with self.conn.begin():
+                found = due.refresh(
+                    self.conn, self.bucket, self.now, id_range=id_range, blocked=self.blocked
+                )
+            self.result.queue.add(found)
