@@ -32,7 +32,18 @@ from buckets.criteria import EventCondition, Facts, leaf_facts
 from buckets.criteria.clock import State
 from buckets.criteria.model import leaves
 from buckets.definitions import Bucket
-from buckets.membership import Changes, LeaveReason, Policy, Source, join, leave, pairs, settle
+from buckets.membership import (
+    Changes,
+    LeaveReason,
+    Policy,
+    Source,
+    join,
+    latest_of,
+    leave,
+    pairs,
+    record_decided,
+    settle,
+)
 from buckets.models import bucket_memberships as memberships
 from buckets.models import contacts
 
@@ -54,6 +65,7 @@ class Outcome:
     left: dict[str, int] = field(default_factory=dict)  # leaves by reason
     cleared: int = 0  # deferred leaves dropped (the contact qualifies again)
     entries: int = 0  # due-queue entries written or removed
+    as_of: datetime | None = None  # the instant the pairs were decided as of
 
 
 @dataclass
@@ -63,10 +75,7 @@ class _Plan:
     stable: list[Ask] = field(default_factory=list)
     cleared: list[Ask] = field(default_factory=list)
     entries: list[due.Entry] = field(default_factory=list)
-
-
-def _when(value: Any) -> datetime | None:
-    return None if value is None else datetime.fromisoformat(value)
+    unrecorded: set[int] = field(default_factory=set)  # contacts of non-members that stay so
 
 
 def decide(
@@ -77,9 +86,15 @@ def decide(
     source: Source,
     clock: bool = False,
     blocked: frozenset[str] = frozenset(),
+    rows: bool = True,
+    record: bool = False,
 ) -> Outcome:
-    """Decide ``asks`` as of ``now`` (see the module). ``clock``: the cron's view (maximum
-    dwell, no joins where ``reconcile_joins`` is false or ``blocked`` names the bucket)."""
+    """Decide ``asks`` as of ``now`` — or as of the latest instant any of these pairs was
+    already decided as of, if later (``Outcome.as_of``). ``clock``: the cron's view (maximum
+    dwell, no joins where ``reconcile_joins`` is false or ``blocked`` names the bucket).
+    ``rows``: return the transitions themselves (else only counts). ``record``: record the
+    decisions no membership row records (non-members that stay so) in the contacts'
+    ``decided_at`` (the caller did not)."""
     if not asks:
         return Outcome()
     involved = {ask.bucket.id: ask.bucket for ask in asks}
@@ -96,40 +111,63 @@ def decide(
         for leaf in leaves(ask.bucket.criteria):
             if isinstance(leaf, EventCondition):
                 needed_by[leaf].add(ask.contact_id)
-    active = (
+    # The contact's rows in these buckets, in one index scan: the active ones (as arrays, which
+    # the driver decodes natively) and the latest instant any was decided as of (monotone
+    # decisions: never decide earlier).
+    active = memberships.c.status == "active"
+
+    def actives(column: Any) -> Any:
+        return sa.func.array_agg(column).filter(active)
+
+    rows_of = (
         sa.select(
-            sa.func.json_object_agg(
-                memberships.c.bucket_id,
-                sa.func.json_build_array(
-                    memberships.c.entered_at,
-                    memberships.c.max_dwell_at,
-                    memberships.c.pending_leave_at,
-                ),
-            )
+            actives(memberships.c.bucket_id).label("a_bucket"),
+            actives(memberships.c.entered_at).label("a_entered"),
+            actives(memberships.c.max_dwell_at).label("a_dwell"),
+            actives(memberships.c.pending_leave_at).label("a_pending"),
+            sa.func.max(memberships.c.last_evaluated_at).label("evaluated"),
         )
         .where(
             memberships.c.contact_id == contacts.c.id,
-            memberships.c.status == "active",
             memberships.c.bucket_id == sa.any_(sa.literal(sorted(involved), ARRAY(sa.Text()))),
         )
-        .correlate(contacts)
-        .scalar_subquery()
-        .label("active")
+        .lateral("rows_of")
     )
+    watermark = sa.func.greatest(contacts.c.decided_at, rows_of.c.evaluated).label("watermark")
     contact_ids = sorted({ask.contact_id for ask in asks})
-    query = leaf_facts(
-        conditions,
-        now,
-        contact_ids,
-        needed_by=[sorted(needed_by[condition]) for condition in conditions],
-    ).add_columns(active)
-    rows = {row.id: row for row in conn.execute(query)}
+
+    def facts(as_of: datetime) -> dict[int, Any]:
+        query = leaf_facts(
+            conditions,
+            as_of,
+            contact_ids,
+            needed_by=[sorted(needed_by[condition]) for condition in conditions],
+            properties=any(bucket.property_keys for bucket in involved.values()),
+        )
+        query = query.join_from(contacts, rows_of, sa.true()).add_columns(
+            rows_of.c.a_bucket,
+            rows_of.c.a_entered,
+            rows_of.c.a_dwell,
+            rows_of.c.a_pending,
+            watermark,
+        )
+        return {row.id: row for row in conn.execute(query).all()}
+
+    found = facts(now)
+    later = latest_of(row.watermark for row in found.values())
+    if later is not None and later > now:  # decided as of a later instant already
+        now = later
+        found = facts(now)
     plan = _Plan()
     for ask in asks:
-        row = rows.get(ask.contact_id)
+        row = found.get(ask.contact_id)
         if row is not None:
             _plan(plan, ask, row, Facts.of(row, conditions), now, clock=clock, blocked=blocked)
-    return _apply(conn, plan, involved.values(), now, source=source)
+    outcome = _apply(conn, plan, involved.values(), now, source=source, rows=rows)
+    outcome.as_of = now
+    if record and plan.unrecorded:  # no row records these decisions: the contact does
+        record_decided(conn, sorted(plan.unrecorded), now)
+    return outcome
 
 
 def _plan(
@@ -143,17 +181,19 @@ def _plan(
     blocked: frozenset[str],
 ) -> None:
     bucket = ask.bucket
-    stored = (row.active or {}).get(bucket.id)
-    entered_at, max_dwell_at, pending_at = (
-        (_when(stored[0]), _when(stored[1]), _when(stored[2])) if stored else (None, None, None)
-    )
+    stored = bucket.id in (row.a_bucket or ())
+    entered_at = max_dwell_at = pending_at = None
+    if stored:
+        index = row.a_bucket.index(bucket.id)
+        entered_at, max_dwell_at = row.a_entered[index], row.a_dwell[index]
+        pending_at = row.a_pending[index]
     after: due.Member | None = None
     if row.deleted_at is not None:  # deletion left every bucket; the queue forgets it
         if bucket.clocked:
             plan.entries.append((ask.contact_id, bucket.id, None))
         return
     state: State = facts.state(bucket.criteria)
-    if stored is not None:
+    if stored:
         assert entered_at is not None
         if clock and max_dwell_at is not None and max_dwell_at <= now:
             plan.leaves.setdefault("max_dwell", []).append(ask)
@@ -169,6 +209,8 @@ def _plan(
     ):
         plan.joins.append(ask)
         after = due.Member(now + bucket.max_dwell if bucket.max_dwell is not None else None)
+    else:
+        plan.unrecorded.add(ask.contact_id)
     if bucket.clocked:
         entry = due.due_at(bucket, state, after, now, blocked=bucket.id in blocked)
         plan.entries.append((ask.contact_id, bucket.id, entry))
@@ -183,18 +225,18 @@ def _pairs(asks: Sequence[Ask], *, events: bool = True) -> sa.Select[Any]:
 
 
 def _apply(
-    conn: Connection, plan: _Plan, buckets: Any, now: datetime, *, source: Source
+    conn: Connection, plan: _Plan, buckets: Any, now: datetime, *, source: Source, rows: bool
 ) -> Outcome:
     outcome = Outcome()
     policies = [Policy.of(bucket) for bucket in buckets]
     if plan.joins:
         outcome.changes.add(
-            join(conn, _pairs(plan.joins), policies, now=now, source=source, rows=True)
+            join(conn, _pairs(plan.joins), policies, now=now, source=source, rows=rows)
         )
     for reason, asks in plan.leaves.items():
         reason_: LeaveReason = "max_dwell" if reason == "max_dwell" else "criteria"
         changes = leave(
-            conn, _pairs(asks), policies, now=now, reason=reason_, source=source, rows=True
+            conn, _pairs(asks), policies, now=now, reason=reason_, source=source, rows=rows
         )
         outcome.changes.add(changes)
         if changes.left:

@@ -28,6 +28,7 @@ import sys
 from collections.abc import Mapping
 from dataclasses import dataclass
 from datetime import timedelta
+from functools import cached_property
 from pathlib import Path
 from types import ModuleType
 from typing import Any, Literal
@@ -86,7 +87,8 @@ class TransitionName(str):
 
 @dataclass(frozen=True, eq=False)
 class Bucket:
-    """A validated bucket definition. Build it with :func:`define_bucket`."""
+    """A validated bucket definition. Build it with :func:`define_bucket`. Derived facts
+    (fingerprint, indexes) are computed once: the definition is immutable."""
 
     id: str
     name: str
@@ -107,24 +109,24 @@ class Bucket:
     def left(self) -> TransitionName:
         return TransitionName("left", self.id)
 
-    @property
+    @cached_property
     def fingerprint(self) -> str:
         """SHA-256 of the canonical JSON of the criteria (SPEC §4)."""
         return criteria_fingerprint(self.criteria)
 
-    @property
+    @cached_property
     def time_based(self) -> bool:
         """The criteria contain a ``within`` window."""
         return any(
             isinstance(leaf, EventCondition) and leaf.within for leaf in leaves(self.criteria)
         )
 
-    @property
+    @cached_property
     def on_cron(self) -> bool:
         """The reconcile tick looks at this bucket (time-based, or min/max dwell)."""
         return self.time_based or self.max_dwell is not None or self.min_dwell is not None
 
-    @property
+    @cached_property
     def cron_joins(self) -> bool:
         """The cron joins matching non-members (SPEC §6.3): ``reconcile_joins`` true, or unset
         and the criteria have a clock-joinable leaf."""
@@ -132,21 +134,21 @@ class Bucket:
             return self.reconcile_joins
         return any(clock_joinable(leaf) for leaf in leaves(self.criteria))
 
-    @property
+    @cached_property
     def clocked(self) -> bool:
         """The clock alone can change some answer or membership of this bucket, so it has
         due-queue entries: an event leaf (a window, or a future-stamped event starting to
         count, SPEC §6.7) or a dwell limit."""
         return bool(self.event_names) or self.on_cron
 
-    @property
+    @cached_property
     def event_names(self) -> frozenset[str]:
         """Event names the criteria mention (the real-time path's index)."""
         return frozenset(
             leaf.event for leaf in leaves(self.criteria) if isinstance(leaf, EventCondition)
         )
 
-    @property
+    @cached_property
     def property_keys(self) -> frozenset[str]:
         """Contact property keys the criteria mention (not event ``where`` keys)."""
         return frozenset(

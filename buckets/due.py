@@ -315,18 +315,17 @@ def _due_sql(
 # --- reading: what is due --------------------------------------------------------------------
 
 
-def claim(conn: Connection, bucket_id: str, now: datetime, limit: int) -> list[Any]:
+def claim(conn: Connection, bucket_id: str, now: datetime, limit: int) -> list[int]:
     """Claim up to ``limit`` of the bucket's entries due as of ``now`` (oldest first) and lock
     their contacts, skipping entries another worker holds and contacts another producer is
-    changing (they stay due for the next pass). Returns rows ``(id, watermark)`` of the locked
-    contacts in id order (``watermark``: the latest instant each was decided as of)."""
-    from buckets.membership import watermark
+    changing (they stay due for the next pass). Returns the locked contacts, in id order."""
     from buckets.models import contacts
 
     claimed = (
         sa.select(bucket_due.c.contact_id)
         .where(
-            bucket_due.c.bucket_id == bucket_id, bucket_due.c.due_at <= sa.literal(now, TIMESTAMP)
+            bucket_due.c.bucket_id == bucket_id,
+            bucket_due.c.due_at <= sa.literal(now, TIMESTAMP),
         )
         .order_by(bucket_due.c.due_at)
         .limit(limit)
@@ -334,12 +333,12 @@ def claim(conn: Connection, bucket_id: str, now: datetime, limit: int) -> list[A
         .cte("claimed")
     )
     locked = (
-        sa.select(contacts.c.id, watermark().label("watermark"))
+        sa.select(contacts.c.id)
         .where(contacts.c.id.in_(sa.select(claimed.c.contact_id)))
         .order_by(contacts.c.id)
-        .with_for_update(of=contacts, key_share=True, skip_locked=True)
+        .with_for_update(key_share=True, skip_locked=True)
     )
-    return list(conn.execute(locked).all())
+    return list(conn.execute(locked).scalars())
 
 
 def _buckets(bucket_ids: Sequence[str]) -> Any:

@@ -48,7 +48,7 @@ from buckets.candidates import (
 from buckets.criteria.model import Composite, EventCondition
 from buckets.decide import Ask, decide
 from buckets.definitions import Bucket, clock_joinable
-from buckets.membership import Changes, lock_contacts, record_decided, settle
+from buckets.membership import Changes, lock_contacts, settle
 from buckets.models import bucket_memberships as memberships
 from buckets.models import contacts
 
@@ -193,12 +193,17 @@ class Passes:
                 locked = lock_contacts(self.conn, candidates[start : start + CONFIRM_BATCH])
                 if not locked.ids:
                     continue
-                as_of = locked.as_of(self.now)
                 asks = [Ask(self.bucket, contact_id) for contact_id in locked.ids]
                 outcome = decide(
-                    self.conn, asks, as_of, source="reconcile", clock=True, blocked=blocked
+                    self.conn,
+                    asks,
+                    self.now,
+                    source="reconcile",
+                    clock=True,
+                    blocked=blocked,
+                    rows=False,
+                    record=True,
                 )
-                record_decided(self.conn, locked.ids, as_of)
                 self.result.count_outcome(outcome)
 
     def ttl_leaves(self) -> None:

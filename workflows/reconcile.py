@@ -38,7 +38,7 @@ from buckets import due
 from buckets.decide import Ask, Outcome, decide
 from buckets.definitions import Bucket
 from buckets.due import Refreshed, joins_blocked
-from buckets.membership import Changes, latest_of, record_decided
+from buckets.membership import Changes
 from buckets.models import bucket_configs
 from buckets.registry import read_overrides
 from buckets.runtime import Runtime, get_runtime
@@ -48,7 +48,7 @@ from workflows.passes import Passes, join_mode, lapsed_pair
 log = logging.getLogger("buckets.reconcile")
 
 DEFAULT_CHUNK_SIZE = 250_000  # contact ids per transaction of the full passes
-DUE_CHUNK = 500  # due entries claimed and decided per transaction
+DUE_CHUNK = 2_000  # due entries claimed and decided per transaction
 
 __all__ = [
     "DEFAULT_CHUNK_SIZE",
@@ -262,17 +262,23 @@ def process_due(
     seen: set[int] = set()
     while True:
         with conn.begin():
-            rows = due.claim(conn, bucket.id, now, limit)
-            ids = [row.id for row in rows]
+            ids = due.claim(conn, bucket.id, now, limit)
             if not ids or seen.issuperset(ids):
                 break
             seen.update(ids)
             if blocked is None:
                 blocked = frozenset({bucket.id}) if joins_blocked(conn, bucket) else frozenset()
-            as_of = max(now, latest_of(row.watermark for row in rows) or now)
             asks = [Ask(bucket, contact_id) for contact_id in ids]
-            outcome = decide(conn, asks, as_of, source="reconcile", clock=True, blocked=blocked)
-            record_decided(conn, ids, as_of)
+            outcome = decide(
+                conn,
+                asks,
+                now,
+                source="reconcile",
+                clock=True,
+                blocked=blocked,
+                rows=False,
+                record=True,
+            )
         result.due += len(ids)
         result.count_outcome(outcome)
 

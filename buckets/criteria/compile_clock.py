@@ -55,8 +55,10 @@ def leaf_facts(
     contact_ids: Sequence[int],
     *,
     needed_by: Sequence[Sequence[int]] | None = None,
+    properties: bool = True,
 ) -> sa.Select[Any]:
-    """``SELECT id, properties, deleted_at, r0, a0, r1, a1, ...`` for ``contact_ids``:
+    """``SELECT id, properties, deleted_at, r0, a0, r1, a1, ...`` for ``contact_ids``
+    (``properties`` NULL unless asked for: only property leaves need them):
     ``r<i>`` the instants of the newest events counting for ``conditions[i]`` as of ``now``
     (at most :func:`~.clock.decisive_count`, newest first; NULL for none), ``a<i>`` its first
     matching event after ``now``. With ``needed_by``, leaf ``i`` is computed only for the
@@ -97,7 +99,8 @@ def leaf_facts(
             recent = sa.case((wanted, recent), else_=sa.null())
             arrival = sa.case((wanted, arrival), else_=sa.null())
         columns += [recent.label(f"r{index}"), arrival.label(f"a{index}")]
-    return sa.select(contacts.c.id, contacts.c.properties, contacts.c.deleted_at, *columns).where(
+    bag = contacts.c.properties if properties else sa.null().label("properties")
+    return sa.select(contacts.c.id, bag, contacts.c.deleted_at, *columns).where(
         contacts.c.id == sa.any_(_ids(contact_ids))
     )
 
@@ -118,7 +121,7 @@ class Facts:
         for index, condition in enumerate(conditions):
             recent[condition] = row[offset + 2 * index] or ()
             arrivals[condition] = row[offset + 2 * index + 1]
-        return cls(row.properties, recent, arrivals)
+        return cls(row.properties or {}, recent, arrivals)
 
     @property
     def counter(self) -> EventCounter:

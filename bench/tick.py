@@ -1,0 +1,214 @@
+"""Steady-state cron ticks against the raw-SQL floor for the same transitions, at two sizes.
+
+    python -m bench.tick [--sizes 100000,1000000] [--database-url URL] [--runs 5]
+
+For each size, on the generator's dataset (20 events per contact; a database of its own per
+size, ``<name>_<size>``, loaded unless present), the 20 buckets of ``bench/ingest.py`` are
+deployed the way a worker does it (first-time backfills as jobs, which also fill the due
+queue) as of the dataset's ``NOW``; then ordinary ticks run at ``NOW`` + 5 min, 10 min, 1 h and
+1 d (no new events in between), each timed around ``reconcile(now)``, with
+
+* transitions: what the tick wrote (joins and leaves over every bucket);
+* floor: the raw statements writing those membership rows and their ledger rows — one
+  ``UPDATE`` of the same membership rows feeding one ``INSERT`` of as many ledger rows, in a
+  transaction rolled back (median of ``--runs``): the cost of the writes alone, with nothing
+  decided;
+* target: 1.5 × floor + 20 ms per cron bucket (issue 11).
+
+Before the queue existed (PERFORMANCE-NOTES.md) the same ticks took 3.5-4.6 s at 100k and
+40-52 s at 1M. The same run prints how the tick time scales from the first size to the second.
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import sys
+import time
+from datetime import timedelta
+from typing import Any
+
+import sqlalchemy as sa
+from sqlalchemy.engine import URL, Engine
+
+from bench.dataset import NOW, prepare
+from bench.ingest import BUCKETS
+from buckets.registry import Registry
+from buckets.runtime import Runtime
+from buckets.settings import load_settings
+from workflows.backfill import Runner, deploy
+from workflows.reconcile import on_cron, reconcile
+
+OFFSETS = {
+    "T+5m": timedelta(minutes=5),
+    "T+10m": timedelta(minutes=10),
+    "T+1h": timedelta(hours=1),
+    "T+1d": timedelta(days=1),
+}
+CRON_BUCKETS = sum(1 for bucket in BUCKETS if on_cron(bucket))
+
+
+def database_for(base: URL, size: int) -> str:
+    """``<base database>_<size>``, created on the server when missing."""
+    from buckets.db import ensure_database
+
+    name = f"{base.database or 'buckets'}_{size}"
+    ensure_database(base.set(database="postgres"), name)
+    return base.set(database=name).render_as_string(hide_password=False)
+
+
+def reset(engine: Engine) -> None:
+    """Back to the generated dataset: no engine state."""
+    with engine.begin() as conn:
+        conn.execute(
+            sa.text(
+                "TRUNCATE journey_enrollments, bucket_transitions, bucket_memberships,"
+                " bucket_configs, backfill_jobs, bucket_due"
+            )
+        )
+        conn.execute(sa.text("UPDATE contacts SET decided_at = NULL WHERE decided_at IS NOT NULL"))
+    with engine.connect().execution_options(isolation_level="AUTOCOMMIT") as conn:
+        conn.execute(sa.text("VACUUM ANALYZE"))
+
+
+def floor(engine: Engine, since_id: int, runs: int) -> float:
+    """The writes alone for the transitions with ids above ``since_id``: in a transaction
+    rolled back, the tick's changes are undone (untimed), then one statement redoes exactly
+    its writes — the joined membership rows inserted, the left ones flipped, every ledger row
+    inserted — from tables holding them (nothing to decide)."""
+    undo = [
+        "CREATE TEMP TABLE f_ledger ON COMMIT DROP AS"
+        " SELECT * FROM bucket_transitions WHERE id > :since",
+        "CREATE TEMP TABLE f_joined ON COMMIT DROP AS SELECT m.* FROM bucket_memberships m"
+        " JOIN f_ledger t ON t.membership_id = m.id AND t.kind = 'entered'",
+        "DELETE FROM bucket_transitions WHERE id > :since",
+        "DELETE FROM bucket_memberships m USING f_joined j WHERE m.id = j.id",
+        "UPDATE bucket_memberships m SET status = 'active', left_at = NULL, leave_reason = NULL"
+        " FROM f_ledger t WHERE m.id = t.membership_id AND t.kind = 'left'",
+        "ANALYZE f_ledger",
+        "ANALYZE f_joined",
+    ]
+    redo = sa.text(
+        """
+        WITH joined AS (
+            INSERT INTO bucket_memberships SELECT * FROM f_joined RETURNING id
+        ), flipped AS (
+            UPDATE bucket_memberships m SET status = 'left', left_at = t.occurred_at,
+                leave_reason = t.reason, last_evaluated_at = t.occurred_at, updated_at = now()
+            FROM f_ledger t WHERE m.id = t.membership_id AND t.kind = 'left'
+            RETURNING m.id
+        )
+        INSERT INTO bucket_transitions SELECT * FROM f_ledger
+        """
+    )
+    timings = []
+    for _ in range(runs):
+        with engine.connect() as conn:
+            transaction = conn.begin()
+            for statement in undo:
+                conn.execute(sa.text(statement), {"since": since_id})
+            started = time.perf_counter()
+            conn.execute(redo)
+            timings.append(time.perf_counter() - started)
+            transaction.rollback()
+    return statistics.median(timings)
+
+
+def last_transition(engine: Engine) -> int:
+    with engine.connect() as conn:
+        found = conn.execute(sa.text("SELECT coalesce(max(id), 0) FROM bucket_transitions"))
+        return int(found.scalar_one())
+
+
+def written_since(engine: Engine, since_id: int) -> int:
+    """Ledger rows committed after ``since_id`` (ids have gaps: rolled-back floors)."""
+    with engine.connect() as conn:
+        found = conn.execute(
+            sa.text("SELECT count(*) FROM bucket_transitions WHERE id > :since"),
+            {"since": since_id},
+        )
+        return int(found.scalar_one())
+
+
+def run_size(base: URL, size: int, runs: int) -> list[dict[str, Any]]:
+    engine, url = prepare(database_for(base, size), size, 20)
+    reset(engine)
+    settings = load_settings(database_url=url.render_as_string(hide_password=False))
+    rt = Runtime(engine=engine, registry=Registry(BUCKETS), settings=settings)
+    started = time.perf_counter()
+    deploy(rt, NOW)
+    for job in Runner(rt, clock=lambda: NOW).run_pending():
+        assert job.status == "completed", job
+    print(
+        f"{size:,} contacts: deployed 20 buckets (backfills + queue) in {time.perf_counter() - started:.1f} s"
+    )
+    with engine.connect() as conn:
+        entries = conn.execute(sa.text("SELECT count(*) FROM bucket_due")).scalar_one()
+    print(f"  due-queue entries: {entries:,}")
+    rows = []
+    for label, offset in OFFSETS.items():
+        before = last_transition(engine)
+        began = time.perf_counter()
+        tick = reconcile(NOW + offset, runtime=rt)
+        seconds = time.perf_counter() - began
+        assert not tick.failed, tick.failed
+        swept = [b.bucket_id for b in tick.buckets if b.passes_ran not in ("no",)]
+        assert not swept, f"buckets swept instead of queued: {swept}"
+        transitions = written_since(engine, before)
+        base_floor = floor(engine, before, runs) if transitions else 0.0
+        target = 1.5 * base_floor + 0.020 * CRON_BUCKETS
+        rows.append(
+            {
+                "size": size,
+                "tick": label,
+                "seconds": seconds,
+                "transitions": transitions,
+                "due": sum(b.due for b in tick.buckets),
+                "floor": base_floor,
+                "target": target,
+            }
+        )
+        print(
+            f"  {label:<6} tick {seconds * 1000:8.1f} ms  transitions {transitions:>7,}"
+            f"  due {rows[-1]['due']:>7,}  floor {base_floor * 1000:7.1f} ms"
+            f"  target {target * 1000:7.1f} ms  {'met' if seconds <= target else 'NOT met'}"
+        )
+    engine.dispose()
+    return rows
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0] if __doc__ else None)
+    parser.add_argument("--sizes", default="100000,1000000")
+    parser.add_argument("--runs", type=int, default=5, help="floor runs (median)")
+    parser.add_argument(
+        "--database-url", help="[default: BUCKETS_DATABASE_URL]; one database per size"
+    )
+    args = parser.parse_args(argv)
+    from buckets.db import resolve_database_url
+
+    base = resolve_database_url(load_settings(database_url=args.database_url))
+    sizes = [int(size) for size in args.sizes.split(",")]
+    results = [row for size in sizes for row in run_size(base, size, args.runs)]
+    print(
+        f"\n{'contacts':>10} {'tick':<6} {'time':>10} {'transitions':>12} {'floor':>9} {'target':>9}"
+    )
+    for row in results:
+        print(
+            f"{row['size']:>10,} {row['tick']:<6} {row['seconds'] * 1000:>7.1f} ms"
+            f" {row['transitions']:>12,} {row['floor'] * 1000:>6.1f} ms {row['target'] * 1000:>6.1f} ms"
+        )
+    if len(sizes) == 2:
+        small, large = sizes
+        for label in OFFSETS:
+            a = next(r for r in results if r["size"] == small and r["tick"] == label)
+            z = next(r for r in results if r["size"] == large and r["tick"] == label)
+            print(
+                f"{label}: tick at {large:,} / tick at {small:,} = {z['seconds'] / a['seconds']:.2f}"
+                f" (transitions {z['transitions']:,} vs {a['transitions']:,})"
+            )
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
