@@ -63,6 +63,14 @@ class Settings(BaseSettings):
         default=timedelta(minutes=5),
         description="How far past `now` an event's occurred_at may be (seconds or ISO 8601).",
     )
+    max_outage: timedelta = Field(
+        default=timedelta(minutes=5),
+        ge=timedelta(0),
+        description=(
+            "How long a long-running process (worker, dispatcher, backfill) keeps retrying an"
+            " unavailable database before it exits non-zero (seconds or ISO 8601; 0: forever)."
+        ),
+    )
     ingest_chunk_size: int = Field(
         default=500,
         gt=0,
