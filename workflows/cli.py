@@ -542,6 +542,11 @@ def dispatch_command(
 @click.option(
     "--emit", "emit_joins", is_flag=True, help="Admin backfills: emit joins (entry limit applies)."
 )
+@click.option(
+    "--take-over",
+    is_flag=True,
+    help="Resume the bucket's running job even though its lease holder may be alive.",
+)
 @click.option("--chunk-size", type=click.IntRange(min=1), default=None, hidden=True)
 @now_option
 @common_options
@@ -551,6 +556,7 @@ def backfill_command(
     deploy: bool,
     dry_run: bool,
     emit_joins: bool,
+    take_over: bool,
     chunk_size: int | None,
     now: datetime,
     database_url: str | None,
@@ -558,7 +564,13 @@ def backfill_command(
     as_json: bool,
 ) -> None:
     """Backfill BUCKET_ID in the foreground (its first-time job if it never completed one,
-    else an admin job), or with --deploy every first-time / re-evaluation job needed."""
+    else an admin job), or with --deploy every first-time / re-evaluation job needed.
+
+    If the bucket already has a job, it is resumed from its cursor when it is pending, or
+    running under a lease whose holder is gone (a process of this host that no longer exists),
+    or with --take-over; otherwise the command refuses. A database restart is ridden out (the
+    job resumes from its cursor); one unavailable for longer than BUCKETS_MAX_OUTAGE ends the
+    command with exit status 1, the job left to be resumed."""
     from workflows import backfill
     from workflows.backfill import CHUNK, Runner
 
@@ -586,12 +598,9 @@ def backfill_command(
             assert bucket_id is not None
             job, created = backfill.start(runtime, bucket_id, now, emit=emit_joins)
             if not created:
-                raise CliError(
-                    f"{bucket_id}: backfill job {job.id} is already {job.status}"
-                    " (see `buckets jobs`)"
-                )
+                _check_resumable(job, emit_joins, take_over)
             pending = [job]
-        runner = Runner(runtime, chunk=chunk_size or CHUNK)
+        runner = Runner(runtime, chunk=chunk_size or CHUNK, max_outage=runtime.settings.max_outage)
         finished = [_run_with_progress(runner, job, as_json) for job in pending]
     payload = {"jobs": [job.to_dict() for job in finished]}
     human = "\n".join(
@@ -604,11 +613,35 @@ def backfill_command(
         sys.exit(1)
 
 
+def _check_resumable(job: Any, emit_joins: bool, take_over: bool) -> None:
+    """The bucket's existing job may be run here (resumed from its cursor), or a CliError."""
+    from workflows.backfill import holder_gone
+
+    where = f"{job.bucket_id}: backfill job {job.id}"
+    if emit_joins and not job.emit_joins:
+        raise CliError(f"{where} is already {job.status}, without --emit (see `buckets jobs`)")
+    if job.status == "running" and not take_over and not holder_gone(job.lease_owner):
+        raise CliError(
+            f"{where} is already running (lease held by {job.lease_owner} until"
+            f" {job.lease_expires_at:%Y-%m-%d %H:%M:%S %Z}); if that process is gone,"
+            " pass --take-over"
+        )
+    held = f", taken over from {job.lease_owner}" if job.status == "running" else ""
+    after = (job.cursor or {}).get("after")
+    origin = f"after contact id {after}" if after is not None else "from the start"
+    click.echo(f"buckets: resuming {where} ({job.mode}) {origin}{held}", err=True)
+
+
 def _run_with_progress(runner: Any, job: Any, quiet: bool) -> Any:
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TimeElapsedColumn
 
+    def run(**options: Any) -> Any:
+        if job.status == "running":
+            return runner.take_over(job, **options)
+        return runner.run(job.id, **options)
+
     if quiet:
-        return runner.run(job.id)
+        return run()
     columns = [*Progress.get_default_columns()[:2], BarColumn(), MofNCompleteColumn()]
     with Progress(*columns, TimeElapsedColumn(), console=_stderr()) as bar:
         task = bar.add_task(f"{job.bucket_id} ({job.mode})", total=None)
@@ -616,7 +649,7 @@ def _run_with_progress(runner: Any, job: Any, quiet: bool) -> Any:
         def progress(current: Any) -> None:
             bar.update(task, completed=current.processed, total=current.total)
 
-        return runner.run(job.id, progress=progress)
+        return run(progress=progress)
 
 
 def _stderr() -> Any:
