@@ -298,6 +298,13 @@ def reconcile_command(
         sys.exit(1)
 
 
+def _log_to_stderr() -> None:
+    """Log lines of the long-running commands (worker, dispatcher) on stderr."""
+    import logging
+
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s")
+
+
 def _table(title: str, columns: list[str], rows: list[list[Any]]) -> str:
     """A rich table rendered to text (for human output)."""
     from rich.console import Console
@@ -517,7 +524,9 @@ def dispatch_command(
     *, once: bool, now: datetime, database_url: str | None, definitions: str | None, as_json: bool
 ) -> None:
     """Deliver emitted transitions to the journeys bound to them. With --once, drain what is
-    pending as of --now; otherwise run until SIGINT/SIGTERM (listening for new transitions)."""
+    pending as of --now; otherwise run until SIGINT/SIGTERM (listening for new transitions),
+    riding out database restarts; a database unavailable for longer than BUCKETS_MAX_OUTAGE
+    ends it with exit status 1."""
     import signal
     import threading
 
@@ -527,10 +536,11 @@ def dispatch_command(
         if once:
             result = dispatch_once(runtime, now=now)
         else:
+            _log_to_stderr()
             stop = threading.Event()
             for signum in (signal.SIGINT, signal.SIGTERM):
                 signal.signal(signum, lambda *_: stop.set())
-            result = run_dispatcher(runtime, stop)
+            result = run_dispatcher(runtime, stop, max_outage=runtime.settings.max_outage)
     counts = result.to_dict()
     emit(as_json, counts, ", ".join(f"{key} {value}" for key, value in counts.items()))
 
@@ -695,12 +705,12 @@ def jobs_command(
 @common_options
 def run_command(database_url: str | None, definitions: str | None, as_json: bool) -> None:
     """Run the worker: reconcile on BUCKETS_RECONCILE_CRON, the dispatcher, backfill jobs and
-    the reaper, until SIGTERM/SIGINT (then finish or release what is in flight)."""
-    import logging
-
+    the reaper, until SIGTERM/SIGINT (then finish or release what is in flight). Database
+    restarts are ridden out; a loop that dies, or a database unavailable for longer than
+    BUCKETS_MAX_OUTAGE, stops the worker with exit status 1."""
     from workflows.worker import run_worker
 
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s")
+    _log_to_stderr()
     with opened_runtime(database_url, definitions) as runtime:
         run_worker(runtime)
 

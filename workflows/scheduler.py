@@ -18,28 +18,33 @@ from apscheduler.schedulers.background import BackgroundScheduler
 from apscheduler.triggers.cron import CronTrigger
 
 from buckets.runtime import Runtime
-from workflows.reconcile import reconcile
+from workflows.reconcile import Tick, reconcile
 
 log = logging.getLogger("buckets.scheduler")
 MISFIRE_GRACE_SECONDS = 300
 
 
-def reconcile_job(runtime: Runtime, clock: Callable[[], datetime] | None = None) -> None:
+def reconcile_job(runtime: Runtime, clock: Callable[[], datetime] | None = None) -> Tick:
     """One tick as of its cron slot: the clock truncated to the minute (crontab resolution),
     so workers firing the same tick decide as of the same ``now`` and each bucket runs once."""
     now = (clock() if clock else datetime.now(UTC)).replace(second=0, microsecond=0)
     tick = reconcile(now, runtime=runtime)
     for failed in tick.failed:
         log.error("bucket %s failed in the tick of %s: %s", failed.bucket_id, now, failed.reason)
+    return tick
 
 
-def build_scheduler(runtime: Runtime, **options: Any) -> BackgroundScheduler:
-    """A scheduler (not started) with the reconcile job on the configured crontab."""
+def build_scheduler(
+    runtime: Runtime, *, tick: Callable[[], object] | None = None, **options: Any
+) -> BackgroundScheduler:
+    """A scheduler (not started) with the reconcile job on the configured crontab. ``tick``
+    replaces what the job calls (default: ``reconcile_job(runtime)``; the worker passes its
+    outage-resilient wrapper of it)."""
     scheduler = BackgroundScheduler(timezone=UTC, **options)
     scheduler.add_job(
-        reconcile_job,
+        tick or reconcile_job,
         CronTrigger.from_crontab(runtime.settings.reconcile_cron, timezone=UTC),
-        args=[runtime],
+        args=[] if tick else [runtime],
         id="reconcile",
         name="reconcile tick",
         max_instances=1,

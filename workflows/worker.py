@@ -7,6 +7,13 @@ worker migrates the schema (serialised by an advisory lock) and deploys the defi
 stops taking work, lets a reconcile tick in flight finish, releases a backfill job at its next
 chunk boundary (pending again: another worker resumes it from its cursor) and lets the
 dispatcher finish the batch in hand.
+
+Every long-lived loop runs through :mod:`buckets.resilience`: the dispatcher, the backfill
+runner and the reaper are threads of the worker's :class:`~buckets.resilience.Supervisor`
+(``resilience.forever`` steps), the reconcile tick retries itself while the database is away.
+A lost database is ridden out (each loop logs the outage once, and its end); one unavailable
+for longer than ``BUCKETS_MAX_OUTAGE``, or any loop dying of anything else, stops the whole
+worker, which then exits non-zero (:class:`WorkerError`): never a half-alive worker.
 """
 
 from __future__ import annotations
@@ -18,18 +25,23 @@ from collections.abc import Callable
 from datetime import UTC, datetime
 from typing import Any
 
-from apscheduler.triggers.interval import IntervalTrigger
-
+from buckets import resilience
 from buckets.dispatcher import run_dispatcher
+from buckets.errors import BucketsError, DatabaseUnavailableError
 from buckets.migrations import upgrade
 from buckets.runtime import Runtime
 from workflows import jobs
 from workflows.backfill import Runner, deploy
-from workflows.scheduler import build_scheduler
+from workflows.scheduler import build_scheduler, reconcile_job
 
 log = logging.getLogger("buckets.worker")
 BACKFILL_POLL_SECONDS = 2
 REAPER_SECONDS = 30
+SHUTDOWN_SECONDS = 30
+
+
+class WorkerError(BucketsError):
+    """A loop of the worker died (or the database stayed away too long): the worker stopped."""
 
 
 class Worker:
@@ -39,41 +51,48 @@ class Worker:
         self.runtime = runtime
         self.clock = clock
         self.stop = threading.Event()
-        self.runner = Runner(runtime, clock=clock)
-        self.scheduler = build_scheduler(runtime)
-        self.scheduler.add_job(
-            self._backfills,
-            IntervalTrigger(seconds=BACKFILL_POLL_SECONDS),
-            id="backfills",
-            max_instances=1,
-            coalesce=True,
-        )
-        self.scheduler.add_job(
-            self._reap,
-            IntervalTrigger(seconds=REAPER_SECONDS),
-            id="reaper",
-            max_instances=1,
-            coalesce=True,
-        )
-        self.dispatcher = threading.Thread(
-            target=run_dispatcher, args=(runtime, self.stop), name="dispatcher", daemon=True
-        )
+        self.supervisor = resilience.Supervisor(self.stop)
+        self.max_outage = runtime.settings.max_outage
+        self.runner = Runner(runtime, clock=clock, max_outage=self.max_outage)
+        self.scheduler = build_scheduler(runtime, tick=self._reconcile)
+        self._lost_connections = resilience.lost_connections(runtime.engine)
 
     def start(self) -> list[Any]:
-        """Migrate, deploy, start the scheduler and the dispatcher; returns the jobs deployed."""
-        upgrade(self.runtime.engine)
-        created = deploy(self.runtime, self.clock())
+        """Migrate, deploy, start the scheduler and the loops; returns the jobs deployed."""
+
+        def prepare() -> list[Any]:
+            upgrade(self.runtime.engine)
+            return deploy(self.runtime, self.clock())
+
+        created = resilience.retry_outages(
+            "worker start", prepare, stop=self.stop, max_outage=self.max_outage
+        )
         for job in created:
             log.info("deployed: %s backfill job %d for %s", job.mode, job.id, job.bucket_id)
         self.scheduler.start()
-        self.dispatcher.start()
+        limit = self.max_outage
+        self.supervisor.start(
+            "dispatcher", lambda: run_dispatcher(self.runtime, self.stop, max_outage=limit)
+        )
+        for name, step, every in (
+            ("backfills", self._backfills, BACKFILL_POLL_SECONDS),
+            ("reaper", self._reap, REAPER_SECONDS),
+        ):
+            loop = resilience.forever(name, step, self.stop, every=every, max_outage=limit)
+            self.supervisor.start(name, loop)
         return created
+
+    @property
+    def dispatcher(self) -> threading.Thread:
+        return self.supervisor.threads["dispatcher"]
 
     def shutdown(self) -> None:
         """Graceful: finish or release what is in flight."""
         self.stop.set()
         self.scheduler.shutdown(wait=True)
-        self.dispatcher.join(timeout=30)
+        running = self.supervisor.join(timeout=SHUTDOWN_SECONDS)
+        if running:
+            log.warning("still running after %d s: %s", SHUTDOWN_SECONDS, ", ".join(running))
 
     def _backfills(self) -> None:
         for job in self.runner.run_pending(self.stop):
@@ -85,14 +104,43 @@ class Worker:
         if resumed or failed:
             log.warning("reaper: %d jobs resumable, %d failed (expired leases)", resumed, failed)
 
+    def _reconcile(self) -> None:
+        """The cron's tick, run again while the database is away. The tick isolates buckets
+        (a failing one is reported, the others go on), so a bucket that failed while this
+        thread lost a connection counts as an outage: the tick is retried (buckets already
+        reconciled as of its ``now`` are skipped)."""
+
+        def tick() -> None:
+            before = self._lost_connections()
+            result = reconcile_job(self.runtime)
+            if result.failed and self._lost_connections() > before:
+                names = ", ".join(bucket.bucket_id for bucket in result.failed)
+                raise DatabaseUnavailableError(f"the connection was lost reconciling {names}")
+
+        try:
+            resilience.retry_outages("reconcile", tick, stop=self.stop, max_outage=self.max_outage)
+        except Exception as exc:
+            if not (self.stop.is_set() and resilience.is_outage(exc)):
+                self.supervisor.fail("reconcile", exc)
+
 
 def run_worker(runtime: Runtime) -> None:
-    """Run until SIGTERM or SIGINT."""
+    """Run until SIGTERM or SIGINT; raises :class:`WorkerError` when a loop of the worker died
+    (the worker has then shut down, and the command exits non-zero)."""
     worker = Worker(runtime)
     for signum in (signal.SIGINT, signal.SIGTERM):
         signal.signal(signum, lambda *_: worker.stop.set())
-    worker.start()
+    try:
+        worker.start()
+    except resilience.OutageTimeout as exc:
+        raise WorkerError(str(exc)) from exc
+    except Exception as exc:
+        if worker.stop.is_set() and resilience.is_outage(exc):
+            return  # stopped while waiting for the database to start
+        raise
     log.info("worker running (reconcile cron %s)", runtime.settings.reconcile_cron)
     worker.stop.wait()
     log.info("shutting down")
     worker.shutdown()
+    if worker.supervisor.failure is not None:
+        raise WorkerError(f"worker stopped: {worker.supervisor.failure}")
