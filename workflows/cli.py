@@ -215,7 +215,10 @@ def ingest_command(
 ) -> None:
     """Ingest events from a JSON Lines FILE ("-" for stdin), one object per line with the
     fields of ingest_event. Valid lines are ingested even when others are rejected; the exit
-    status is 1 if any line was rejected."""
+    status is 1 if any line was rejected (bad input, each one named). If the database fails
+    instead, nothing after the chunk in flight is attempted: the exit status is 2 and the
+    message names the line to resume from (every line before it was processed)."""
+    from buckets.errors import IngestInterruptedError
     from buckets.ingest import ingest_events
     from buckets.validation import IngestError
 
@@ -230,8 +233,15 @@ def ingest_command(
             lines.append(number)
         except ValueError as exc:
             rejected.append({"line": number, "reason": f"not valid JSON: {exc}"})
+    failed: dict[str, Any] | None = None
     with opened_runtime(database_url, definitions) as runtime:
-        result = ingest_events(events, now=now, runtime=runtime)
+        try:
+            result = ingest_events(events, now=now, runtime=runtime)
+        except IngestInterruptedError as exc:
+            result = exc.results
+            failed = {"line": lines[exc.index], "reason": f"database unavailable: {exc.reason}"}
+            # lines from there on were not processed: the resumed run reads them again
+            rejected = [item for item in rejected if item["line"] < failed["line"]]
     for index, outcome in enumerate(result.results):
         if isinstance(outcome, IngestError):
             rejected.append({"line": lines[index], "reason": f"{outcome.field}: {outcome.reason}"})
@@ -245,6 +255,8 @@ def ingest_command(
         "rejections": rejected,
         "transitions": len(transitions),
         "emitted": sum(1 for t in transitions if t.emitted),
+        "failed": failed,
+        "resume_from_line": failed["line"] if failed else None,
     }
     human = (
         f"accepted {result.accepted}, duplicate {result.duplicates}, rejected {len(rejected)}"
@@ -253,6 +265,13 @@ def ingest_command(
     )
     human += "".join(f"\nline {item['line']}: {item['reason']}" for item in rejected)
     emit(as_json, payload, human)
+    if failed is not None:
+        click.echo(
+            f"buckets: error: line {failed['line']}: {failed['reason']}; not ingested from there"
+            f" on (every line before it was processed): resume from line {failed['line']}",
+            err=True,
+        )
+        sys.exit(2)
     if rejected:
         sys.exit(1)
 
