@@ -421,7 +421,7 @@ def run_dispatcher(
             pass  # woken by a notification (or the poll timeout): drain again
 
     try:
-        forever("dispatcher", step, stop, max_outage=max_outage)()
+        forever("dispatcher", step, stop, max_outage=max_outage, engine=runtime.engine)()
     finally:
         for connection in listener:
             connection.close()

@@ -14,8 +14,10 @@ violation, bad SQL) is an error of the work itself and is *not* retried here.
 lock not available), which are logged each time but do not count as an outage.
 
 **Retrying.** :func:`retry_outages` calls a function until it returns: an outage is retried with
-capped, jittered exponential backoff (tenacity; 0.1 s doubling to 5 s), logged *once* when it
-starts (a warning, one line, no traceback) and once when the database answers again; ``stop``
+capped, jittered exponential backoff (tenacity; 0.1 s doubling to 5 s, from 0.1 s again at
+each new outage), logged *once* when it
+starts (a warning, one line, no traceback) and once when the database answers again (given the
+``engine``, it pings the database before calling again, so the end is seen at once); ``stop``
 interrupts the waits (the last error is then re-raised, for the caller to see it was stopping);
 after ``max_outage`` of continuous outage it raises :class:`OutageTimeout`, which is never
 retried by an enclosing loop: the process gives up and says so in one line.
@@ -34,7 +36,9 @@ cron) reports with :meth:`Supervisor.fail`.
 
 Adding a long-lived loop to the worker is two lines::
 
-    step = resilience.forever("waker", self._wake, self.stop, every=1.0, max_outage=limit)
+    step = resilience.forever(
+        "waker", self._wake, self.stop, every=1.0, max_outage=limit, engine=runtime.engine
+    )
     self.supervisor.start("waker", step)
 
 :func:`lost_connections` counts the connections an engine lost in the calling thread
@@ -45,6 +49,7 @@ raising them (the reconcile tick isolates buckets from each other).
 from __future__ import annotations
 
 import logging
+import random
 import threading
 import time
 import weakref
@@ -126,6 +131,8 @@ class Outage:
         if self.since is None:
             self.since = time.monotonic()
             log.warning("%s: database unavailable (%s); retrying", self.name, first_line(exc))
+        else:
+            log.debug("%s: still unavailable (%s)", self.name, first_line(exc))
         self.retries += 1
 
     def recovered(self) -> None:
@@ -153,22 +160,38 @@ def retry_outages(
     stop: threading.Event | None = None,
     max_outage: timedelta | float | None = None,
     outage: Outage | None = None,
+    engine: Engine | None = None,
 ) -> T:
     """``call()`` until it returns, retrying outages (and transient errors) with backoff.
 
-    Raises what ``call`` raised when it is neither, the last outage when ``stop`` is set
-    during one, and :class:`OutageTimeout` once the outage lasted ``max_outage`` (``None`` or
-    0: retry for ever).
+    With ``engine``, a retry after an outage first checks the database answers (``SELECT 1``)
+    and only then calls again: the outage's end is logged when the database is back, not when
+    a long call (a whole backfill job) returns, and a call is not started only to fail. Raises
+    what ``call`` raised when it is neither, the last outage when ``stop`` is set during one,
+    and :class:`OutageTimeout` once the outage lasted ``max_outage`` (``None`` or 0: retry for
+    ever).
     """
     stop = stop or threading.Event()
     state = outage or Outage(name)
     limit = _limit(max_outage)
+
+    def attempt() -> T:
+        if state.since is not None and engine is not None:
+            with engine.connect() as conn:
+                conn.exec_driver_sql("SELECT 1")
+            state.recovered()
+        return call()
 
     def retryable(exc: BaseException) -> bool:
         return is_outage(exc) or is_transient(exc)
 
     def give_up(retry_state: tenacity.RetryCallState) -> bool:
         return stop.is_set() or (limit is not None and state.seconds >= limit)
+
+    def backoff(retry_state: tenacity.RetryCallState) -> float:
+        # per outage, not per call: a long call (a backfill job) may live through several
+        exponential: float = BACKOFF_INITIAL_SECONDS * 2.0 ** min(state.retries, 10)
+        return min(exponential, BACKOFF_MAX_SECONDS) + random.uniform(0, BACKOFF_INITIAL_SECONDS)
 
     def record(retry_state: tenacity.RetryCallState) -> None:
         assert retry_state.outcome is not None
@@ -184,15 +207,14 @@ def retry_outages(
 
     retrying = tenacity.Retrying(
         retry=tenacity.retry_if_exception(retryable),
-        wait=tenacity.wait_exponential(multiplier=BACKOFF_INITIAL_SECONDS, max=BACKOFF_MAX_SECONDS)
-        + tenacity.wait_random(0, BACKOFF_INITIAL_SECONDS),
+        wait=backoff,
         stop=give_up,
         sleep=sleep,
         before_sleep=record,
         reraise=True,
     )
     try:
-        result = retrying(call)
+        result = retrying(attempt)
     except Exception as exc:
         if is_outage(exc) and not stop.is_set() and limit is not None and state.seconds >= limit:
             raise OutageTimeout(
@@ -211,10 +233,12 @@ def forever(
     *,
     every: float = 0.0,
     max_outage: timedelta | float | None = None,
+    engine: Engine | None = None,
 ) -> Callable[[], None]:
     """A thread target running ``step()`` every ``every`` seconds until ``stop`` is set.
 
-    Outages are retried (see :func:`retry_outages`); the target returns when ``stop`` is set
+    Outages are retried (see :func:`retry_outages`, which ``engine`` is passed to: give the
+    engine the step uses); the target returns when ``stop`` is set
     (also in the middle of an outage) and raises anything else, :class:`OutageTimeout`
     included.
     """
@@ -223,7 +247,9 @@ def forever(
         outage = Outage(name)
         while not stop.is_set():
             try:
-                retry_outages(name, step, stop=stop, max_outage=max_outage, outage=outage)
+                retry_outages(
+                    name, step, stop=stop, max_outage=max_outage, outage=outage, engine=engine
+                )
             except Exception as exc:
                 if stop.is_set() and (is_outage(exc) or is_transient(exc)):
                     return

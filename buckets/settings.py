@@ -88,6 +88,17 @@ class Settings(BaseSettings):
             return None
         return value
 
+    @field_validator("max_outage", mode="before")
+    @classmethod
+    def _seconds(cls, value: Any) -> Any:
+        """A bare number is seconds (pydantic only takes ISO 8601 or [HH:MM:]SS strings)."""
+        if isinstance(value, str):
+            try:
+                return float(value)
+            except ValueError:
+                return value
+        return value
+
     @field_validator("reconcile_cron")
     @classmethod
     def _valid_crontab(cls, value: str) -> str:

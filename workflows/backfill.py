@@ -147,14 +147,27 @@ class Runner:
     ) -> Job:
         """Claim job ``job_id`` and run it to its end (or until ``stop``: then it is released,
         pending again, to be resumed)."""
-        with self.runtime.engine.begin() as conn:
-            job = jobs.claim(conn, job_id, self.owner, self.clock(), self.lease)
-        if job is None:
+
+        def claim() -> Job:
+            with self.runtime.engine.begin() as conn:
+                job = jobs.claim(conn, job_id, self.owner, self.clock(), self.lease)
+            if job is not None:
+                return job
             with self.runtime.engine.connect() as conn:
                 current = jobs.get(conn, job_id)
+            if current.status == "running" and current.lease_owner == self.owner:
+                return current  # claimed by an earlier try whose answer the outage lost
             raise jobs.JobError(
                 f"backfill job {job_id} ({current.bucket_id}): {current.status}, not claimable"
             )
+
+        job = resilience.retry_outages(
+            f"backfill job {job_id}",
+            claim,
+            stop=stop,
+            max_outage=self.max_outage,
+            engine=self.runtime.engine,
+        )
         return self._execute(job, progress, stop)
 
     def take_over(
@@ -165,8 +178,22 @@ class Runner:
     ) -> Job:
         """Run a ``running`` job whose lease holder is gone, from its cursor (the lease passes
         to this runner only if ``job.lease_owner`` still holds it)."""
-        with self.runtime.engine.begin() as conn:
-            taken = jobs.take_over(conn, job, self.owner, self.clock(), self.lease)
+
+        def take() -> Job | None:
+            with self.runtime.engine.begin() as conn:
+                taken = jobs.take_over(conn, job, self.owner, self.clock(), self.lease)
+                current = jobs.get(conn, job.id)
+            if taken is None and current.status == "running" and current.lease_owner == self.owner:
+                return current  # taken by an earlier try whose answer the outage lost
+            return taken
+
+        taken = resilience.retry_outages(
+            f"backfill job {job.id}",
+            take,
+            stop=stop,
+            max_outage=self.max_outage,
+            engine=self.runtime.engine,
+        )
         if taken is None:
             raise jobs.JobError(
                 f"backfill job {job.id} ({job.bucket_id}): changed hands meanwhile"
@@ -194,6 +221,7 @@ class Runner:
                 lambda: self._resume(job, bucket, progress, stop),
                 stop=stop,
                 max_outage=self.max_outage,
+                engine=self.runtime.engine,
             )
         except Exception as exc:
             if resilience.is_outage(exc) or isinstance(exc, resilience.OutageTimeout):
@@ -207,7 +235,9 @@ class Runner:
             with self.runtime.engine.connect() as conn:
                 return jobs.get(conn, job.id)
 
-        return resilience.retry_outages(name, current, stop=stop, max_outage=self.max_outage)
+        return resilience.retry_outages(
+            name, current, stop=stop, max_outage=self.max_outage, engine=self.runtime.engine
+        )
 
     def _resume(
         self, job: Job, bucket: Bucket, progress: Progress | None, stop: threading.Event | None

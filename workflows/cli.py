@@ -600,12 +600,14 @@ def backfill_command(
     or with --take-over; otherwise the command refuses. A database restart is ridden out (the
     job resumes from its cursor); one unavailable for longer than BUCKETS_MAX_OUTAGE ends the
     command with exit status 1, the job left to be resumed."""
+    from buckets.resilience import retry_outages
     from workflows import backfill
     from workflows.backfill import CHUNK, Runner
 
     if (bucket_id is None) == (not deploy):
         raise click.UsageError("give a BUCKET_ID or --deploy (not both)")
     with opened_runtime(database_url, definitions) as runtime:
+        max_outage = runtime.settings.max_outage
         if dry_run:
             if bucket_id is None:
                 raise click.UsageError("--dry-run needs a BUCKET_ID")
@@ -618,18 +620,29 @@ def backfill_command(
             emit(as_json, report.to_dict(), human)
             return
         if deploy:
-            backfill.deploy(runtime, now)
-            from workflows import jobs
 
-            with runtime.engine.connect() as conn:
-                pending = [j for j in jobs.jobs(conn) if j.status == "pending"]
+            def deployed() -> list[Any]:
+                from workflows import jobs
+
+                backfill.deploy(runtime, now)
+                with runtime.engine.connect() as conn:
+                    return [j for j in jobs.jobs(conn) if j.status == "pending"]
+
+            pending = retry_outages(
+                "backfill --deploy", deployed, max_outage=max_outage, engine=runtime.engine
+            )
         else:
             assert bucket_id is not None
-            job, created = backfill.start(runtime, bucket_id, now, emit=emit_joins)
+            job, created = retry_outages(
+                f"backfill {bucket_id}",
+                lambda: backfill.start(runtime, bucket_id, now, emit=emit_joins),
+                max_outage=max_outage,
+                engine=runtime.engine,
+            )
             if not created:
                 _check_resumable(job, emit_joins, take_over)
             pending = [job]
-        runner = Runner(runtime, chunk=chunk_size or CHUNK, max_outage=runtime.settings.max_outage)
+        runner = Runner(runtime, chunk=chunk_size or CHUNK, max_outage=max_outage)
         finished = [_run_with_progress(runner, job, as_json) for job in pending]
     payload = {"jobs": [job.to_dict() for job in finished]}
     human = "\n".join(

@@ -60,12 +60,14 @@ class Worker:
     def start(self) -> list[Any]:
         """Migrate, deploy, start the scheduler and the loops; returns the jobs deployed."""
 
+        engine = self.runtime.engine
+
         def prepare() -> list[Any]:
             upgrade(self.runtime.engine)
             return deploy(self.runtime, self.clock())
 
         created = resilience.retry_outages(
-            "worker start", prepare, stop=self.stop, max_outage=self.max_outage
+            "worker start", prepare, stop=self.stop, max_outage=self.max_outage, engine=engine
         )
         for job in created:
             log.info("deployed: %s backfill job %d for %s", job.mode, job.id, job.bucket_id)
@@ -78,7 +80,9 @@ class Worker:
             ("backfills", self._backfills, BACKFILL_POLL_SECONDS),
             ("reaper", self._reap, REAPER_SECONDS),
         ):
-            loop = resilience.forever(name, step, self.stop, every=every, max_outage=limit)
+            loop = resilience.forever(
+                name, step, self.stop, every=every, max_outage=limit, engine=engine
+            )
             self.supervisor.start(name, loop)
         return created
 
@@ -118,7 +122,13 @@ class Worker:
                 raise DatabaseUnavailableError(f"the connection was lost reconciling {names}")
 
         try:
-            resilience.retry_outages("reconcile", tick, stop=self.stop, max_outage=self.max_outage)
+            resilience.retry_outages(
+                "reconcile",
+                tick,
+                stop=self.stop,
+                max_outage=self.max_outage,
+                engine=self.runtime.engine,
+            )
         except Exception as exc:
             if not (self.stop.is_set() and resilience.is_outage(exc)):
                 self.supervisor.fail("reconcile", exc)
