@@ -13,7 +13,7 @@ queue) as of the dataset's ``NOW``; then ordinary ticks run at ``NOW`` + 5 min, 
   ``UPDATE`` of the same membership rows feeding one ``INSERT`` of as many ledger rows, in a
   transaction rolled back (median of ``--runs``): the cost of the writes alone, with nothing
   decided;
-* target: 1.5 × floor + 20 ms per cron bucket (issue 11).
+* target: 1.5 x floor + 20 ms per cron bucket (issue 11).
 
 Before the queue existed (PERFORMANCE-NOTES.md) the same ticks took 3.5-4.6 s at 100k and
 40-52 s at 1M. The same run prints how the tick time scales from the first size to the second.
@@ -139,9 +139,8 @@ def run_size(base: URL, size: int, runs: int) -> list[dict[str, Any]]:
     deploy(rt, NOW)
     for job in Runner(rt, clock=lambda: NOW).run_pending():
         assert job.status == "completed", job
-    print(
-        f"{size:,} contacts: deployed 20 buckets (backfills + queue) in {time.perf_counter() - started:.1f} s"
-    )
+    deployed = time.perf_counter() - started
+    print(f"{size:,} contacts: deployed 20 buckets (backfills + queue) in {deployed:.1f} s")
     with engine.connect() as conn:
         entries = conn.execute(sa.text("SELECT count(*) FROM bucket_due")).scalar_one()
     print(f"  due-queue entries: {entries:,}")
@@ -190,21 +189,22 @@ def main(argv: list[str] | None = None) -> int:
     base = resolve_database_url(load_settings(database_url=args.database_url))
     sizes = [int(size) for size in args.sizes.split(",")]
     results = [row for size in sizes for row in run_size(base, size, args.runs)]
-    print(
-        f"\n{'contacts':>10} {'tick':<6} {'time':>10} {'transitions':>12} {'floor':>9} {'target':>9}"
-    )
+    header = ("contacts", "tick", "time", "transitions", "floor", "target")
+    print("\n{:>10} {:<6} {:>10} {:>12} {:>9} {:>9}".format(*header))
     for row in results:
         print(
             f"{row['size']:>10,} {row['tick']:<6} {row['seconds'] * 1000:>7.1f} ms"
-            f" {row['transitions']:>12,} {row['floor'] * 1000:>6.1f} ms {row['target'] * 1000:>6.1f} ms"
+            f" {row['transitions']:>12,} {row['floor'] * 1000:>6.1f} ms"
+            f" {row['target'] * 1000:>6.1f} ms"
         )
     if len(sizes) == 2:
         small, large = sizes
         for label in OFFSETS:
             a = next(r for r in results if r["size"] == small and r["tick"] == label)
             z = next(r for r in results if r["size"] == large and r["tick"] == label)
+            ratio = z["seconds"] / a["seconds"]
             print(
-                f"{label}: tick at {large:,} / tick at {small:,} = {z['seconds'] / a['seconds']:.2f}"
+                f"{label}: tick at {large:,} / tick at {small:,} = {ratio:.2f}"
                 f" (transitions {z['transitions']:,} vs {a['transitions']:,})"
             )
     return 0

@@ -20,7 +20,8 @@ enrollment is ``failed``; other enrollments are not held up. Suppressed transiti
 (``emitted = false``: entry limit, backfill, deletion) are never claimed.
 
 Latency: a statement-level trigger ``NOTIFY``s ``buckets_transitions`` whenever emitted
-transitions are inserted; :func:`run_dispatcher` listens and also polls as a fallback.
+transitions are inserted; :func:`run_dispatcher` listens and also polls as a fallback, and
+reconnects (re-listening, draining what it missed) when the database goes away.
 """
 
 from __future__ import annotations
@@ -38,9 +39,11 @@ from sqlalchemy.dialects.postgresql import ARRAY
 from sqlalchemy.dialects.postgresql import insert as pg_insert
 from sqlalchemy.engine import Connection
 
+from buckets.db import CONNECT_TIMEOUT_SECONDS
 from buckets.journeys import Journey
 from buckets.models import bucket_transitions as transitions
 from buckets.models import contacts, journey_enrollments
+from buckets.resilience import forever
 from buckets.runtime import Runtime, get_runtime
 
 log = logging.getLogger("buckets.dispatcher")
@@ -384,22 +387,42 @@ def complete_enrollment(
 
 
 def run_dispatcher(
-    runtime: Runtime, stop: threading.Event, *, poll_seconds: float = 1.0
+    runtime: Runtime,
+    stop: threading.Event,
+    *,
+    poll_seconds: float = 1.0,
+    max_outage: timedelta | float | None = None,
 ) -> Dispatched:
     """Dispatch continuously until ``stop`` is set: drain, then wait for a NOTIFY on
-    ``buckets_transitions`` (or ``poll_seconds``, a fallback for missed notifications)."""
+    ``buckets_transitions`` (or ``poll_seconds``, a fallback for missed notifications).
+
+    A lost database is ridden out (:mod:`buckets.resilience`): the listening connection is
+    opened again, ``LISTEN`` re-issued and the ledger drained (whatever was emitted meanwhile is
+    found there; a batch whose transaction was lost was not applied, and deliveries whose outcome
+    was not recorded are redelivered once their reservation lapses). After ``max_outage`` of
+    continuous outage it raises :class:`~buckets.resilience.OutageTimeout`; any other error
+    propagates (the caller's supervisor decides)."""
     dispatcher = Dispatcher(runtime)
     total = Dispatched()
     url = runtime.engine.url.set(drivername="postgresql").render_as_string(hide_password=False)
-    with psycopg.connect(url, autocommit=True) as listener:
-        listener.execute(f"LISTEN {CHANNEL}")
-        while not stop.is_set():
-            try:
-                total.add(dispatcher.drain(stop=stop))
-            except Exception:  # a database hiccup must not kill the worker: log, retry
-                log.exception("dispatch failed; retrying")
-                stop.wait(poll_seconds)
-                continue
-            for _ in listener.notifies(timeout=poll_seconds, stop_after=1):
-                pass  # woken by a notification (or the poll timeout): drain again
+    listener: list[psycopg.Connection[Any]] = []  # the open LISTEN connection, if any
+
+    def step() -> None:
+        if listener and (listener[0].closed or listener[0].broken):
+            listener.pop().close()
+        if not listener:
+            connection = psycopg.connect(
+                url, autocommit=True, connect_timeout=CONNECT_TIMEOUT_SECONDS
+            )
+            listener.append(connection)
+            connection.execute(f"LISTEN {CHANNEL}")
+        total.add(dispatcher.drain(stop=stop))
+        for _ in listener[0].notifies(timeout=poll_seconds, stop_after=1):
+            pass  # woken by a notification (or the poll timeout): drain again
+
+    try:
+        forever("dispatcher", step, stop, max_outage=max_outage, engine=runtime.engine)()
+    finally:
+        for connection in listener:
+            connection.close()
     return total

@@ -45,9 +45,11 @@ from sqlalchemy.engine import Connection
 from sqlalchemy.exc import DBAPIError, OperationalError
 
 from buckets.decide import Ask, decide
+from buckets.errors import DatabaseUnavailableError, IngestInterruptedError
 from buckets.ledger import Transition, caused_by
 from buckets.membership import latest_of, watermark
 from buckets.models import contacts, user_events
+from buckets.resilience import first_line, is_outage
 from buckets.runtime import Runtime, get_runtime
 from buckets.validation import EventIn, IngestError, validate_event
 
@@ -146,7 +148,14 @@ def ingest_event(  # noqa: PLR0917 - SPEC §5 gives these fields positionally
         "idempotency_key": idempotency_key,
     }
     checked = validate_event(data, now=at, settings=rt.settings)
-    [result] = _ingest_chunk(rt, [checked], at)
+    try:
+        [result] = _ingest_chunk(rt, [checked], at)
+    except DBAPIError as exc:
+        if is_outage(exc):
+            raise DatabaseUnavailableError(
+                f"event not ingested, the database is unavailable: {first_line(exc)}"
+            ) from exc
+        raise
     return result
 
 
@@ -160,7 +169,10 @@ def ingest_events(
     """Ingest many events, one transaction per chunk, with per-event semantics and results.
 
     Each entry of ``events`` has the fields of :func:`ingest_event`. Bad events are reported in
-    the result (an :class:`IngestError` carrying their index) and do not stop the others.
+    the result (an :class:`IngestError` carrying their index) and do not stop the others. A
+    database that becomes unavailable is not bad input: the batch stops at once with
+    :class:`~buckets.errors.IngestInterruptedError`, naming the first event not ingested and
+    carrying the results of those before it.
     """
     rt = get_runtime(runtime)
     at = _now(now)
@@ -169,7 +181,15 @@ def ingest_events(
     pending: list[tuple[int, EventIn]] = []
 
     def flush() -> None:
-        for (index, _), result in zip(pending, _ingest_chunk_safely(rt, pending, at), strict=True):
+        try:
+            outcomes = _ingest_chunk_safely(rt, pending, at)
+        except IngestInterruptedError as stopped:  # the database, not the input: stop here
+            partial = stopped.results if isinstance(stopped.results, list) else []
+            for (index, _), result in zip(pending, partial, strict=False):
+                results[index] = result
+            stopped.results = BatchResult(results[: stopped.index])
+            raise
+        for (index, _), result in zip(pending, outcomes, strict=True):
             results[index] = result
         pending.clear()
 
@@ -189,10 +209,15 @@ def ingest_events(
 def _ingest_chunk_safely(
     rt: Runtime, chunk: Sequence[tuple[int, EventIn]], now: datetime
 ) -> list[IngestResult | IngestError]:
-    """A chunk in one transaction; on a database error, each event on its own."""
+    """A chunk in one transaction; on a database error, each event on its own. An outage (the
+    connection lost, the server unreachable: :func:`buckets.resilience.is_outage`) is no
+    event's fault: it raises :class:`IngestInterruptedError` naming the first event not
+    ingested, with the results of the chunk's events before it."""
     try:
         return list(_ingest_chunk(rt, [event for _, event in chunk], now))
-    except DBAPIError:
+    except DBAPIError as exc:
+        if is_outage(exc):
+            raise IngestInterruptedError(chunk[0][0], first_line(exc), []) from exc
         if len(chunk) == 1:
             raise
     out: list[IngestResult | IngestError] = []
@@ -200,9 +225,9 @@ def _ingest_chunk_safely(
         try:
             out.extend(_ingest_chunk(rt, [event], now))
         except DBAPIError as exc:
-            from buckets.db import first_line
-
-            message = f"database rejected the event: {first_line(exc.orig)}"
+            if is_outage(exc):
+                raise IngestInterruptedError(index, first_line(exc), out) from exc
+            message = f"database rejected the event: {first_line(exc)}"
             out.append(IngestError("event", message, index=index, external_id=event.external_id))
     return out
 

@@ -69,6 +69,14 @@ class Settings(BaseSettings):
         default=timedelta(minutes=5),
         description="How far past `now` an event's occurred_at may be (seconds or ISO 8601).",
     )
+    max_outage: timedelta = Field(
+        default=timedelta(minutes=5),
+        ge=timedelta(0),
+        description=(
+            "How long a long-running process (worker, dispatcher, backfill) keeps retrying an"
+            " unavailable database before it exits non-zero (seconds or ISO 8601; 0: forever)."
+        ),
+    )
     ingest_chunk_size: int = Field(
         default=500,
         gt=0,
@@ -84,6 +92,17 @@ class Settings(BaseSettings):
     def _blank_is_unset(cls, value: str | None) -> str | None:
         if value is not None and not value.strip():
             return None
+        return value
+
+    @field_validator("max_outage", mode="before")
+    @classmethod
+    def _seconds(cls, value: Any) -> Any:
+        """A bare number is seconds (pydantic only takes ISO 8601 or [HH:MM:]SS strings)."""
+        if isinstance(value, str):
+            try:
+                return float(value)
+            except ValueError:
+                return value
         return value
 
     @field_validator("reconcile_cron", "full_sweep_cron")

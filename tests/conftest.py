@@ -105,6 +105,21 @@ def _testcontainers_postgres() -> Any:
 _servers_used: list[PgServer] = []
 
 
+def pytest_addoption(parser: Any) -> None:
+    parser.addoption(
+        "--soak", action="store_true", help="also run the long fault runs (marked soak)"
+    )
+
+
+def pytest_collection_modifyitems(config: Any, items: list[Any]) -> None:
+    if config.getoption("--soak"):
+        return
+    skip = pytest.mark.skip(reason="a long fault run: pass --soak to run it")
+    for item in items:
+        if "soak" in item.keywords:
+            item.add_marker(skip)
+
+
 def pytest_terminal_summary(terminalreporter: Any) -> None:
     for server in _servers_used:
         where = server.url.render_as_string(hide_password=True)

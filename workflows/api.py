@@ -21,7 +21,7 @@ from sqlalchemy.exc import DataError
 
 from buckets.admin import bucket_states, ledger_page, members_page, preview
 from buckets.contacts import UnknownContactError
-from buckets.errors import BucketsError
+from buckets.errors import BucketsError, DatabaseUnavailableError
 from buckets.explain import explain
 from buckets.ingest import ingest_events
 from buckets.registry import UnknownBucketError, set_enabled
@@ -282,6 +282,8 @@ def create_app(runtime: Runtime) -> FastAPI:
     app.add_exception_handler(UnknownBucketError, _detail(404, ["path", "bucket_id"]))
     app.add_exception_handler(UnknownContactError, _detail(404, ["path", "external_id"]))
     app.add_exception_handler(BucketsError, _detail(409, []))
+    # A batch the database stopped (not its input): retry later, from the index named.
+    app.add_exception_handler(DatabaseUnavailableError, _detail(503, []))
     # The database refusing a value it cannot store is still bad input, not a server error.
     app.add_exception_handler(DataError, _detail(422, []))
     app.include_router(router)

@@ -40,7 +40,7 @@ import sqlalchemy as sa
 from sqlalchemy.dialects.postgresql import insert as pg_insert
 from sqlalchemy.engine import Connection
 
-from buckets import due
+from buckets import due, resilience
 from buckets.candidates import join_matching, leave_failing
 from buckets.definitions import Bucket
 from buckets.membership import Changes, Source
@@ -59,6 +59,23 @@ Progress = Callable[[Job], None]
 
 def worker_id() -> str:
     return f"{socket.gethostname()}:{os.getpid()}:{threading.get_ident()}"
+
+
+def holder_gone(owner: str | None) -> bool:
+    """The lease holder ``owner`` (a :func:`worker_id`) was a process of this host that no
+    longer exists (killed, crashed): its lease protects nothing, the job can be taken over.
+    Holders on other hosts cannot be checked from here (False)."""
+    host, _, rest = (owner or "").partition(":")
+    pid = rest.partition(":")[0]
+    if host != socket.gethostname() or not pid.isdigit():
+        return False
+    try:
+        os.kill(int(pid), 0)
+    except ProcessLookupError:
+        return True
+    except PermissionError:  # alive, someone else's
+        return False
+    return False
 
 
 def mode_for(conn: Connection, bucket: Bucket) -> str | None:
@@ -115,13 +132,22 @@ def start(
 
 @dataclass
 class Runner:
-    """Executes claimed jobs chunk by chunk."""
+    """Executes claimed jobs chunk by chunk.
+
+    A lost database does not fail the job: the runner waits for it (:mod:`buckets.resilience`,
+    at most ``max_outage``), makes sure the job is still its own (claiming it again if the
+    reaper put it back to pending meanwhile) and resumes from the job's cursor, which commits
+    with every chunk. Any other error fails the job. Giving up on the database, or a stop
+    requested during the outage, leaves the job running under its lease: the reaper (or
+    ``buckets backfill ID`` on the same host) resumes it from its cursor.
+    """
 
     runtime: Runtime
     owner: str = ""
     chunk: int = CHUNK
     lease: timedelta = LEASE
     clock: Callable[[], datetime] = lambda: datetime.now(UTC)
+    max_outage: timedelta | float | None = None
 
     def __post_init__(self) -> None:
         self.owner = self.owner or worker_id()
@@ -131,15 +157,59 @@ class Runner:
     ) -> Job:
         """Claim job ``job_id`` and run it to its end (or until ``stop``: then it is released,
         pending again, to be resumed)."""
-        with self.runtime.engine.begin() as conn:
-            job = jobs.claim(conn, job_id, self.owner, self.clock(), self.lease)
-        if job is None:
+
+        def claim() -> Job:
+            with self.runtime.engine.begin() as conn:
+                job = jobs.claim(conn, job_id, self.owner, self.clock(), self.lease)
+            if job is not None:
+                return job
             with self.runtime.engine.connect() as conn:
                 current = jobs.get(conn, job_id)
+            if current.status == "running" and current.lease_owner == self.owner:
+                return current  # claimed by an earlier try whose answer the outage lost
             raise jobs.JobError(
                 f"backfill job {job_id} ({current.bucket_id}): {current.status}, not claimable"
             )
+
+        job = resilience.retry_outages(
+            f"backfill job {job_id}",
+            claim,
+            stop=stop,
+            max_outage=self.max_outage,
+            engine=self.runtime.engine,
+        )
         return self._execute(job, progress, stop)
+
+    def take_over(
+        self,
+        job: Job,
+        progress: Progress | None = None,
+        stop: threading.Event | None = None,
+    ) -> Job:
+        """Run a ``running`` job whose lease holder is gone, from its cursor (the lease passes
+        to this runner only if ``job.lease_owner`` still holds it)."""
+
+        def take() -> Job | None:
+            with self.runtime.engine.begin() as conn:
+                taken = jobs.take_over(conn, job, self.owner, self.clock(), self.lease)
+                current = jobs.get(conn, job.id)
+            if taken is None and current.status == "running" and current.lease_owner == self.owner:
+                return current  # taken by an earlier try whose answer the outage lost
+            return taken
+
+        taken = resilience.retry_outages(
+            f"backfill job {job.id}",
+            take,
+            stop=stop,
+            max_outage=self.max_outage,
+            engine=self.runtime.engine,
+        )
+        if taken is None:
+            raise jobs.JobError(
+                f"backfill job {job.id} ({job.bucket_id}): changed hands meanwhile"
+                " (see `buckets jobs`)"
+            )
+        return self._execute(taken, progress, stop)
 
     def run_pending(self, stop: threading.Event | None = None) -> list[Job]:
         """Claim and run pending jobs until there are none (or ``stop``)."""
@@ -153,16 +223,44 @@ class Runner:
         return done
 
     def _execute(self, job: Job, progress: Progress | None, stop: threading.Event | None) -> Job:
+        name = f"backfill job {job.id} ({job.bucket_id})"
         try:
             bucket = self.runtime.registry.get(job.bucket_id)
-            job = self._chunks(job, bucket, progress, stop)
+            resilience.retry_outages(
+                name,
+                lambda: self._resume(job, bucket, progress, stop),
+                stop=stop,
+                max_outage=self.max_outage,
+                engine=self.runtime.engine,
+            )
         except Exception as exc:
-            log.exception("backfill job %d (%s) failed", job.id, job.bucket_id)
+            if resilience.is_outage(exc) or isinstance(exc, resilience.OutageTimeout):
+                raise  # not the job's fault: it keeps its lease and cursor (see the class doc)
+            log.exception("%s failed", name)
             with self.runtime.engine.begin() as conn:
                 error = f"{type(exc).__name__}: {exc}"
                 jobs.finish(conn, job, self.owner, self.clock(), status="failed", error=error)
-        with self.runtime.engine.connect() as conn:
-            return jobs.get(conn, job.id)
+
+        def current() -> Job:
+            with self.runtime.engine.connect() as conn:
+                return jobs.get(conn, job.id)
+
+        return resilience.retry_outages(
+            name, current, stop=stop, max_outage=self.max_outage, engine=self.runtime.engine
+        )
+
+    def _resume(
+        self, job: Job, bucket: Bucket, progress: Progress | None, stop: threading.Event | None
+    ) -> Job:
+        """Run the job from its cursor, if it is still ours (after an outage it may have been
+        reaped back to pending: claim it again; finished, cancelled or someone else's: stop)."""
+        with self.runtime.engine.begin() as conn:
+            current = jobs.get(conn, job.id)
+            if current.status == "pending":
+                current = jobs.claim(conn, job.id, self.owner, self.clock(), self.lease) or current
+        if current.status != "running" or current.lease_owner != self.owner:
+            return current
+        return self._chunks(current, bucket, progress, stop)
 
     def _chunks(
         self, job: Job, bucket: Bucket, progress: Progress | None, stop: threading.Event | None

@@ -215,7 +215,10 @@ def ingest_command(
 ) -> None:
     """Ingest events from a JSON Lines FILE ("-" for stdin), one object per line with the
     fields of ingest_event. Valid lines are ingested even when others are rejected; the exit
-    status is 1 if any line was rejected."""
+    status is 1 if any line was rejected (bad input, each one named). If the database fails
+    instead, nothing after the chunk in flight is attempted: the exit status is 2 and the
+    message names the line to resume from (every line before it was processed)."""
+    from buckets.errors import IngestInterruptedError
     from buckets.ingest import ingest_events
     from buckets.validation import IngestError
 
@@ -230,8 +233,15 @@ def ingest_command(
             lines.append(number)
         except ValueError as exc:
             rejected.append({"line": number, "reason": f"not valid JSON: {exc}"})
+    failed: dict[str, Any] | None = None
     with opened_runtime(database_url, definitions) as runtime:
-        result = ingest_events(events, now=now, runtime=runtime)
+        try:
+            result = ingest_events(events, now=now, runtime=runtime)
+        except IngestInterruptedError as exc:
+            result = exc.results
+            failed = {"line": lines[exc.index], "reason": f"database unavailable: {exc.reason}"}
+            # lines from there on were not processed: the resumed run reads them again
+            rejected = [item for item in rejected if item["line"] < failed["line"]]
     for index, outcome in enumerate(result.results):
         if isinstance(outcome, IngestError):
             rejected.append({"line": lines[index], "reason": f"{outcome.field}: {outcome.reason}"})
@@ -245,6 +255,8 @@ def ingest_command(
         "rejections": rejected,
         "transitions": len(transitions),
         "emitted": sum(1 for t in transitions if t.emitted),
+        "failed": failed,
+        "resume_from_line": failed["line"] if failed else None,
     }
     human = (
         f"accepted {result.accepted}, duplicate {result.duplicates}, rejected {len(rejected)}"
@@ -253,6 +265,13 @@ def ingest_command(
     )
     human += "".join(f"\nline {item['line']}: {item['reason']}" for item in rejected)
     emit(as_json, payload, human)
+    if failed is not None:
+        click.echo(
+            f"buckets: error: line {failed['line']}: {failed['reason']}; not ingested from there"
+            f" on (every line before it was processed): resume from line {failed['line']}",
+            err=True,
+        )
+        sys.exit(2)
     if rejected:
         sys.exit(1)
 
@@ -313,6 +332,13 @@ def reconcile_command(
     emit(as_json, tick.to_dict(), "\n".join(lines))
     if tick.failed:
         sys.exit(1)
+
+
+def _log_to_stderr() -> None:
+    """Log lines of the long-running commands (worker, dispatcher) on stderr."""
+    import logging
+
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s")
 
 
 def _table(title: str, columns: list[str], rows: list[list[Any]]) -> str:
@@ -545,7 +571,9 @@ def dispatch_command(
     *, once: bool, now: datetime, database_url: str | None, definitions: str | None, as_json: bool
 ) -> None:
     """Deliver emitted transitions to the journeys bound to them. With --once, drain what is
-    pending as of --now; otherwise run until SIGINT/SIGTERM (listening for new transitions)."""
+    pending as of --now; otherwise run until SIGINT/SIGTERM (listening for new transitions),
+    riding out database restarts; a database unavailable for longer than BUCKETS_MAX_OUTAGE
+    ends it with exit status 1."""
     import signal
     import threading
 
@@ -555,10 +583,11 @@ def dispatch_command(
         if once:
             result = dispatch_once(runtime, now=now)
         else:
+            _log_to_stderr()
             stop = threading.Event()
             for signum in (signal.SIGINT, signal.SIGTERM):
                 signal.signal(signum, lambda *_: stop.set())
-            result = run_dispatcher(runtime, stop)
+            result = run_dispatcher(runtime, stop, max_outage=runtime.settings.max_outage)
     counts = result.to_dict()
     emit(as_json, counts, ", ".join(f"{key} {value}" for key, value in counts.items()))
 
@@ -570,6 +599,11 @@ def dispatch_command(
 @click.option(
     "--emit", "emit_joins", is_flag=True, help="Admin backfills: emit joins (entry limit applies)."
 )
+@click.option(
+    "--take-over",
+    is_flag=True,
+    help="Resume the bucket's running job even though its lease holder may be alive.",
+)
 @click.option("--chunk-size", type=click.IntRange(min=1), default=None, hidden=True)
 @now_option
 @common_options
@@ -579,6 +613,7 @@ def backfill_command(
     deploy: bool,
     dry_run: bool,
     emit_joins: bool,
+    take_over: bool,
     chunk_size: int | None,
     now: datetime,
     database_url: str | None,
@@ -586,13 +621,21 @@ def backfill_command(
     as_json: bool,
 ) -> None:
     """Backfill BUCKET_ID in the foreground (its first-time job if it never completed one,
-    else an admin job), or with --deploy every first-time / re-evaluation job needed."""
+    else an admin job), or with --deploy every first-time / re-evaluation job needed.
+
+    If the bucket already has a job, it is resumed from its cursor when it is pending, or
+    running under a lease whose holder is gone (a process of this host that no longer exists),
+    or with --take-over; otherwise the command refuses. A database restart is ridden out (the
+    job resumes from its cursor); one unavailable for longer than BUCKETS_MAX_OUTAGE ends the
+    command with exit status 1, the job left to be resumed."""
+    from buckets.resilience import retry_outages
     from workflows import backfill
     from workflows.backfill import CHUNK, Runner
 
     if (bucket_id is None) == (not deploy):
         raise click.UsageError("give a BUCKET_ID or --deploy (not both)")
     with opened_runtime(database_url, definitions) as runtime:
+        max_outage = runtime.settings.max_outage
         if dry_run:
             if bucket_id is None:
                 raise click.UsageError("--dry-run needs a BUCKET_ID")
@@ -605,21 +648,29 @@ def backfill_command(
             emit(as_json, report.to_dict(), human)
             return
         if deploy:
-            backfill.deploy(runtime, now)
-            from workflows import jobs
 
-            with runtime.engine.connect() as conn:
-                pending = [j for j in jobs.jobs(conn) if j.status == "pending"]
+            def deployed() -> list[Any]:
+                from workflows import jobs
+
+                backfill.deploy(runtime, now)
+                with runtime.engine.connect() as conn:
+                    return [j for j in jobs.jobs(conn) if j.status == "pending"]
+
+            pending = retry_outages(
+                "backfill --deploy", deployed, max_outage=max_outage, engine=runtime.engine
+            )
         else:
             assert bucket_id is not None
-            job, created = backfill.start(runtime, bucket_id, now, emit=emit_joins)
+            job, created = retry_outages(
+                f"backfill {bucket_id}",
+                lambda: backfill.start(runtime, bucket_id, now, emit=emit_joins),
+                max_outage=max_outage,
+                engine=runtime.engine,
+            )
             if not created:
-                raise CliError(
-                    f"{bucket_id}: backfill job {job.id} is already {job.status}"
-                    " (see `buckets jobs`)"
-                )
+                _check_resumable(job, emit_joins, take_over)
             pending = [job]
-        runner = Runner(runtime, chunk=chunk_size or CHUNK)
+        runner = Runner(runtime, chunk=chunk_size or CHUNK, max_outage=max_outage)
         finished = [_run_with_progress(runner, job, as_json) for job in pending]
     payload = {"jobs": [job.to_dict() for job in finished]}
     human = "\n".join(
@@ -632,11 +683,35 @@ def backfill_command(
         sys.exit(1)
 
 
+def _check_resumable(job: Any, emit_joins: bool, take_over: bool) -> None:
+    """The bucket's existing job may be run here (resumed from its cursor), or a CliError."""
+    from workflows.backfill import holder_gone
+
+    where = f"{job.bucket_id}: backfill job {job.id}"
+    if emit_joins and not job.emit_joins:
+        raise CliError(f"{where} is already {job.status}, without --emit (see `buckets jobs`)")
+    if job.status == "running" and not take_over and not holder_gone(job.lease_owner):
+        raise CliError(
+            f"{where} is already running (lease held by {job.lease_owner} until"
+            f" {job.lease_expires_at:%Y-%m-%d %H:%M:%S %Z}); if that process is gone,"
+            " pass --take-over"
+        )
+    held = f", taken over from {job.lease_owner}" if job.status == "running" else ""
+    after = (job.cursor or {}).get("after")
+    origin = f"after contact id {after}" if after is not None else "from the start"
+    click.echo(f"buckets: resuming {where} ({job.mode}) {origin}{held}", err=True)
+
+
 def _run_with_progress(runner: Any, job: Any, quiet: bool) -> Any:
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TimeElapsedColumn
 
+    def run(**options: Any) -> Any:
+        if job.status == "running":
+            return runner.take_over(job, **options)
+        return runner.run(job.id, **options)
+
     if quiet:
-        return runner.run(job.id)
+        return run()
     columns = [*Progress.get_default_columns()[:2], BarColumn(), MofNCompleteColumn()]
     with Progress(*columns, TimeElapsedColumn(), console=_stderr()) as bar:
         task = bar.add_task(f"{job.bucket_id} ({job.mode})", total=None)
@@ -644,7 +719,7 @@ def _run_with_progress(runner: Any, job: Any, quiet: bool) -> Any:
         def progress(current: Any) -> None:
             bar.update(task, completed=current.processed, total=current.total)
 
-        return runner.run(job.id, progress=progress)
+        return run(progress=progress)
 
 
 def _stderr() -> Any:
@@ -690,12 +765,12 @@ def jobs_command(
 @common_options
 def run_command(database_url: str | None, definitions: str | None, as_json: bool) -> None:
     """Run the worker: reconcile on BUCKETS_RECONCILE_CRON, the dispatcher, backfill jobs and
-    the reaper, until SIGTERM/SIGINT (then finish or release what is in flight)."""
-    import logging
-
+    the reaper, until SIGTERM/SIGINT (then finish or release what is in flight). Database
+    restarts are ridden out; a loop that dies, or a database unavailable for longer than
+    BUCKETS_MAX_OUTAGE, stops the worker with exit status 1."""
     from workflows.worker import run_worker
 
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s")
+    _log_to_stderr()
     with opened_runtime(database_url, definitions) as runtime:
         run_worker(runtime)
 

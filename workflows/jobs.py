@@ -140,6 +140,30 @@ def claim(conn: Connection, job_id: int, owner: str, now: datetime, lease: timed
     return Job.of(row) if row is not None else None
 
 
+def take_over(
+    conn: Connection, job: Job, owner: str, now: datetime, lease: timedelta
+) -> Job | None:
+    """Take the lease of a running job from ``job.lease_owner`` (a holder known to be gone),
+    only if that holder still has it (compare-and-swap); counts as an attempt."""
+    row = conn.execute(
+        sa.update(backfill_jobs)
+        .where(
+            backfill_jobs.c.id == job.id,
+            backfill_jobs.c.status == "running",
+            backfill_jobs.c.lease_owner == job.lease_owner,
+        )
+        .values(
+            lease_owner=owner,
+            lease_expires_at=now + lease,
+            heartbeat_at=now,
+            attempts=backfill_jobs.c.attempts + 1,
+            updated_at=sa.func.now(),
+        )
+        .returning(*backfill_jobs.c)
+    ).one_or_none()
+    return Job.of(row) if row is not None else None
+
+
 def claim_next(conn: Connection, owner: str, now: datetime, lease: timedelta) -> Job | None:
     """The oldest pending job nobody else is claiming right now."""
     pending = (

@@ -18,13 +18,13 @@ from apscheduler.schedulers.background import BackgroundScheduler
 from apscheduler.triggers.cron import CronTrigger
 
 from buckets.runtime import Runtime
-from workflows.reconcile import reconcile
+from workflows.reconcile import Tick, reconcile
 
 log = logging.getLogger("buckets.scheduler")
 MISFIRE_GRACE_SECONDS = 300
 
 
-def reconcile_job(runtime: Runtime, clock: Callable[[], datetime] | None = None) -> None:
+def reconcile_job(runtime: Runtime, clock: Callable[[], datetime] | None = None) -> Tick:
     """One tick as of its real start (never an earlier instant: decisions are monotone in
     time); its cron slot (the start truncated to the minute, crontab resolution) keeps the full
     passes once per slot when several workers fire the same tick."""
@@ -32,9 +32,10 @@ def reconcile_job(runtime: Runtime, clock: Callable[[], datetime] | None = None)
     tick = reconcile(now, runtime=runtime, slot=now.replace(second=0, microsecond=0))
     for failed in tick.failed:
         log.error("bucket %s failed in the tick of %s: %s", failed.bucket_id, now, failed.reason)
+    return tick
 
 
-def full_sweep_job(runtime: Runtime, clock: Callable[[], datetime] | None = None) -> None:
+def full_sweep_job(runtime: Runtime, clock: Callable[[], datetime] | None = None) -> Tick:
     """The full sweep (every member and candidate, the queue rebuilt): it should heal
     nothing; anything it heals is what the due queue missed, logged as a warning."""
     now = clock() if clock else datetime.now(UTC)
@@ -47,16 +48,24 @@ def full_sweep_job(runtime: Runtime, clock: Callable[[], datetime] | None = None
         log.warning("full sweep of %s healed %d changes the due queue had missed", now, tick.healed)
     else:
         log.info("full sweep of %s: nothing to heal", now)
+    return tick
 
 
-def build_scheduler(runtime: Runtime, **options: Any) -> BackgroundScheduler:
-    """A scheduler (not started) with the reconcile job and the full sweep on their
-    configured crontabs."""
+def build_scheduler(
+    runtime: Runtime,
+    *,
+    tick: Callable[[], object] | None = None,
+    sweep: Callable[[], object] | None = None,
+    **options: Any,
+) -> BackgroundScheduler:
+    """A scheduler (not started) with the reconcile job and the full sweep on their configured
+    crontabs. ``tick`` / ``sweep`` replace what the jobs call (default: ``reconcile_job(runtime)``
+    / ``full_sweep_job(runtime)``; the worker passes outage-resilient wrappers of them)."""
     scheduler = BackgroundScheduler(timezone=UTC, **options)
     scheduler.add_job(
-        full_sweep_job,
+        sweep or full_sweep_job,
         CronTrigger.from_crontab(runtime.settings.full_sweep_cron, timezone=UTC),
-        args=[runtime],
+        args=[] if sweep else [runtime],
         id="full_sweep",
         name="full sweep",
         max_instances=1,
@@ -65,9 +74,9 @@ def build_scheduler(runtime: Runtime, **options: Any) -> BackgroundScheduler:
         replace_existing=True,
     )
     scheduler.add_job(
-        reconcile_job,
+        tick or reconcile_job,
         CronTrigger.from_crontab(runtime.settings.reconcile_cron, timezone=UTC),
-        args=[runtime],
+        args=[] if tick else [runtime],
         id="reconcile",
         name="reconcile tick",
         max_instances=1,

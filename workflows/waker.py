@@ -15,7 +15,8 @@ import threading
 from collections.abc import Callable
 from datetime import UTC, datetime
 
-from buckets import due
+from buckets import due, resilience
+from buckets.errors import DatabaseUnavailableError
 from buckets.runtime import Runtime
 from workflows.reconcile import Tick, reconcile
 
@@ -33,14 +34,23 @@ class Waker:
     ) -> None:
         self.runtime, self.clock, self.poll = runtime, clock, poll
         self.bucket_ids = [bucket.id for bucket in runtime.registry if bucket.clocked]
+        self._lost_connections = resilience.lost_connections(runtime.engine)
 
     def step(self) -> tuple[Tick | None, float]:
         """Process what is due now; returns the tick (None: nothing was due) and how long to
-        sleep before the next step."""
+        sleep before the next step. A bucket that failed because the connection was lost
+        raises :class:`~buckets.errors.DatabaseUnavailableError` (an outage, retried by the
+        worker's loop)."""
         now = self.clock()
         with self.runtime.engine.connect() as conn:
             ready = due.due_buckets(conn, self.bucket_ids, now)
-        tick = reconcile(now, ready, runtime=self.runtime, due_only=True) if ready else None
+        tick = None
+        if ready:
+            before = self._lost_connections()
+            tick = reconcile(now, ready, runtime=self.runtime, due_only=True)
+            if tick.failed and self._lost_connections() > before:
+                names = ", ".join(bucket.bucket_id for bucket in tick.failed)
+                raise DatabaseUnavailableError(f"the connection was lost deciding {names}")
         with self.runtime.engine.connect() as conn:
             upcoming = due.next_due(conn, self.bucket_ids)
         if upcoming is None:
@@ -48,12 +58,12 @@ class Waker:
         wait = (upcoming - self.clock()).total_seconds()
         return tick, min(self.poll, max(wait, 0.0))
 
-    def run(self, stop: threading.Event) -> None:
-        """Step until ``stop`` is set."""
-        while not stop.is_set():
-            tick, wait = self.step()
-            if tick is not None and tick.transitions:
-                log.info("waker: %d transitions as of %s", tick.transitions, tick.now.isoformat())
-            for failed in tick.failed if tick is not None else ():
-                log.error("waker: bucket %s failed: %s", failed.bucket_id, failed.reason)
-            stop.wait(wait)
+    def step_and_wait(self, stop: threading.Event) -> None:
+        """One step, then sleep until the next entry falls due (at most ``poll``) or ``stop``:
+        the worker's loop (``resilience.forever``) calls it again and again."""
+        tick, wait = self.step()
+        if tick is not None and tick.transitions:
+            log.info("waker: %d transitions as of %s", tick.transitions, tick.now.isoformat())
+        for failed in tick.failed if tick is not None else ():
+            log.error("waker: bucket %s failed: %s", failed.bucket_id, failed.reason)
+        stop.wait(wait)

@@ -8,6 +8,14 @@ worker migrates the schema (serialised by an advisory lock) and deploys the defi
 stops taking work, lets a reconcile tick in flight finish, releases a backfill job at its next
 chunk boundary (pending again: another worker resumes it from its cursor) and lets the
 dispatcher finish the batch in hand.
+
+Every long-lived loop runs through :mod:`buckets.resilience`: the dispatcher, the waker, the
+backfill runner and the reaper are threads of the worker's :class:`~buckets.resilience.Supervisor`
+(``resilience.forever`` steps), the reconcile tick and the full sweep retry themselves while
+the database is away.
+A lost database is ridden out (each loop logs the outage once, and its end); one unavailable
+for longer than ``BUCKETS_MAX_OUTAGE``, or any loop dying of anything else, stops the whole
+worker, which then exits non-zero (:class:`WorkerError`): never a half-alive worker.
 """
 
 from __future__ import annotations
@@ -19,19 +27,25 @@ from collections.abc import Callable
 from datetime import UTC, datetime
 from typing import Any
 
-from apscheduler.triggers.interval import IntervalTrigger
-
+from buckets import resilience
 from buckets.dispatcher import run_dispatcher
+from buckets.errors import BucketsError, DatabaseUnavailableError
 from buckets.migrations import upgrade
 from buckets.runtime import Runtime
 from workflows import jobs
 from workflows.backfill import Runner, deploy
-from workflows.scheduler import build_scheduler
+from workflows.reconcile import Tick
+from workflows.scheduler import build_scheduler, full_sweep_job, reconcile_job
 from workflows.waker import Waker
 
 log = logging.getLogger("buckets.worker")
 BACKFILL_POLL_SECONDS = 2
 REAPER_SECONDS = 30
+SHUTDOWN_SECONDS = 30
+
+
+class WorkerError(BucketsError):
+    """A loop of the worker died (or the database stayed away too long): the worker stopped."""
 
 
 class Worker:
@@ -41,46 +55,58 @@ class Worker:
         self.runtime = runtime
         self.clock = clock
         self.stop = threading.Event()
-        self.runner = Runner(runtime, clock=clock)
-        self.scheduler = build_scheduler(runtime)
-        self.scheduler.add_job(
-            self._backfills,
-            IntervalTrigger(seconds=BACKFILL_POLL_SECONDS),
-            id="backfills",
-            max_instances=1,
-            coalesce=True,
+        self.supervisor = resilience.Supervisor(self.stop)
+        self.max_outage = runtime.settings.max_outage
+        self.runner = Runner(runtime, clock=clock, max_outage=self.max_outage)
+        self.scheduler = build_scheduler(
+            runtime,
+            tick=lambda: self._cron("reconcile", reconcile_job),
+            sweep=lambda: self._cron("full sweep", full_sweep_job),
         )
-        self.scheduler.add_job(
-            self._reap,
-            IntervalTrigger(seconds=REAPER_SECONDS),
-            id="reaper",
-            max_instances=1,
-            coalesce=True,
-        )
-        self.dispatcher = threading.Thread(
-            target=run_dispatcher, args=(runtime, self.stop), name="dispatcher", daemon=True
-        )
-        self.waker = threading.Thread(
-            target=Waker(runtime, clock=clock).run, args=(self.stop,), name="waker", daemon=True
-        )
+        self._lost_connections = resilience.lost_connections(runtime.engine)
+        self.waker = Waker(runtime, clock=clock)
 
     def start(self) -> list[Any]:
-        """Migrate, deploy, start the scheduler and the dispatcher; returns the jobs deployed."""
-        upgrade(self.runtime.engine)
-        created = deploy(self.runtime, self.clock())
+        """Migrate, deploy, start the scheduler and the loops; returns the jobs deployed."""
+
+        engine = self.runtime.engine
+
+        def prepare() -> list[Any]:
+            upgrade(self.runtime.engine)
+            return deploy(self.runtime, self.clock())
+
+        created = resilience.retry_outages(
+            "worker start", prepare, stop=self.stop, max_outage=self.max_outage, engine=engine
+        )
         for job in created:
             log.info("deployed: %s backfill job %d for %s", job.mode, job.id, job.bucket_id)
         self.scheduler.start()
-        self.dispatcher.start()
-        self.waker.start()
+        limit = self.max_outage
+        self.supervisor.start(
+            "dispatcher", lambda: run_dispatcher(self.runtime, self.stop, max_outage=limit)
+        )
+        for name, step, every in (
+            ("waker", lambda: self.waker.step_and_wait(self.stop), 0.0),
+            ("backfills", self._backfills, BACKFILL_POLL_SECONDS),
+            ("reaper", self._reap, REAPER_SECONDS),
+        ):
+            loop = resilience.forever(
+                name, step, self.stop, every=every, max_outage=limit, engine=engine
+            )
+            self.supervisor.start(name, loop)
         return created
+
+    @property
+    def dispatcher(self) -> threading.Thread:
+        return self.supervisor.threads["dispatcher"]
 
     def shutdown(self) -> None:
         """Graceful: finish or release what is in flight."""
         self.stop.set()
         self.scheduler.shutdown(wait=True)
-        self.dispatcher.join(timeout=30)
-        self.waker.join(timeout=30)
+        running = self.supervisor.join(timeout=SHUTDOWN_SECONDS)
+        if running:
+            log.warning("still running after %d s: %s", SHUTDOWN_SECONDS, ", ".join(running))
 
     def _backfills(self) -> None:
         for job in self.runner.run_pending(self.stop):
@@ -92,14 +118,45 @@ class Worker:
         if resumed or failed:
             log.warning("reaper: %d jobs resumable, %d failed (expired leases)", resumed, failed)
 
+    def _cron(self, name: str, job: Callable[[Runtime], Tick]) -> None:
+        """A cron job (the tick, the full sweep), run again while the database is away. A tick
+        isolates buckets (a failing one is reported, the others go on), so a bucket that failed
+        while this thread lost a connection counts as an outage: the job is retried (its full
+        passes run once per cron slot; due entries already decided are no longer due)."""
+
+        def run() -> None:
+            before = self._lost_connections()
+            result = job(self.runtime)
+            if result.failed and self._lost_connections() > before:
+                names = ", ".join(bucket.bucket_id for bucket in result.failed)
+                raise DatabaseUnavailableError(f"the connection was lost reconciling {names}")
+
+        try:
+            resilience.retry_outages(
+                name, run, stop=self.stop, max_outage=self.max_outage, engine=self.runtime.engine
+            )
+        except Exception as exc:
+            if not (self.stop.is_set() and resilience.is_outage(exc)):
+                self.supervisor.fail(name, exc)
+
 
 def run_worker(runtime: Runtime) -> None:
-    """Run until SIGTERM or SIGINT."""
+    """Run until SIGTERM or SIGINT; raises :class:`WorkerError` when a loop of the worker died
+    (the worker has then shut down, and the command exits non-zero)."""
     worker = Worker(runtime)
     for signum in (signal.SIGINT, signal.SIGTERM):
         signal.signal(signum, lambda *_: worker.stop.set())
-    worker.start()
+    try:
+        worker.start()
+    except resilience.OutageTimeout as exc:
+        raise WorkerError(str(exc)) from exc
+    except Exception as exc:
+        if worker.stop.is_set() and resilience.is_outage(exc):
+            return  # stopped while waiting for the database to start
+        raise
     log.info("worker running (reconcile cron %s)", runtime.settings.reconcile_cron)
     worker.stop.wait()
     log.info("shutting down")
     worker.shutdown()
+    if worker.supervisor.failure is not None:
+        raise WorkerError(f"worker stopped: {worker.supervisor.failure}")
