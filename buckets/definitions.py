@@ -142,6 +142,15 @@ class Bucket:
         return bool(self.event_names) or self.on_cron
 
     @cached_property
+    def matches_new_contacts(self) -> bool:
+        """A contact with no properties and no events matches (``count lt 2``, ``not_exists``,
+        ``neq``): such buckets are decided for every contact when it is created, whatever its
+        first event (nothing else would ever ask)."""
+        from buckets.criteria.evaluate import evaluate
+
+        return evaluate(self.criteria, {}, lambda condition: 0)
+
+    @cached_property
     def event_names(self) -> frozenset[str]:
         """Event names the criteria mention (the real-time path's index)."""
         return frozenset(

@@ -255,6 +255,7 @@ def _array(values: Sequence[Any], item: sa.types.TypeEngine[Any]) -> Any:
 class _Contact:
     id: int
     deleted: bool
+    created: bool = False  # by this chunk: its first event also decides on_creation buckets
 
 
 class _Chunk:
@@ -306,13 +307,16 @@ class _Chunk:
 
     def _lock_contacts(self, external_ids: list[str]) -> dict[str, _Contact]:
         """Create unknown contacts (in external id order), then lock all (in id order)."""
-        self.conn.execute(
-            pg_insert(contacts)
-            .from_select(
-                ["external_id"],
-                sa.select(sa.func.unnest(_array(external_ids, sa.Text())).label("external_id")),
-            )
-            .on_conflict_do_nothing(index_elements=[contacts.c.external_id])
+        created = set(
+            self.conn.execute(
+                pg_insert(contacts)
+                .from_select(
+                    ["external_id"],
+                    sa.select(sa.func.unnest(_array(external_ids, sa.Text())).label("external_id")),
+                )
+                .on_conflict_do_nothing(index_elements=[contacts.c.external_id])
+                .returning(contacts.c.external_id)
+            ).scalars()
         )
         rows = self.conn.execute(
             sa.select(
@@ -330,7 +334,12 @@ class _Chunk:
         latest = latest_of(row.watermark for row in rows)
         if latest is not None and latest > self.as_of:
             self.as_of = latest
-        return {row.external_id: _Contact(row.id, row.deleted_at is not None) for row in rows}
+        return {
+            row.external_id: _Contact(
+                row.id, row.deleted_at is not None, created=row.external_id in created
+            )
+            for row in rows
+        }
 
     def _apply_wave(self, wave: list[int], known: dict[str, _Contact]) -> list[int]:
         """Store one event per contact, then evaluate; returns positions that are duplicates."""
@@ -437,7 +446,11 @@ class _Chunk:
             self.results[position] = IngestResult(
                 "accepted", event.external_id, stored[position], contact_id
             )
-            candidates = self.rt.registry.affected(event.event, event.contact_properties or {})
+            contact = known[event.external_id]
+            candidates = self.rt.registry.affected(
+                event.event, event.contact_properties or {}, created=contact.created
+            )
+            contact.created = False  # once per contact
             if candidates:
                 for bucket in enabled.enabled(self.conn, candidates):
                     asks.append(Ask(bucket, contact_id, stored[position]))

@@ -49,6 +49,8 @@ class Registry:
         self.journeys: tuple[Journey, ...] = tuple(
             validate_journeys(journeys, self.buckets.values())
         )
+        # Decided for every new contact (see Bucket.matches_new_contacts).
+        self.on_creation = [b for b in self.buckets.values() if b.matches_new_contacts]
         self._by_event: dict[str, list[Bucket]] = {}
         self._by_property: dict[str, list[Bucket]] = {}
         for bucket in self.buckets.values():
@@ -79,10 +81,14 @@ class Registry:
         except KeyError:
             raise UnknownBucketError(bucket_id) from None
 
-    def affected(self, event: str | None, property_keys: Iterable[str] = ()) -> list[Bucket]:
-        """Buckets whose criteria mention ``event`` or one of ``property_keys``, in
-        definition order."""
-        found: dict[str, Bucket] = {}
+    def affected(
+        self, event: str | None, property_keys: Iterable[str] = (), *, created: bool = False
+    ) -> list[Bucket]:
+        """Buckets whose criteria mention ``event`` or one of ``property_keys`` (and, for a
+        contact just ``created``, those a new contact matches), in definition order."""
+        found: dict[str, Bucket] = (
+            {bucket.id: bucket for bucket in self.on_creation} if created else {}
+        )
         for bucket in self._by_event.get(event or "", ()):
             found[bucket.id] = bucket
         for key in property_keys:
