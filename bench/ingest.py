@@ -198,8 +198,11 @@ def main(argv: list[str] | None = None) -> int:
             conn.execute(
                 sa.text(
                     "TRUNCATE journey_enrollments, bucket_transitions, bucket_memberships,"
-                    " bucket_configs"
+                    " bucket_configs, bucket_due"
                 )
+            )
+            conn.execute(
+                sa.text("UPDATE contacts SET decided_at = NULL WHERE decided_at IS NOT NULL")
             )
             conn.execute(sa.text("DELETE FROM user_events WHERE id > :id"), {"id": marks[1]})
             conn.execute(sa.text("DELETE FROM contacts WHERE id > :id"), {"id": marks[0]})
