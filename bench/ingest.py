@@ -163,6 +163,8 @@ def materialise(engine: Any) -> None:
                 sa.literal(bucket.id).label("bucket_id"), contacts.c.id.label("contact_id")
             )
             join(conn, candidates, [Policy.of(bucket)], now=NOW, source="backfill", silent=True)
+    with engine.begin() as conn:  # as a completed backfill does: fresh statistics
+        conn.execute(sa.text("ANALYZE bucket_memberships"))
 
 
 def main(argv: list[str] | None = None) -> int:

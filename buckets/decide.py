@@ -61,9 +61,9 @@ class Ask:
 class Outcome:
     """What :func:`decide` did."""
 
-    changes: Changes = field(default_factory=Changes)  # with the transitions
-    left: dict[str, int] = field(default_factory=dict)  # leaves by reason
-    cleared: int = 0  # deferred leaves dropped (the contact qualifies again)
+    changes: Changes = field(default_factory=Changes)  # counts per bucket; transitions if asked
+    left: dict[str, dict[str, int]] = field(default_factory=dict)  # bucket -> reason -> leaves
+    cleared: dict[str, int] = field(default_factory=dict)  # bucket -> deferred leaves dropped
     entries: int = 0  # due-queue entries written or removed
     as_of: datetime | None = None  # the instant the pairs were decided as of
 
@@ -106,11 +106,13 @@ def decide(
             if isinstance(leaf, EventCondition)
         )
     )
-    needed_by: dict[EventCondition, set[int]] = {condition: set() for condition in conditions}
+    position = {condition: index for index, condition in enumerate(conditions)}
+    needs: dict[int, bytearray] = {}
     for ask in asks:
+        wanted = needs.setdefault(ask.contact_id, bytearray(b"0" * len(conditions)))
         for leaf in leaves(ask.bucket.criteria):
             if isinstance(leaf, EventCondition):
-                needed_by[leaf].add(ask.contact_id)
+                wanted[position[leaf]] = ord("1")
     # The contact's rows in these buckets, in one index scan: the active ones (as arrays, which
     # the driver decodes natively) and the latest instant any was decided as of (monotone
     # decisions: never decide earlier).
@@ -134,14 +136,14 @@ def decide(
         .lateral("rows_of")
     )
     watermark = sa.func.greatest(contacts.c.decided_at, rows_of.c.evaluated).label("watermark")
-    contact_ids = sorted({ask.contact_id for ask in asks})
+    contact_ids = sorted(needs)
 
     def facts(as_of: datetime) -> dict[int, Any]:
         query = leaf_facts(
             conditions,
             as_of,
             contact_ids,
-            needed_by=[sorted(needed_by[condition]) for condition in conditions],
+            needs=[needs[contact_id].decode() for contact_id in contact_ids],
             properties=any(bucket.property_keys for bucket in involved.values()),
         )
         query = query.join_from(contacts, rows_of, sa.true()).add_columns(
@@ -239,14 +241,16 @@ def _apply(
             conn, _pairs(asks), policies, now=now, reason=reason_, source=source, rows=rows
         )
         outcome.changes.add(changes)
-        if changes.left:
-            outcome.left[reason] = outcome.left.get(reason, 0) + changes.left
+        for bucket_id, counts in changes.per_bucket.items():
+            if counts.left:
+                by_reason = outcome.left.setdefault(bucket_id, {})
+                by_reason[reason] = by_reason.get(reason, 0) + counts.left
     if plan.stable:
         settle(conn, _pairs(plan.stable, events=False), now=now, clear_pending=False)
     if plan.cleared:
-        outcome.cleared = len(
-            settle(conn, _pairs(plan.cleared, events=False), now=now, clear_pending=True)
-        )
+        settle(conn, _pairs(plan.cleared, events=False), now=now, clear_pending=True)
+        for ask in plan.cleared:
+            outcome.cleared[ask.bucket.id] = outcome.cleared.get(ask.bucket.id, 0) + 1
     if plan.entries:
         due.write(conn, plan.entries)
         outcome.entries = len(plan.entries)

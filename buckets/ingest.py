@@ -47,7 +47,7 @@ from sqlalchemy.exc import DBAPIError, OperationalError
 from buckets.decide import Ask, decide
 from buckets.errors import DatabaseUnavailableError, IngestInterruptedError
 from buckets.ledger import Transition, caused_by
-from buckets.membership import latest_of, watermark
+from buckets.membership import latest_of, record_decided
 from buckets.models import contacts, user_events
 from buckets.resilience import first_line, is_outage
 from buckets.runtime import Runtime, get_runtime
@@ -323,7 +323,7 @@ class _Chunk:
                 contacts.c.id,
                 contacts.c.external_id,
                 contacts.c.deleted_at,
-                watermark().label("watermark"),
+                contacts.c.decided_at,
             )
             .where(contacts.c.external_id == sa.any_(_array(external_ids, sa.Text())))
             .order_by(contacts.c.id)
@@ -331,7 +331,7 @@ class _Chunk:
         ).all()
         # Decisions are monotone in time: decide as of the latest instant any of these
         # contacts was already decided as of, if that is later than ours.
-        latest = latest_of(row.watermark for row in rows)
+        latest = latest_of(row.decided_at for row in rows)
         if latest is not None and latest > self.as_of:
             self.as_of = latest
         return {
@@ -457,6 +457,8 @@ class _Chunk:
         if not asks:
             return
         outcome = decide(self.conn, asks, self.as_of, source="ingest")
+        if outcome.as_of is not None and outcome.as_of > self.as_of:  # a row was decided later
+            record_decided(self.conn, sorted({ask.contact_id for ask in asks}), outcome.as_of)
         by_event: dict[int, list[Transition]] = {}
         for transition in outcome.changes.transitions:
             assert transition.event_id is not None

@@ -73,14 +73,30 @@ class Policy:
 
 
 @dataclass
-class Changes:
-    """What a primitive did. ``transitions`` is filled only when rows were asked for."""
+class Counts:
+    """How many memberships a statement changed (of one bucket, or in total)."""
 
     joined: int = 0
     left: int = 0
     emitted: int = 0
     suppressed: int = 0
     deferred: int = 0
+
+    def add(self, other: Counts) -> None:
+        self.joined += other.joined
+        self.left += other.left
+        self.emitted += other.emitted
+        self.suppressed += other.suppressed
+        self.deferred += other.deferred
+
+
+@dataclass
+class Changes:
+    """What a primitive did: counts in total and per bucket, and ``transitions`` when rows were
+    asked for."""
+
+    total: Counts = field(default_factory=Counts)
+    per_bucket: dict[str, Counts] = field(default_factory=dict)
     transitions: list[Transition] = field(default_factory=list)
     # Candidate pairs whose contact changed (or was decided as of a later instant) since the
     # caller's snapshot: not acted on.
@@ -88,12 +104,19 @@ class Changes:
     # The contacts whose membership changed (filled when asked for: due-queue refreshes).
     changed: list[int] = field(default_factory=list)
 
+    joined = property(lambda self: self.total.joined)
+    left = property(lambda self: self.total.left)
+    emitted = property(lambda self: self.total.emitted)
+    suppressed = property(lambda self: self.total.suppressed)
+    deferred = property(lambda self: self.total.deferred)
+
+    def add_counts(self, bucket_id: str, counts: Counts) -> None:
+        self.total.add(counts)
+        self.per_bucket.setdefault(bucket_id, Counts()).add(counts)
+
     def add(self, other: Changes) -> Changes:
-        self.joined += other.joined
-        self.left += other.left
-        self.emitted += other.emitted
-        self.suppressed += other.suppressed
-        self.deferred += other.deferred
+        for bucket_id, counts in other.per_bucket.items():
+            self.add_counts(bucket_id, counts)
         self.transitions.extend(other.transitions)
         self.stale.extend(other.stale)
         self.changed.extend(other.changed)
@@ -213,18 +236,42 @@ def _finish(
     whether or not they are read) and report what it did, in one row (with ``changed``, the
     contacts whose membership changed, deferrals included)."""
 
-    def counted(*where: ColumnElement[bool]) -> Any:
-        return sa.select(sa.func.count()).select_from(written).where(*where).scalar_subquery()
-
+    count = sa.func.count
+    per_bucket = (
+        sa.select(
+            written.c.bucket_id,
+            count().filter(written.c.kind == "entered").label("joined"),
+            count().filter(written.c.kind == "left").label("left"),
+            count().filter(written.c.emitted).label("emitted"),
+            count().filter(~written.c.emitted).label("suppressed"),
+        )
+        .group_by(written.c.bucket_id)
+        .subquery("per_bucket")
+    )
     columns: list[Any] = [
-        counted(written.c.kind == "entered"),
-        counted(written.c.kind == "left"),
-        counted(written.c.emitted),
-        counted(~written.c.emitted),
-        sa.select(sa.func.count()).select_from(deferred).scalar_subquery()
-        if deferred is not None
-        else sa.literal(0),
+        sa.select(
+            sa.func.json_object_agg(
+                per_bucket.c.bucket_id,
+                sa.func.json_build_array(
+                    per_bucket.c.joined,
+                    per_bucket.c.left,
+                    per_bucket.c.emitted,
+                    per_bucket.c.suppressed,
+                ),
+            )
+        ).scalar_subquery()
     ]
+    if deferred is not None:
+        held = (
+            sa.select(deferred.c.bucket_id, count().label("n"))
+            .group_by(deferred.c.bucket_id)
+            .subquery("held")
+        )
+        columns.append(
+            sa.select(sa.func.json_object_agg(held.c.bucket_id, held.c.n)).scalar_subquery()
+        )
+    else:
+        columns.append(sa.literal(None))
     if decided.stale is not None:
         stale = decided.stale
         pair = sa.func.json_build_array(stale.c.bucket_id, stale.c.contact_id)
@@ -255,20 +302,17 @@ def _finish(
         # ever chosen on statistics that lag a bulk write (e.g. right after another bucket's
         # backfill), and then runs once per candidate pair: quadratic. Rule it out.
         conn.execute(sa.text("SET LOCAL enable_seqscan = off"))
-    joined, left, emitted, suppressed, deferred_count, stale_pairs, found, touched_ids = (
-        conn.execute(sa.select(*columns)).one()
-    )
+    counts, deferrals, stale_pairs, found, touched_ids = conn.execute(sa.select(*columns)).one()
     if bulk:
         conn.execute(sa.text("RESET enable_seqscan"))
     changes = Changes(
-        joined=joined,
-        left=left,
-        emitted=emitted,
-        suppressed=suppressed,
-        deferred=deferred_count,
         stale=[(bucket_id, contact_id) for bucket_id, contact_id in stale_pairs or ()],
         changed=sorted(set(touched_ids or ())),
     )
+    for bucket_id in {*(counts or {}), *(deferrals or {})}:
+        joined, left, emitted, suppressed = (counts or {}).get(bucket_id, (0, 0, 0, 0))
+        deferred_count = (deferrals or {}).get(bucket_id, 0)
+        changes.add_counts(bucket_id, Counts(joined, left, emitted, suppressed, deferred_count))
     changes.transitions = sorted((from_json(item) for item in found or ()), key=lambda t: t.id)
     return changes
 
@@ -491,7 +535,7 @@ def leave(
                 ),
                 last_evaluated_at=at,
             )
-            .returning(memberships.c.id, memberships.c.contact_id)
+            .returning(memberships.c.id, memberships.c.bucket_id, memberships.c.contact_id)
             .cte("deferred")
         )
         targets.append(~too_early)

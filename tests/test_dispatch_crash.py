@@ -90,11 +90,28 @@ def test_killing_dispatchers_never_loses_or_doubles_an_enrollment(
     producer = threading.Thread(target=produce)
     producer.start()
     kills = 0
+
+    def dispatched() -> int:
+        with clone_db.engine.connect() as conn:
+            return int(
+                conn.execute(
+                    sa.select(sa.func.count()).where(
+                        bucket_transitions.c.dispatched_at.is_not(None)
+                    )
+                ).scalar_one()
+            )
+
     while not done.is_set() or kills < 6:
+        before = dispatched()
         worker = subprocess.Popen(
             command, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL
         )
-        time.sleep(rng.uniform(1.0, 1.8))  # start-up takes ~0.5 s: each gets work done
+        # Each gets work done before it dies, however slow its start-up on a loaded machine:
+        # wait until it dispatched something (or there was nothing to do), then a little more.
+        deadline = time.monotonic() + 30
+        while dispatched() == before and time.monotonic() < deadline and not done.is_set():
+            time.sleep(0.05)
+        time.sleep(rng.uniform(0.0, 0.6))
         worker.send_signal(signal.SIGKILL)
         worker.wait()
         kills += 1

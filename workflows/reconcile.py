@@ -92,10 +92,16 @@ class BucketTick:
             self.left[reason] = self.left.get(reason, 0) + changes.left
 
     def count_outcome(self, outcome: Outcome) -> None:
-        self.count(outcome.changes)
-        for reason, count in outcome.left.items():
+        """Add what ``outcome`` (of a decision over several buckets) did to this bucket."""
+        counts = outcome.changes.per_bucket.get(self.bucket_id)
+        if counts is not None:
+            self.joined += counts.joined
+            self.emitted += counts.emitted
+            self.suppressed += counts.suppressed
+            self.deferred += counts.deferred
+        for reason, count in outcome.left.get(self.bucket_id, {}).items():
             self.left[reason] = self.left.get(reason, 0) + count
-        self.cleared += outcome.cleared
+        self.cleared += outcome.cleared.get(self.bucket_id, 0)
 
     @property
     def transitions(self) -> int:
@@ -185,24 +191,24 @@ def reconcile(
         if disabled:
             due.mark_incomplete(conn, disabled)
         conn.commit()
-        results = []
-        for bucket in chosen:
-            if bucket.id in disabled:
-                results.append(BucketTick(bucket.id, "skipped", "disabled"))
-                continue
-            results.append(
+        results = {bucket.id: BucketTick(bucket.id) for bucket in chosen}
+        for bucket_id in disabled:
+            results[bucket_id].status, results[bucket_id].reason = "skipped", "disabled"
+        live = [bucket for bucket in chosen if bucket.id not in disabled]
+        process_due(conn, [b for b in live if b.clocked], at, results, limit=due_chunk)
+        for bucket in live:
+            if not due_only and results[bucket.id].status == "done":
                 _reconcile_bucket(
                     conn,
                     bucket,
                     at,
+                    results[bucket.id],
                     chunk=chunk_size,
                     full=full,
-                    due_only=due_only,
                     slot=slot or at,
-                    due_chunk=due_chunk,
                 )
-            )
-    return Tick(at, results)
+            _log(results[bucket.id])
+    return Tick(at, [results[bucket.id] for bucket in chosen])
 
 
 def _lock_key(bucket_id: str) -> Any:
@@ -213,33 +219,33 @@ def _reconcile_bucket(
     conn: Connection,
     bucket: Bucket,
     now: datetime,
+    result: BucketTick,
     *,
     chunk: int,
     full: bool,
-    due_only: bool,
     slot: datetime,
-    due_chunk: int,
-) -> BucketTick:
-    result = BucketTick(bucket.id)
+) -> None:
     started = time.perf_counter()
     try:
-        if bucket.clocked:
-            due_started = time.perf_counter()
-            process_due(conn, bucket, now, result, limit=due_chunk)
-            result.passes["due"] = time.perf_counter() - due_started
-        if not due_only:
-            _full_passes(conn, bucket, now, result, chunk=chunk, full=full, slot=slot)
+        _full_passes(conn, bucket, now, result, chunk=chunk, full=full, slot=slot)
     except Exception as exc:  # one bucket failing does not stop the tick
-        if conn.in_transaction():
-            conn.rollback()
-        log.exception("reconcile of bucket %s failed", bucket.id)
-        result.status, result.reason = "failed", f"{type(exc).__name__}: {exc}"
-    result.seconds = time.perf_counter() - started
-    if result.transitions or result.status != "done" or result.passes_ran != "no":
+        _failed(conn, result, exc)
+    result.seconds += time.perf_counter() - started
+
+
+def _failed(conn: Connection, result: BucketTick, exc: Exception) -> None:
+    if conn.in_transaction():
+        conn.rollback()
+    log.exception("reconcile of bucket %s failed", result.bucket_id)
+    result.status, result.reason = "failed", f"{type(exc).__name__}: {exc}"
+
+
+def _log(result: BucketTick) -> None:
+    if result.transitions or result.status == "failed" or result.passes_ran != "no":
         log.info(
             "reconciled %s: due %d, joined %d (emitted %d, suppressed %d), left %s, deferred %d,"
             " cleared %d, full passes %s in %.3fs",
-            bucket.id,
+            result.bucket_id,
             result.due,
             result.joined,
             result.emitted,
@@ -250,37 +256,71 @@ def _reconcile_bucket(
             result.passes_ran,
             result.seconds,
         )
-    return result
 
 
 def process_due(
-    conn: Connection, bucket: Bucket, now: datetime, result: BucketTick, *, limit: int = DUE_CHUNK
+    conn: Connection,
+    buckets: Sequence[Bucket],
+    now: datetime,
+    results: dict[str, BucketTick],
+    *,
+    limit: int = DUE_CHUNK,
 ) -> None:
-    """Decide every entry of ``bucket`` due as of ``now``, a chunk per transaction (see the
-    module); entries whose contact another producer holds stay due for the next pass."""
-    blocked: frozenset[str] | None = None
-    seen: set[int] = set()
-    while True:
-        with conn.begin():
-            ids = due.claim(conn, bucket.id, now, limit)
-            if not ids or seen.issuperset(ids):
-                break
-            seen.update(ids)
-            if blocked is None:
-                blocked = frozenset({bucket.id}) if joins_blocked(conn, bucket) else frozenset()
-            asks = [Ask(bucket, contact_id) for contact_id in ids]
-            outcome = decide(
-                conn,
-                asks,
-                now,
-                source="reconcile",
-                clock=True,
-                blocked=blocked,
-                rows=False,
-                record=True,
-            )
-        result.due += len(ids)
-        result.count_outcome(outcome)
+    """Decide every entry of ``buckets`` due as of ``now``: chunks of up to ``limit`` entries
+    claimed across the buckets, each decided in one transaction (see the module); entries whose
+    contact another producer holds stay due for the next pass. A chunk that fails is redone
+    bucket by bucket, so one failing bucket does not stop the others (it is marked failed)."""
+    pending = [bucket for bucket in buckets if results[bucket.id].status == "done"]
+    blocked: dict[str, bool] = {}
+    seen: dict[str, set[int]] = {bucket.id: set() for bucket in pending}
+    while pending:
+        started = time.perf_counter()
+        claimed: dict[str, list[int]] = {}
+        exhausted: set[str] = set()
+        try:
+            with conn.begin():
+                asks: list[Ask] = []
+                for bucket in pending:
+                    room = limit - len(asks)
+                    if room <= 0:
+                        break
+                    ids = due.claim(conn, bucket.id, now, room)
+                    claimed[bucket.id] = ids
+                    # less than asked for (the rest is held by others), or only entries this
+                    # pass decided already: nothing more to claim from it right now
+                    if len(ids) < room or seen[bucket.id].issuperset(ids):
+                        exhausted.add(bucket.id)
+                    if bucket.id not in blocked and ids:
+                        blocked[bucket.id] = joins_blocked(conn, bucket)
+                    asks += [Ask(bucket, i) for i in ids if i not in seen[bucket.id]]
+                if not asks:
+                    break
+                outcome = decide(
+                    conn,
+                    asks,
+                    now,
+                    source="reconcile",
+                    clock=True,
+                    blocked=frozenset(b for b, is_blocked in blocked.items() if is_blocked),
+                    rows=False,
+                    record=True,
+                )
+        except Exception as exc:
+            if len(pending) == 1:
+                _failed(conn, results[pending[0].id], exc)
+                return
+            for bucket in pending:  # isolate the failing bucket
+                process_due(conn, [bucket], now, results, limit=limit)
+            return
+        share = (time.perf_counter() - started) / max(len(claimed), 1)
+        for bucket_id, ids in claimed.items():
+            result = results[bucket_id]
+            result.due += len(set(ids) - seen[bucket_id])
+            result.count_outcome(outcome)
+            result.seconds += share
+            result.passes["due"] = result.passes.get("due", 0.0) + share
+            seen[bucket_id].update(ids)
+        pending = [bucket for bucket in pending if bucket.id not in exhausted]
 
 
 def _full_passes(

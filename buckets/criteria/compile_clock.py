@@ -54,19 +54,27 @@ def leaf_facts(
     now: datetime,
     contact_ids: Sequence[int],
     *,
-    needed_by: Sequence[Sequence[int]] | None = None,
+    needs: Sequence[str] | None = None,
     properties: bool = True,
 ) -> sa.Select[Any]:
     """``SELECT id, properties, deleted_at, r0, a0, r1, a1, ...`` for ``contact_ids``
     (``properties`` NULL unless asked for: only property leaves need them):
     ``r<i>`` the instants of the newest events counting for ``conditions[i]`` as of ``now``
     (at most :func:`~.clock.decisive_count`, newest first; NULL for none), ``a<i>`` its first
-    matching event after ``now``. With ``needed_by``, leaf ``i`` is computed only for the
-    contacts in ``needed_by[i]`` (NULL for the others): a batch asks each contact only about
-    the buckets its own event affects. Row locks are the caller's."""
+    matching event after ``now``. With ``needs`` (per contact, aligned with ``contact_ids``, a
+    string with ``"1"`` at position ``i`` when leaf ``i`` is wanted), a leaf is computed only
+    for the contacts that want it (NULL for the others): a batch asks each contact only about
+    the buckets its own event affects, at a constant cost per check. Row locks are the
+    caller's."""
     if now.tzinfo is None:
         raise ValueError("now must be timezone-aware")
     occurred = user_events.c.occurred_at
+    given: list[ColumnElement[Any]] = [_ids(contact_ids)]
+    names = ["id"]
+    if needs is not None:
+        given.append(sa.literal(list(needs), ARRAY(sa.Text())))
+        names.append("needs")
+    wanted = sa.func.unnest(*given).table_valued(*names).render_derived("wanted")
     columns: list[Any] = []
     for index, condition in enumerate(conditions):
         # Explicit correlation: auto-correlation does not reach through the derived table.
@@ -94,14 +102,14 @@ def leaf_facts(
             .correlate_except(user_events)
             .scalar_subquery()
         )
-        if needed_by is not None:  # always the same shape: the compiled statement is cached
-            wanted = contacts.c.id == sa.any_(_ids(needed_by[index]))
-            recent = sa.case((wanted, recent), else_=sa.null())
-            arrival = sa.case((wanted, arrival), else_=sa.null())
+        if needs is not None:  # always the same shape: the compiled statement is cached
+            asked = sa.func.substr(wanted.c.needs, index + 1, 1) == "1"
+            recent = sa.case((asked, recent), else_=sa.null())
+            arrival = sa.case((asked, arrival), else_=sa.null())
         columns += [recent.label(f"r{index}"), arrival.label(f"a{index}")]
     bag = contacts.c.properties if properties else sa.null().label("properties")
-    return sa.select(contacts.c.id, bag, contacts.c.deleted_at, *columns).where(
-        contacts.c.id == sa.any_(_ids(contact_ids))
+    return sa.select(contacts.c.id, bag, contacts.c.deleted_at, *columns).select_from(
+        wanted.join(contacts, contacts.c.id == wanted.c.id)
     )
 
 
