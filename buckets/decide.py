@@ -24,7 +24,6 @@ from datetime import datetime
 from typing import Any
 
 import sqlalchemy as sa
-from sqlalchemy.dialects.postgresql import ARRAY
 from sqlalchemy.engine import Connection
 
 from buckets import due
@@ -107,14 +106,16 @@ def decide(
         )
     )
     position = {condition: index for index, condition in enumerate(conditions)}
-    needs: dict[int, bytearray] = {}
+    needs: dict[int, bytearray] = {}  # per contact: its leaves, then its properties
     for ask in asks:
-        wanted = needs.setdefault(ask.contact_id, bytearray(b"0" * len(conditions)))
+        wanted = needs.setdefault(ask.contact_id, bytearray(b"0" * (len(conditions) + 1)))
         for leaf in leaves(ask.bucket.criteria):
             if isinstance(leaf, EventCondition):
                 wanted[position[leaf]] = ord("1")
-    # The contact's rows in these buckets, in one index scan: the active ones (as arrays, which
-    # the driver decodes natively) and the latest instant any was decided as of (monotone
+        if ask.bucket.property_keys:
+            wanted[-1] = ord("1")
+    # The contact's membership rows in one index scan: the active ones (as arrays, which the
+    # driver decodes natively) and the latest instant any was decided as of (monotone
     # decisions: never decide earlier).
     active = memberships.c.status == "active"
 
@@ -129,10 +130,9 @@ def decide(
             actives(memberships.c.pending_leave_at).label("a_pending"),
             sa.func.max(memberships.c.last_evaluated_at).label("evaluated"),
         )
-        .where(
-            memberships.c.contact_id == contacts.c.id,
-            memberships.c.bucket_id == sa.any_(sa.literal(sorted(involved), ARRAY(sa.Text()))),
-        )
+        # every bucket's rows (a handful per contact, through the contact_id index): cheaper than
+        # a probe per involved bucket, and the watermark over all of them is only stricter
+        .where(memberships.c.contact_id == contacts.c.id)
         .lateral("rows_of")
     )
     watermark = sa.func.greatest(contacts.c.decided_at, rows_of.c.evaluated).label("watermark")

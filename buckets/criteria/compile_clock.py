@@ -64,8 +64,9 @@ def leaf_facts(
     matching event after ``now``. With ``needs`` (per contact, aligned with ``contact_ids``, a
     string with ``"1"`` at position ``i`` when leaf ``i`` is wanted), a leaf is computed only
     for the contacts that want it (NULL for the others): a batch asks each contact only about
-    the buckets its own event affects, at a constant cost per check. Row locks are the
-    caller's."""
+    the buckets its own event affects, at a constant cost per check; a ``"1"`` after the
+    leaves' positions asks for the contact's properties (else NULL), when ``properties``.
+    Row locks are the caller's."""
     if now.tzinfo is None:
         raise ValueError("now must be timezone-aware")
     occurred = user_events.c.occurred_at
@@ -107,9 +108,19 @@ def leaf_facts(
             recent = sa.case((asked, recent), else_=sa.null())
             arrival = sa.case((asked, arrival), else_=sa.null())
         columns += [recent.label(f"r{index}"), arrival.label(f"a{index}")]
-    bag = contacts.c.properties if properties else sa.null().label("properties")
-    return sa.select(contacts.c.id, bag, contacts.c.deleted_at, *columns).select_from(
-        wanted.join(contacts, contacts.c.id == wanted.c.id)
+    bag: Any = sa.null()
+    if properties:
+        bag = contacts.c.properties
+        if needs is not None:
+            asked = sa.func.substr(wanted.c.needs, len(conditions) + 1, 1) == "1"
+            bag = sa.case((asked, contacts.c.properties), else_=sa.null())
+    bag = bag.label("properties")
+    # ``id = ANY``: the contacts are fetched by primary key whatever the table's size (a join
+    # alone may be planned as a merge over every contact).
+    return (
+        sa.select(contacts.c.id, bag, contacts.c.deleted_at, *columns)
+        .select_from(wanted.join(contacts, contacts.c.id == wanted.c.id))
+        .where(contacts.c.id == sa.any_(_ids(contact_ids)))
     )
 
 
