@@ -21,19 +21,22 @@ from __future__ import annotations
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from datetime import datetime
+from functools import lru_cache
 from typing import Any
 
 import sqlalchemy as sa
 from sqlalchemy.engine import Connection
 
 from buckets import due
-from buckets.criteria import EventCondition, Facts, leaf_facts
+from buckets.criteria import EventCondition, Facts
 from buckets.criteria.clock import State
+from buckets.criteria.compile_clock import facts_params, facts_statement
 from buckets.criteria.model import leaves
 from buckets.definitions import Bucket
 from buckets.membership import (
     Changes,
     LeaveReason,
+    Pairs,
     Policy,
     Source,
     join,
@@ -114,9 +117,36 @@ def decide(
                 wanted[position[leaf]] = ord("1")
         if ask.bucket.property_keys:
             wanted[-1] = ord("1")
-    # The contact's membership rows in one index scan: the active ones (as arrays, which the
-    # driver decodes natively) and the latest instant any was decided as of (monotone
-    # decisions: never decide earlier).
+    contact_ids = sorted(needs)
+    statement = _facts(tuple(conditions), any(bucket.property_keys for bucket in involved.values()))
+    given = [needs[contact_id].decode() for contact_id in contact_ids]
+
+    def facts(as_of: datetime) -> dict[int, Any]:
+        params = facts_params(as_of, contact_ids, given)
+        return {row.id: row for row in conn.execute(statement, params).all()}
+
+    found = facts(now)
+    later = latest_of(row.watermark for row in found.values())
+    if later is not None and later > now:  # decided as of a later instant already
+        now = later
+        found = facts(now)
+    plan = _Plan()
+    for ask in asks:
+        row = found.get(ask.contact_id)
+        if row is not None:
+            _plan(plan, ask, row, Facts.of(row, conditions), now, clock=clock, blocked=blocked)
+    outcome = _apply(conn, plan, involved.values(), now, source=source, rows=rows)
+    outcome.as_of = now
+    if record and plan.unrecorded:  # no row records these decisions: the contact does
+        record_decided(conn, sorted(plan.unrecorded), now)
+    return outcome
+
+
+@lru_cache(maxsize=256)
+def _facts(conditions: tuple[EventCondition, ...], properties: bool) -> sa.Select[Any]:
+    """The facts of the leaves (see leaf_facts) and, through one index scan, the contact's
+    membership rows: the active ones (as arrays, which the driver decodes natively) and the
+    latest instant any was decided as of (monotone decisions: never decide earlier)."""
     active = memberships.c.status == "active"
 
     def actives(column: Any) -> Any:
@@ -136,40 +166,17 @@ def decide(
         .lateral("rows_of")
     )
     watermark = sa.func.greatest(contacts.c.decided_at, rows_of.c.evaluated).label("watermark")
-    contact_ids = sorted(needs)
-
-    def facts(as_of: datetime) -> dict[int, Any]:
-        query = leaf_facts(
-            conditions,
-            as_of,
-            contact_ids,
-            needs=[needs[contact_id].decode() for contact_id in contact_ids],
-            properties=any(bucket.property_keys for bucket in involved.values()),
-        )
-        query = query.join_from(contacts, rows_of, sa.true()).add_columns(
+    return (
+        facts_statement(conditions, needs=True, properties=properties)
+        .join_from(contacts, rows_of, sa.true())
+        .add_columns(
             rows_of.c.a_bucket,
             rows_of.c.a_entered,
             rows_of.c.a_dwell,
             rows_of.c.a_pending,
             watermark,
         )
-        return {row.id: row for row in conn.execute(query).all()}
-
-    found = facts(now)
-    later = latest_of(row.watermark for row in found.values())
-    if later is not None and later > now:  # decided as of a later instant already
-        now = later
-        found = facts(now)
-    plan = _Plan()
-    for ask in asks:
-        row = found.get(ask.contact_id)
-        if row is not None:
-            _plan(plan, ask, row, Facts.of(row, conditions), now, clock=clock, blocked=blocked)
-    outcome = _apply(conn, plan, involved.values(), now, source=source, rows=rows)
-    outcome.as_of = now
-    if record and plan.unrecorded:  # no row records these decisions: the contact does
-        record_decided(conn, sorted(plan.unrecorded), now)
-    return outcome
+    )
 
 
 def _plan(
@@ -218,7 +225,7 @@ def _plan(
         plan.entries.append((ask.contact_id, bucket.id, entry))
 
 
-def _pairs(asks: Sequence[Ask], *, events: bool = True) -> sa.Select[Any]:
+def _pairs(asks: Sequence[Ask], *, events: bool = True) -> Pairs:
     return pairs(
         [ask.bucket.id for ask in asks],
         [ask.contact_id for ask in asks],

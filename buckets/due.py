@@ -32,6 +32,7 @@ import hashlib
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from datetime import datetime, timedelta
+from functools import lru_cache
 from typing import Any
 
 import sqlalchemy as sa
@@ -103,13 +104,23 @@ def write(conn: Connection, entries: Iterable[Entry]) -> None:
     """Set (or, for None, remove) these pairs' entries: one statement. Rows are written in
     (contact, bucket) order, the order every writer of the queue uses (no deadlocks)."""
     rows = sorted({(c, b): (c, b, d) for c, b, d in entries}.values(), key=lambda e: e[:2])
-    if not rows:
-        return
+    if rows:
+        params = {
+            "due_contact_id": [c for c, _, _ in rows],
+            "due_bucket_id": [b for _, b, _ in rows],
+            "due_at": [d for _, _, d in rows],
+        }
+        conn.execute(_write_statement(), params)
+
+
+@lru_cache(maxsize=1)
+def _write_statement() -> sa.Select[Any]:
+    """:func:`write`'s statement, built once (bound parameters)."""
     given = (
         sa.func.unnest(
-            _array([c for c, _, _ in rows], sa.BigInteger()),
-            _array([b for _, b, _ in rows], sa.Text()),
-            _array([d for _, _, d in rows], TIMESTAMP),
+            sa.bindparam("due_contact_id", type_=ARRAY(sa.BigInteger())),
+            sa.bindparam("due_bucket_id", type_=ARRAY(sa.Text())),
+            sa.bindparam("due_at", type_=ARRAY(TIMESTAMP)),
         )
         .table_valued("contact_id", "bucket_id", "due_at")
         .render_derived("given")
@@ -139,11 +150,9 @@ def write(conn: Connection, entries: Iterable[Entry]) -> None:
         .returning(bucket_due.c.contact_id)
         .cte("removed")
     )
-    conn.execute(
-        sa.select(
-            sa.select(sa.func.count()).select_from(upsert).scalar_subquery(),
-            sa.select(sa.func.count()).select_from(removed).scalar_subquery(),
-        )
+    return sa.select(
+        sa.select(sa.func.count()).select_from(upsert).scalar_subquery(),
+        sa.select(sa.func.count()).select_from(removed).scalar_subquery(),
     )
 
 

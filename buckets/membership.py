@@ -34,6 +34,7 @@ from __future__ import annotations
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 from datetime import datetime, timedelta
+from functools import lru_cache
 from typing import Any, Literal
 
 import sqlalchemy as sa
@@ -127,35 +128,67 @@ def _array(values: Sequence[Any], item: sa.types.TypeEngine[Any]) -> ColumnEleme
     return sa.literal(list(values), ARRAY(item))
 
 
-def pairs(
-    bucket_ids: Sequence[str],
-    contact_ids: Sequence[int],
-    event_ids: Sequence[int | None] | None = None,
-) -> sa.Select[Any]:
-    """Candidate pairs given from Python (already decided, contacts already locked)."""
-    columns = [_array(bucket_ids, sa.Text()), _array(contact_ids, sa.BigInteger())]
-    names = ["bucket_id", "contact_id"]
-    if event_ids is not None:
-        columns.append(_array(event_ids, sa.BigInteger()))
-        names.append("event_id")
+# Statements are built once per shape and executed with these parameters: building a statement
+# of this size costs milliseconds in Python, more than the database needs to run it for a few
+# pairs (the real-time path's case).
+NOW: ColumnElement[Any] = sa.bindparam("now", type_=TIMESTAMP)
+_POLICY: dict[str, ARRAY[Any]] = {
+    "p_bucket_id": ARRAY(sa.Text()),
+    "p_entry_limit": ARRAY(sa.Text()),
+    "p_period_s": ARRAY(sa.BigInteger()),
+    "p_min_dwell_s": ARRAY(sa.BigInteger()),
+    "p_max_dwell_s": ARRAY(sa.BigInteger()),
+}
+
+
+@dataclass(frozen=True)
+class Pairs:
+    """Candidate pairs given from Python (already decided, contacts already locked): the same
+    statement for every call of a shape, the pairs themselves as parameters."""
+
+    select: sa.Select[Any]
+    params: dict[str, Any]
+
+
+@lru_cache(maxsize=2)
+def _pairs_select(events: bool) -> sa.Select[Any]:
+    names = ["bucket_id", "contact_id", *(["event_id"] if events else [])]
+    types: list[sa.types.TypeEngine[Any]] = [sa.Text(), sa.BigInteger(), sa.BigInteger()]
+    columns = [
+        sa.bindparam(f"pair_{name}", type_=ARRAY(item))
+        for name, item in zip(names, types, strict=False)
+    ]
     table = sa.func.unnest(*columns).table_valued(*names).render_derived("pairs")
     return sa.select(*(table.c[name] for name in names))
 
 
-def _policies(policies: Iterable[Policy]) -> sa.CTE:
-    rows = list({policy.bucket_id: policy for policy in policies}.values())
+def pairs(
+    bucket_ids: Sequence[str],
+    contact_ids: Sequence[int],
+    event_ids: Sequence[int | None] | None = None,
+) -> Pairs:
+    """Candidate pairs given from Python (``event_ids``: the ingested event each is about)."""
+    params: dict[str, Any] = {
+        "pair_bucket_id": list(bucket_ids),
+        "pair_contact_id": list(contact_ids),
+    }
+    if event_ids is not None:
+        params["pair_event_id"] = list(event_ids)
+    return Pairs(_pairs_select(event_ids is not None), params)
 
-    def seconds(value: timedelta | None) -> int | None:
-        return None if value is None else duration_seconds(value)
 
+Candidates = sa.Select[Any] | Pairs
+
+
+def _candidates(candidates: Candidates) -> tuple[sa.Select[Any], dict[str, Any]]:
+    if isinstance(candidates, Pairs):
+        return candidates.select, candidates.params
+    return candidates, {}
+
+
+def _policies() -> sa.CTE:
     table = (
-        sa.func.unnest(
-            _array([p.bucket_id for p in rows], sa.Text()),
-            _array([p.entry_limit for p in rows], sa.Text()),
-            _array([seconds(p.entry_period) for p in rows], sa.BigInteger()),
-            _array([seconds(p.min_dwell) for p in rows], sa.BigInteger()),
-            _array([seconds(p.max_dwell) for p in rows], sa.BigInteger()),
-        )
+        sa.func.unnest(*(sa.bindparam(name, type_=kind) for name, kind in _POLICY.items()))
         .table_valued("bucket_id", "entry_limit", "period_s", "min_dwell_s", "max_dwell_s")
         .render_derived("p")
     )
@@ -166,6 +199,25 @@ def _policies(policies: Iterable[Policy]) -> sa.CTE:
         (table.c.min_dwell_s * ONE_SECOND).label("min_dwell"),
         (table.c.max_dwell_s * ONE_SECOND).label("max_dwell"),
     ).cte("policy")
+
+
+def _params(policies: Iterable[Policy], now: datetime, given: dict[str, Any]) -> dict[str, Any]:
+    if now.tzinfo is None:
+        raise ValueError("now must be timezone-aware")
+    rows = list({policy.bucket_id: policy for policy in policies}.values())
+
+    def seconds(value: timedelta | None) -> int | None:
+        return None if value is None else duration_seconds(value)
+
+    return {
+        **given,
+        "now": now,
+        "p_bucket_id": [p.bucket_id for p in rows],
+        "p_entry_limit": [p.entry_limit for p in rows],
+        "p_period_s": [seconds(p.entry_period) for p in rows],
+        "p_min_dwell_s": [seconds(p.min_dwell) for p in rows],
+        "p_max_dwell_s": [seconds(p.max_dwell) for p in rows],
+    }
 
 
 @dataclass(frozen=True)
@@ -223,17 +275,22 @@ def _decided(candidates: sa.Select[Any], at: ColumnElement[Any]) -> _Decided:
     return _Decided(locked, stale)
 
 
-def _finish(
-    conn: Connection,
+@dataclass(frozen=True)
+class _Statement:
+    select: sa.Select[Any]
+    bulk: bool  # a set-based producer's snapshot pass (see _run)
+
+
+def _report(
     decided: _Decided,
     written: sa.CTE,
     *,
     deferred: sa.CTE | None = None,
     rows: bool = False,
     changed: bool = False,
-) -> Changes:
-    """Run the statement ending in the transitions CTE ``written`` (data-modifying CTEs run
-    whether or not they are read) and report what it did, in one row (with ``changed``, the
+) -> _Statement:
+    """The statement ending in the transitions CTE ``written`` (data-modifying CTEs run
+    whether or not they are read) that reports what it did, in one row (with ``changed``, the
     contacts whose membership changed, deferrals included)."""
 
     count = sa.func.count
@@ -296,14 +353,19 @@ def _finish(
         columns.append(sa.select(sa.func.array_agg(ids.c.contact_id)).scalar_subquery())
     else:
         columns.append(sa.literal(None))
-    bulk = decided.stale is not None  # a set-based producer's snapshot pass
-    if bulk:
+    return _Statement(sa.select(*columns), bulk=decided.stale is not None)
+
+
+def _run(conn: Connection, statement: _Statement, params: dict[str, Any]) -> Changes:
+    if statement.bulk:
         # Every table this statement reads has the index it needs; a sequential scan is only
         # ever chosen on statistics that lag a bulk write (e.g. right after another bucket's
         # backfill), and then runs once per candidate pair: quadratic. Rule it out.
         conn.execute(sa.text("SET LOCAL enable_seqscan = off"))
-    counts, deferrals, stale_pairs, found, touched_ids = conn.execute(sa.select(*columns)).one()
-    if bulk:
+    counts, deferrals, stale_pairs, found, touched_ids = conn.execute(
+        statement.select, params
+    ).one()
+    if statement.bulk:
         conn.execute(sa.text("RESET enable_seqscan"))
     changes = Changes(
         stale=[(bucket_id, contact_id) for bucket_id, contact_id in stale_pairs or ()],
@@ -317,15 +379,9 @@ def _finish(
     return changes
 
 
-def _now(now: datetime) -> ColumnElement[Any]:
-    if now.tzinfo is None:
-        raise ValueError("now must be timezone-aware")
-    return sa.literal(now, TIMESTAMP)
-
-
 def join(
     conn: Connection,
-    candidates: sa.Select[Any],
+    candidates: Candidates,
     policies: Iterable[Policy],
     *,
     now: datetime,
@@ -342,10 +398,19 @@ def join(
     its ``entered`` transition: emitted through the entry-limit gate, or, with ``silent``
     (first-time and re-evaluation backfills), recorded with ``suppressed_by='backfill'``.
     """
-    at = _now(now)
+    select, given = _candidates(candidates)
+    statement = _join_statement(select, source, silent, rows, changed)
+    return _run(conn, statement, _params(policies, now, given))
+
+
+@lru_cache(maxsize=64)
+def _join_statement(
+    candidates: sa.Select[Any], source: Source, silent: bool, rows: bool, changed: bool
+) -> _Statement:
+    at = NOW
     decided = _decided(candidates, at)
     pairs_ = decided.pairs
-    policy = _policies(policies)
+    policy = _policies()
     latest = (
         sa.select(
             memberships.c.entry_count,
@@ -465,7 +530,7 @@ def join(
         .join(policy, policy.c.bucket_id == inserted.c.bucket_id)
         .join(contacts, contacts.c.id == inserted.c.contact_id)
     )
-    return _finish(conn, decided, written, rows=rows, changed=changed)
+    return _report(decided, written, rows=rows, changed=changed)
 
 
 def _ledger(rows: sa.Select[Any]) -> sa.CTE:
@@ -493,7 +558,7 @@ LEDGER_COLUMNS = [
 
 def leave(
     conn: Connection,
-    candidates: sa.Select[Any],
+    candidates: Candidates,
     policies: Iterable[Policy],
     *,
     now: datetime,
@@ -510,10 +575,19 @@ def leave(
     (SPEC §5.5): the row keeps ``status='active'`` and gets ``pending_leave_at = entered_at +
     min_dwell`` (kept if already set); the cron completes it when due.
     """
-    at = _now(now)
+    select, given = _candidates(candidates)
+    statement = _leave_statement(select, reason, source, rows, changed)
+    return _run(conn, statement, _params(policies, now, given))
+
+
+@lru_cache(maxsize=64)
+def _leave_statement(
+    candidates: sa.Select[Any], reason: LeaveReason, source: Source, rows: bool, changed: bool
+) -> _Statement:
+    at = NOW
     decided = _decided(candidates, at)
     pairs_ = decided.pairs
-    policy = _policies(policies)
+    policy = _policies()
     targets = [
         memberships.c.bucket_id == pairs_.c.bucket_id,
         memberships.c.contact_id == pairs_.c.contact_id,
@@ -578,7 +652,7 @@ def leave(
             flipped.c.event_id,
         ).join(contacts, contacts.c.id == flipped.c.contact_id)
     )
-    return _finish(conn, decided, written, deferred=deferred, rows=rows, changed=changed)
+    return _report(decided, written, deferred=deferred, rows=rows, changed=changed)
 
 
 def _not_later(at: ColumnElement[Any]) -> ColumnElement[bool]:
@@ -588,7 +662,7 @@ def _not_later(at: ColumnElement[Any]) -> ColumnElement[bool]:
 
 def settle(
     conn: Connection,
-    candidates: sa.Select[Any],
+    candidates: Candidates,
     *,
     now: datetime,
     clear_pending: bool,
@@ -596,23 +670,30 @@ def settle(
     """Members re-evaluated with no change: stamp ``last_evaluated_at``; with
     ``clear_pending``, also drop a deferred leave (the contact qualifies again, SPEC §5.5).
     Returns the contacts whose rows it stamped."""
-    at = _now(now)
-    decided = _decided(candidates, at)
-    values: dict[str, Any] = {"last_evaluated_at": at}
+    if now.tzinfo is None:
+        raise ValueError("now must be timezone-aware")
+    select, given = _candidates(candidates)
+    statement = _settle_statement(select, clear_pending)
+    return list(conn.execute(statement, {**given, "now": now}).scalars())
+
+
+@lru_cache(maxsize=32)
+def _settle_statement(candidates: sa.Select[Any], clear_pending: bool) -> Any:
+    decided = _decided(candidates, NOW)
+    values: dict[str, Any] = {"last_evaluated_at": NOW}
     if clear_pending:
         values["pending_leave_at"] = None
-    statement = (
+    return (
         sa.update(memberships)
         .where(
             memberships.c.bucket_id == decided.pairs.c.bucket_id,
             memberships.c.contact_id == decided.pairs.c.contact_id,
             memberships.c.status == "active",
-            _not_later(at),
+            _not_later(NOW),
         )
         .values(**values)
         .returning(memberships.c.contact_id)
     )
-    return list(conn.execute(statement).scalars())
 
 
 @dataclass(frozen=True)
@@ -663,7 +744,7 @@ def record_decided(conn: Connection, contact_ids: Sequence[int], now: datetime) 
         conn.execute(
             sa.update(contacts)
             .where(contacts.c.id == sa.any_(_array(sorted(contact_ids), sa.BigInteger())))
-            .values(decided_at=sa.func.greatest(contacts.c.decided_at, _now(now)))
+            .values(decided_at=sa.func.greatest(contacts.c.decided_at, sa.literal(now, TIMESTAMP)))
         )
 
 

@@ -321,21 +321,27 @@ def _count_predicate(node: EventCondition, count: ColumnElement[Any]) -> ColumnE
 
 def leaf_event_scope(
     condition: EventCondition,
-    now: datetime,
+    now: datetime | ColumnElement[Any],
     contact_id: ColumnElement[Any],
     *,
     future: bool = False,
 ) -> list[ColumnElement[bool]]:
     """The events of the contact ``contact_id`` counting for ``condition`` as of ``now`` (with
-    ``future``: those matching its name and ``where`` stamped after ``now``)."""
-    at = sa.literal(now, TIMESTAMP)
+    ``future``: those matching its name and ``where`` stamped after ``now``). ``now`` may be a
+    bound parameter (a statement built once, executed for many instants)."""
+    bound = isinstance(now, ColumnElement)
+    at = now if isinstance(now, ColumnElement) else sa.literal(now, TIMESTAMP)
     scope = [user_events.c.contact_id == contact_id, user_events.c.event == condition.event]
     if future:
         scope.append(user_events.c.occurred_at > at)
     else:
         scope.append(user_events.c.occurred_at <= at)
         if condition.within is not None:
-            start = sa.literal(now - condition.within, TIMESTAMP)
+            if bound:
+                start = at - sa.literal(condition.within, sa.Interval)
+            else:
+                assert isinstance(now, datetime)
+                start = sa.literal(now - condition.within, TIMESTAMP)
             scope.append(user_events.c.occurred_at >= start)
     scope.extend(
         property_predicate(where, user_events.c.properties) for where in condition.where or ()

@@ -16,6 +16,7 @@ from __future__ import annotations
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from datetime import datetime
+from functools import lru_cache
 from typing import Any
 
 import sqlalchemy as sa
@@ -36,7 +37,6 @@ from buckets.criteria.compile import (
     IdRange,
     LeafColumns,
     _count_predicate,
-    _ids,
     compile_criteria,
     contacts,
     leaf_event_scope,
@@ -66,14 +66,36 @@ def leaf_facts(
     for the contacts that want it (NULL for the others): a batch asks each contact only about
     the buckets its own event affects, at a constant cost per check; a ``"1"`` after the
     leaves' positions asks for the contact's properties (else NULL), when ``properties``.
-    Row locks are the caller's."""
+    Row locks are the caller's. (The statement with its values bound: hot paths execute
+    :func:`facts_statement` with :func:`facts_params` instead.)"""
+    statement = facts_statement(tuple(conditions), needs=needs is not None, properties=properties)
+    return statement.params(facts_params(now, contact_ids, needs))
+
+
+def facts_params(
+    now: datetime, contact_ids: Sequence[int], needs: Sequence[str] | None = None
+) -> dict[str, Any]:
     if now.tzinfo is None:
         raise ValueError("now must be timezone-aware")
-    occurred = user_events.c.occurred_at
-    given: list[ColumnElement[Any]] = [_ids(contact_ids)]
-    names = ["id"]
+    params: dict[str, Any] = {"facts_now": now, "facts_ids": list(contact_ids)}
     if needs is not None:
-        given.append(sa.literal(list(needs), ARRAY(sa.Text())))
+        params["facts_needs"] = list(needs)
+    return params
+
+
+@lru_cache(maxsize=256)
+def facts_statement(
+    conditions: tuple[EventCondition, ...], *, needs: bool, properties: bool
+) -> sa.Select[Any]:
+    """:func:`leaf_facts` as a statement built once per shape, with bound parameters
+    (:func:`facts_params`): building it costs more than running it for a contact or two."""
+    now = sa.bindparam("facts_now", type_=TIMESTAMP)
+    ids = sa.bindparam("facts_ids", type_=ARRAY(sa.BigInteger()))
+    occurred = user_events.c.occurred_at
+    given: list[ColumnElement[Any]] = [ids]
+    names = ["id"]
+    if needs:
+        given.append(sa.bindparam("facts_needs", type_=ARRAY(sa.Text())))
         names.append("needs")
     wanted = sa.func.unnest(*given).table_valued(*names).render_derived("wanted")
     columns: list[Any] = []
@@ -103,7 +125,7 @@ def leaf_facts(
             .correlate_except(user_events)
             .scalar_subquery()
         )
-        if needs is not None:  # always the same shape: the compiled statement is cached
+        if needs:
             asked = sa.func.substr(wanted.c.needs, index + 1, 1) == "1"
             recent = sa.case((asked, recent), else_=sa.null())
             arrival = sa.case((asked, arrival), else_=sa.null())
@@ -111,16 +133,15 @@ def leaf_facts(
     bag: Any = sa.null()
     if properties:
         bag = contacts.c.properties
-        if needs is not None:
+        if needs:
             asked = sa.func.substr(wanted.c.needs, len(conditions) + 1, 1) == "1"
             bag = sa.case((asked, contacts.c.properties), else_=sa.null())
-    bag = bag.label("properties")
     # ``id = ANY``: the contacts are fetched by primary key whatever the table's size (a join
     # alone may be planned as a merge over every contact).
     return (
-        sa.select(contacts.c.id, bag, contacts.c.deleted_at, *columns)
+        sa.select(contacts.c.id, bag.label("properties"), contacts.c.deleted_at, *columns)
         .select_from(wanted.join(contacts, contacts.c.id == wanted.c.id))
-        .where(contacts.c.id == sa.any_(_ids(contact_ids)))
+        .where(contacts.c.id == sa.any_(ids))
     )
 
 
