@@ -20,15 +20,22 @@ Value rules (decisions where the spec is silent):
 Size limits, so that a definition accepted here also compiles and runs (checked while parsing,
 before any recursion could go deeper, with the path of the offending node):
 
-* at most :data:`MAX_DEPTH` (32) levels of nesting (the root is level 1; ``where`` conditions
+* at most :data:`MAX_DEPTH` (12) levels of nesting (the root is level 1; ``where`` conditions
   are one level below their event);
+* a *weight* of at most :data:`MAX_WEIGHT` (1,024), where each property or event condition
+  weighs ``2 ** (n - 1)`` with ``n`` the composites above it (1 at the root or in a flat
+  ``and``/``or``, 2 one level deeper, ...). The set-wide clock query
+  (:func:`~buckets.criteria.compile_clock.clock_select`) repeats a child's expressions in its
+  parent's, so its size doubles per level of nesting: about 450 bytes of SQL per unit of
+  weight (measured: weight 1,016 is 0.5 MB, 0.4 s to compile and 0.65 s to plan and run;
+  weight 4,064 is 1.8 MB and 3.5 s; a chain 32 deep would never finish);
 * at most :data:`MAX_CONDITIONS` (256) conditions, property and event, ``where`` included;
 * at most :data:`MAX_EVENT_CONDITIONS` (64) of them event conditions. The compiled queries cost
-  per event condition: the set-wide query joins one aggregate per event name (about 450 of
+  per event condition: the set-wide queries join one aggregate per event name (about 450 of
   them exhaust Python's recursion limit while compiling), the per-contact form adds one
   ``EXISTS`` probe each, and PostgreSQL's planning time grows steeply with them (measured on
-  PostgreSQL 15: 0.4 s at 64, 5.5 s at 128, 9.5 s at 256 for one statement). Property
-  conditions are cheap (256 of them plan in under 0.1 s).
+  PostgreSQL 15, one statement over 100 contacts: 0.1-0.4 s at 64, up to 8.4 s at 256).
+  Property conditions are cheap.
 """
 
 from __future__ import annotations
@@ -55,7 +62,8 @@ VALUELESS_OPERATORS = frozenset({"exists", "not_exists"})
 NUMERIC_OPERATORS = frozenset({"gt", "gte", "lt", "lte"})
 RESERVED_EVENT_PREFIX = "bucket:"
 MAX_COUNT = 1_000_000_000
-MAX_DEPTH = 32
+MAX_DEPTH = 12
+MAX_WEIGHT = 1024
 MAX_CONDITIONS = 256
 MAX_EVENT_CONDITIONS = 64
 
@@ -243,7 +251,24 @@ class _Budget:
 
 def parse_criteria(data: object, path: str = "") -> Node:
     """Validate the literal form ``data`` (or an already parsed node) into a node tree."""
-    return _parse(data, path, 1, _Budget())
+    node = _parse(data, path, 1, _Budget())
+    found = weight(node)
+    if found > MAX_WEIGHT:
+        raise CriteriaError(
+            path,
+            f"weighs {found:,}, more than the limit of {MAX_WEIGHT:,} (a condition weighs 1 in"
+            " a flat and/or and twice as much per level of nesting below that: flatten the"
+            " tree)",
+        )
+    return node
+
+
+def weight(node: Node, composites: int = 0) -> int:
+    """Sum over the tree's conditions of ``2 ** (n - 1)``, ``n`` the composites above each
+    (at least 1): what the size of the compiled clock query grows with (see the module doc)."""
+    if isinstance(node, Composite):
+        return sum(weight(child, composites + 1) for child in node.conditions)
+    return 1 << max(composites - 1, 0)
 
 
 def _parse(data: object, path: str, depth: int, budget: _Budget) -> Node:

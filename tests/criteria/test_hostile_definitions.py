@@ -18,6 +18,7 @@ from buckets import DefinitionError, b, define_bucket, ingest_event, load_defini
 from buckets.criteria import (
     Composite,
     EventCondition,
+    clock_select,
     evaluate,
     in_memory_counter,
     leaf_facts,
@@ -30,7 +31,9 @@ from buckets.criteria.model import (
     MAX_COUNT,
     MAX_DEPTH,
     MAX_EVENT_CONDITIONS,
+    MAX_WEIGHT,
     leaves,
+    weight,
 )
 from buckets.explain import explain
 from buckets.models import bucket_memberships, contacts
@@ -58,6 +61,15 @@ def widest(events: int, properties: int) -> dict[str, Any]:
     """An OR of ``events`` event conditions and ``properties`` property conditions."""
     plans = [b.prop(f"p{i % 5}").eq(f"v{i}") for i in range(properties)]
     return b.any(*any_of(events)["conditions"], *plans)
+
+
+def deep_and_wide(depth: int, events: int, properties: int) -> dict[str, Any]:
+    """A flat OR of conditions under ``depth - 1`` more levels of composites, each adding one
+    event condition (the shape whose clock query doubles per level)."""
+    node: dict[str, Any] = widest(events, properties)
+    for _ in range(depth - 1):
+        node = b.all(node, b.event("z").within("1d").exists())
+    return node
 
 
 def shared_bomb(levels: int, fan: int = 10) -> dict[str, Any]:
@@ -145,9 +157,19 @@ HOSTILE: list[tuple[str, dict[str, Any], str]] = [
         "criteria.where[255]: more than 256 conditions",
     ),
     (f"depth {MAX_DEPTH + 1}", {"criteria": chain(MAX_DEPTH + 1)}, f"{DEEP_PATH}: nested deeper"),
-    ("depth 500", {"criteria": chain(500)}, f"{DEEP_PATH}: nested deeper than 32 levels"),
-    ("depth 10,000", {"criteria": chain(10_000)}, f"{DEEP_PATH}: nested deeper than 32 levels"),
-    ("self-reference", {"criteria": cyclic()}, f"{DEEP_PATH}: nested deeper than 32 levels"),
+    ("depth 500", {"criteria": chain(500)}, f"{DEEP_PATH}: nested deeper than 12 levels"),
+    ("depth 10,000", {"criteria": chain(10_000)}, f"{DEEP_PATH}: nested deeper than 12 levels"),
+    ("self-reference", {"criteria": cyclic()}, f"{DEEP_PATH}: nested deeper than 12 levels"),
+    (
+        f"weight {MAX_WEIGHT + 1}",
+        {"criteria": b.any(chain(MAX_DEPTH - 1), LEAF)},
+        f"criteria: weighs 1,025, more than the limit of {MAX_WEIGHT:,}",
+    ),
+    (
+        "weight 4,015: 254 conditions 5 deep",
+        {"criteria": deep_and_wide(5, 60, 190)},
+        "criteria: weighs 4,015, more than the limit",
+    ),
     ("shared 10**9 leaves", {"criteria": shared_bomb(9)}, "more than 64 event conditions"),
     (
         "where under where",
@@ -330,17 +352,27 @@ def test_an_or_of_the_most_conditions_compiles_evaluates_and_runs(make_runtime):
     largest = MAX_CONDITIONS - MAX_EVENT_CONDITIONS
     widest_ = define_bucket(id="widest", criteria=widest(MAX_EVENT_CONDITIONS, largest))
     deepest = define_bucket(id="deepest", criteria=chain(MAX_DEPTH))
-    rt = make_runtime(widest_, deepest)
+    assert weight(deepest.criteria) == MAX_WEIGHT
+    heaviest = define_bucket(id="heaviest", criteria=deep_and_wide(3, 62, 192))
+    assert weight(heaviest.criteria) == 1_019  # 254 conditions under 3 composites, 2 above
+    rt = make_runtime(widest_, deepest, heaviest)
     last = f"e{MAX_EVENT_CONDITIONS - 1}"
     result = ingest_event("a", last, now=T0, runtime=rt)
     assert [t.bucket_id for t in result.transitions] == ["widest"]
     assert [t.bucket_id for t in ingest_event("b", "e", now=T0, runtime=rt).transitions] == [
         "deepest"
     ]
+    ingest_event("c", "z", now=T0, runtime=rt)
+    joined = ingest_event("c", "e0", now=T0, runtime=rt)
+    assert sorted(t.bucket_id for t in joined.transitions) == ["heaviest", "widest"]
     conditions = [leaf for leaf in leaves(widest_.criteria) if isinstance(leaf, EventCondition)]
     assert len(leaves(widest_.criteria)) == MAX_CONDITIONS
     with rt.engine.connect() as conn:
-        for bucket, members in ((widest_, ["a"]), (deepest, ["b"])):
+        for bucket, members in (
+            (widest_, ["a", "c"]),
+            (deepest, ["b"]),
+            (heaviest, ["c"]),
+        ):
             found = conn.execute(
                 sa.select(contacts.c.external_id).where(
                     contacts.c.id.in_(member_select(bucket.criteria, T0))
@@ -351,8 +383,14 @@ def test_an_or_of_the_most_conditions_compiles_evaluates_and_runs(make_runtime):
                 sa.select(contacts.c.external_id).where(probe_predicate(bucket.criteria, T0))
             ).scalars()
             assert sorted(probed) == members
-        row = conn.execute(leaf_facts(conditions, T0, [1, 2])).all()
-        assert len(row) == 2
+            clocked = conn.execute(clock_select(bucket.criteria, T0)).all()
+            assert sorted(row.id for row in clocked if row.matches) == sorted(
+                conn.execute(
+                    sa.select(contacts.c.id).where(contacts.c.external_id.in_(members))
+                ).scalars()
+            )
+        rows = conn.execute(leaf_facts(conditions, T0, [1, 2, 3])).all()
+        assert len(rows) == 3
     history = [Event(last, T0)]
     assert evaluate(widest_.criteria, {}, in_memory_counter(history, T0)) is True
     assert explain("widest", "a", now=T0, runtime=rt).member is True
