@@ -59,7 +59,7 @@ def text_problem(text: str) -> str | None:
     """Why PostgreSQL could not store ``text`` (None: it can)."""
     if "\x00" in text:
         return "contains a NUL character (\\u0000)"
-    found = _LONE_SURROGATE.search(text)
+    found = None if text.isascii() else _LONE_SURROGATE.search(text)
     if found is not None:
         return (
             f"contains a lone surrogate ({ascii(found.group())[1:-1]} at index {found.start()}),"
@@ -76,14 +76,25 @@ def shorten(value: object, limit: int = 60) -> str:
 
 # --- decoded JSON values ----------------------------------------------------------------------
 
+# Where a value sits: (parent's place, key or index), () for the root. Built as tuples while
+# walking (cheap); spelled out (``a.b[2]``) only for an error.
+Place = tuple[Any, ...]
 
-def _step(path: str, key: object) -> str:
-    if isinstance(key, int):
-        return f"{path}[{key}]"
-    name = key if isinstance(key, str) and key.isidentifier() else json.dumps(key)
-    if len(name) > 40:
-        name = f"{name[:37]}..."
-    return f"{path}.{name}" if path else name
+
+def _spelled(place: Place) -> str:
+    steps: list[object] = []
+    while place:
+        place, step = place
+        steps.append(step)
+    path = ""
+    for step in reversed(steps):
+        if isinstance(step, int):
+            path += f"[{step}]"
+            continue
+        name = step if isinstance(step, str) and step.isidentifier() else json.dumps(step)
+        name = name if len(name) <= 40 else f"{name[:37]}..."
+        path = f"{path}.{name}" if path else name
+    return path
 
 
 def json_value_problem(value: object, *, max_depth: int, max_size: int) -> InputError | None:
@@ -94,50 +105,53 @@ def json_value_problem(value: object, *, max_depth: int, max_size: int) -> Input
     stops after at most ``max_size`` nodes whatever the sharing of sub-structures; the exact
     size is for the caller to measure once this passed.
     """
-    stack: list[tuple[object, int, str]] = [(value, 1, "")]
+    stack: list[tuple[object, int, Place]] = [(value, 1, ())]
     size = 0
     while stack:
-        item, depth, path = stack.pop()
-        if isinstance(item, Mapping | list | tuple):
-            if depth > max_depth:
-                return InputError(path, f"nested deeper than {max_depth} levels")
-            problem = _push_children(item, depth, path, stack)
-            if problem is not None:
-                return problem
-            size += 2 + len(item)  # brackets and separators
-            if isinstance(item, Mapping):
-                size += sum(len(key) + 2 for key in item)  # quoted keys
-        elif isinstance(item, str):
-            problem_text = text_problem(item)
-            if problem_text is not None:
-                return InputError(path, problem_text)
+        item, depth, place = stack.pop()
+        problem: str | None = None
+        if isinstance(item, str):
             size += len(item) + 2
+            problem = text_problem(item)
+        elif isinstance(item, dict | list | tuple | Mapping):
+            if depth > max_depth:
+                problem = f"nested deeper than {max_depth} levels"
+            else:
+                added, problem = _push(item, depth, place, stack)
+                size += added
         elif isinstance(item, float) and not math.isfinite(item):
-            return InputError(path, f"not a finite number: {item!r}")
+            problem = f"not a finite number: {item!r}"
         else:
             size += 1
+        if problem is not None:
+            return InputError(_spelled(place), problem)
         if size > max_size:
             return InputError("", f"larger than the limit of {max_size} bytes")
     return None
 
 
-def _push_children(
+def _push(
     item: Mapping[Any, Any] | list[Any] | tuple[Any, ...],
     depth: int,
-    path: str,
-    stack: list[tuple[object, int, str]],
-) -> InputError | None:
+    place: Place,
+    stack: list[tuple[object, int, Place]],
+) -> tuple[int, str | None]:
+    """Put ``item``'s children on the stack: the JSON length of its punctuation and keys, and
+    the problem of a key that is not storable text."""
+    below = depth + 1
     if not isinstance(item, Mapping):
-        stack.extend((child, depth + 1, _step(path, index)) for index, child in enumerate(item))
-        return None
-    for key, child in item.items():
+        stack.extend((child, below, (place, index)) for index, child in enumerate(item))
+        return 2 + len(item), None
+    size = 2 + len(item)
+    for key in item:
         if not isinstance(key, str):
-            return InputError(path, f"keys must be strings, got {shorten(key)}")
+            return size, f"keys must be strings, got {shorten(key)}"
         problem = text_problem(key)
         if problem is not None:
-            return InputError(path, f"key {shorten(key)} {problem}")
-        stack.append((child, depth + 1, _step(path, key)))
-    return None
+            return size, f"key {shorten(key)} {problem}"
+        size += len(key) + 2
+    stack.extend((child, below, (place, key)) for key, child in item.items())
+    return size, None
 
 
 # --- instants ---------------------------------------------------------------------------------

@@ -102,7 +102,8 @@ class EventIn:
 
 def _json_object(
     value: object, name: str, index: int | None, external_id: str, settings: Settings
-) -> dict[str, Any]:
+) -> tuple[dict[str, Any], int]:
+    """The object and the length of its JSON, or IngestError."""
     if not isinstance(value, Mapping):
         raise IngestError(
             name,
@@ -121,12 +122,12 @@ def _json_object(
             reason += " (BUCKETS_MAX_JSON_DEPTH)"
         raise IngestError(name, reason, index=index, external_id=external_id, path=problem.path)
     try:
-        json.dumps(value, allow_nan=False)
+        size = len(json.dumps(value, allow_nan=False))
     except (TypeError, ValueError) as exc:
         raise IngestError(
             name, f"not JSON-serialisable: {exc}", index=index, external_id=external_id
         ) from None
-    return dict(value)
+    return dict(value), size
 
 
 def _instant(
@@ -222,16 +223,21 @@ def validate_event(
             index=index,
             external_id=label,
         )
-    properties = data.get("properties")
-    if properties is not None:
-        properties = _json_object(properties, "properties", index, label, settings)
-    patch = data.get("contact_properties")
-    if patch is not None:
-        patch = _json_object(patch, "contact_properties", index, label, settings)
+    properties: dict[str, Any] = {}
+    properties_size = 2  # "{}"
+    if data.get("properties") is not None:
+        properties, properties_size = _json_object(
+            data["properties"], "properties", index, label, settings
+        )
+    patch, patch_size = None, 0
+    if data.get("contact_properties") is not None:
+        patch, patch_size = _json_object(
+            data["contact_properties"], "contact_properties", index, label, settings
+        )
     email = _text(data.get("email"), "email", index, label, required=False)
     parts = {
-        "properties": len(json.dumps(properties or {})),
-        "contact_properties": len(json.dumps(patch)) if patch else 0,
+        "properties": properties_size,
+        "contact_properties": patch_size if patch else 0,
         "email": len(email.encode()) if email else 0,
     }
     size = sum(parts.values())
@@ -261,7 +267,7 @@ def validate_event(
     return EventIn(
         external_id=external_id,
         event=name,
-        properties=properties or {},
+        properties=properties,
         occurred_at=occurred_at,
         contact_properties=patch,
         email=email.strip().lower() if email else None,
