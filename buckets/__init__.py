@@ -23,9 +23,10 @@ from buckets.journeys import Journey, journey
 from buckets.ledger import Transition
 from buckets.registry import Registry, UnknownBucketError, set_enabled
 from buckets.runtime import Runtime, configure, get_runtime
-from buckets.validation import IngestError
+from buckets.validation import BatchRejected, IngestError
 
 __all__ = [
+    "BatchRejected",
     "BatchResult",
     "Bucket",
     "BucketsError",

@@ -15,6 +15,15 @@ Decisions where the spec is silent:
   satisfied by zero events without a window (``not_exists``, ``count lt 3``, ``count gte 0``).
   Windowed ``not_exists`` / ``count lt|lte|eq`` are clock-joinable, hence positive (SPEC §3.3,
   §6.2). A bucket needs at least one positive leaf.
+* ``name`` and ``description`` must be text PostgreSQL can store (no NUL, no lone surrogates):
+  they are stored with the deployed definition.
+
+Loading files is bounded so a small hostile file cannot take minutes or gigabytes: JSON and
+YAML nested deeper than :data:`MAX_DOCUMENT_DEPTH` (80) levels are refused before the parser
+recurses that deep, and a YAML document whose aliases expand to more than
+:data:`MAX_DOCUMENT_NODES` (200,000) nodes, or that refers to itself, is refused before it is
+constructed (see :mod:`buckets.inputs`). Criteria have their own limits (depth, number of
+conditions: :mod:`buckets.criteria.model`). Every loading error is one line.
 """
 
 from __future__ import annotations
@@ -47,12 +56,15 @@ from buckets.criteria.model import (
     parse_criteria,
 )
 from buckets.errors import BucketsError
+from buckets.inputs import InputError, load_yaml, loads_json, shorten, text_problem
 
 EntryLimit = Literal["unlimited", "once", "once_per_period"]
 ENTRY_LIMITS = ("unlimited", "once", "once_per_period")
 CLOCK_JOINABLE_COUNT_OPERATORS = frozenset({"lt", "lte", "eq"})
 _SLUG = re.compile(r"[a-z0-9]+(?:[-_][a-z0-9]+)*")
 MAX_ID_LENGTH = 64
+MAX_DOCUMENT_DEPTH = 80
+MAX_DOCUMENT_NODES = 200_000
 
 
 class DefinitionError(BucketsError):
@@ -219,6 +231,10 @@ def define_bucket(
         raise fail("name", f"must be a string, got {type(name).__name__}")
     if not isinstance(description, str):
         raise fail("description", f"must be a string, got {type(description).__name__}")
+    for field, text in (("name", name or ""), ("description", description)):
+        problem = text_problem(text)
+        if problem is not None:
+            raise fail(field, problem)
     if not isinstance(enabled, bool):
         raise fail("enabled", f"must be true or false, got {enabled!r}")
     if reconcile_joins is not None and not isinstance(reconcile_joins, bool):
@@ -262,10 +278,10 @@ def define_bucket(
 
 def _valid_id(value: object) -> str:
     if not isinstance(value, str) or not value:
-        raise DefinitionError("", "id", f"must be a non-empty string, got {value!r}")
+        raise DefinitionError("", "id", f"must be a non-empty string, got {shorten(value)}")
     if len(value) > MAX_ID_LENGTH or not _SLUG.fullmatch(value):
         raise DefinitionError(
-            value,
+            _key(value),
             "id",
             "must be a slug: lower-case letters and digits separated by single '-' or '_',"
             f" at most {MAX_ID_LENGTH} characters",
@@ -351,10 +367,10 @@ def bucket_from_mapping(data: object, path: str = "") -> Bucket:
             "", path, f"expected a mapping of bucket fields, got {type(data).__name__}"
         )
     bucket_id = data.get("id")
-    label = bucket_id if isinstance(bucket_id, str) else ""
+    label = _key(bucket_id) if isinstance(bucket_id, str) else ""
     for key in data:
         if key not in BUCKET_FIELDS:
-            raise DefinitionError(label or path, str(key), "unknown field")
+            raise DefinitionError(label or path, _key(key), "unknown field")
     for key in ("id", "criteria"):
         if key not in data:
             raise DefinitionError(label or path, key, "required")
@@ -409,10 +425,13 @@ def _load_file(path: Path) -> list[Bucket]:
     if path.suffix == ".py":
         return _load_python_file(path)
     try:
-        raw = path.read_text(encoding="utf-8")
-        data = json.loads(raw) if path.suffix == ".json" else yaml.safe_load(raw)
-    except (OSError, UnicodeDecodeError, ValueError, yaml.YAMLError) as exc:
-        reason = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+        raw = path.read_text(encoding="utf-8-sig")  # a byte order mark is not content
+        if path.suffix == ".json":
+            data = loads_json(raw, max_depth=MAX_DOCUMENT_DEPTH)
+        else:
+            data = load_yaml(raw, max_depth=MAX_DOCUMENT_DEPTH, max_nodes=MAX_DOCUMENT_NODES)
+    except (OSError, ValueError, yaml.YAMLError) as exc:  # InputError, UnicodeDecodeError too
+        reason = exc.reason if isinstance(exc, InputError) else _one_line(exc)
         raise DefinitionError("", "", f"cannot read: {reason}", source=str(path)) from None
     try:
         return _buckets_from_document(data)
@@ -425,7 +444,7 @@ def _buckets_from_document(data: object) -> list[Bucket]:
         raise DefinitionError("", "", "expected a mapping with a 'buckets:' list at the top")
     for key in data:
         if key != "buckets":
-            raise DefinitionError("", str(key), "unknown top-level key (expected 'buckets')")
+            raise DefinitionError("", _key(key), "unknown top-level key (expected 'buckets')")
     entries = data.get("buckets")
     if not isinstance(entries, list):
         raise DefinitionError("", "buckets", "expected a list of bucket definitions")
@@ -456,9 +475,29 @@ def _load_python_file(path: Path) -> list[Bucket]:
     except Exception as exc:
         del sys.modules[module_name]
         raise DefinitionError(
-            "", "", f"cannot import: {type(exc).__name__}: {exc}", source=str(path)
+            "", "", f"cannot import: {type(exc).__name__}: {_one_line(exc)}", source=str(path)
         ) from exc
     return _buckets_in(module)
+
+
+def _one_line(exc: BaseException) -> str:
+    """An exception's message on one line (YAML errors span several), cut at 300 characters."""
+    if isinstance(exc, yaml.MarkedYAMLError) and exc.problem:  # without the quoted snippet
+        mark = exc.problem_mark
+        where = f" (line {mark.line + 1}, column {mark.column + 1})" if mark else ""
+        context = f"{exc.context}: " if exc.context else ""
+        return f"{context}{exc.problem}{where}"
+    text = " ".join(line.strip() for line in str(exc).splitlines() if line.strip())
+    text = text or type(exc).__name__
+    return text if len(text) <= 300 else f"{text[:297]}..."
+
+
+def _key(key: object) -> str:
+    """A mapping key (or a bucket id) as an error message shows it: as written when short and
+    printable, else a shortened repr."""
+    if isinstance(key, str) and len(key) <= MAX_ID_LENGTH and key.isprintable():
+        return key
+    return shorten(key)
 
 
 def _load_module(name: str) -> list[Bucket]:
@@ -468,7 +507,7 @@ def _load_module(name: str) -> list[Bucket]:
         raise exc.located(name) from None
     except Exception as exc:
         raise DefinitionError(
-            "", "", f"cannot import: {type(exc).__name__}: {exc}", source=name
+            "", "", f"cannot import: {type(exc).__name__}: {_one_line(exc)}", source=name
         ) from exc
     return _buckets_in(module)
 

@@ -17,17 +17,21 @@ Per event, in one transaction with its membership changes:
 6. join / leave (min dwell may defer it) / settle, through the shared primitives; return the
    transitions performed.
 
-Batches (:func:`ingest_events`) run chunks of events in one transaction each and keep per-event
-semantics: within a chunk, events are applied in *waves* (the k-th event of every contact in
-wave k), so each event is evaluated right after it is stored, exactly as if ingested alone,
-while each wave costs a fixed number of statements whatever its size. Contacts are locked once
-per chunk, in id order (the order set-based producers lock in). A chunk that hits a database
-error is retried event by event, so one bad event never rolls back its neighbours.
+Batches (:func:`ingest_events`) validate every event before the first write (so a bad event late
+in a batch can never leave its earlier chunks committed and the batch half-applied), then run
+chunks of events in one transaction each and keep per-event semantics: within a chunk, events
+are applied in *waves* (the k-th event of every contact in wave k), so each event is evaluated
+right after it is stored, exactly as if ingested alone, while each wave costs a fixed number of
+statements whatever its size. Contacts are locked once per chunk, in id order (the order
+set-based producers lock in). A chunk that hits a database error is retried event by event, so
+one bad event never rolls back its neighbours. With ``atomic=True`` (the HTTP API's batch
+contract) a batch is all-or-nothing: one bad event rejects it (:class:`BatchRejected`), and the
+good ones are written in a single transaction.
 
 Decisions where the spec is silent: every key in ``contact_properties`` counts as changed
 (buckets on it are re-evaluated even if the value is the same); ``received_at`` is the ingest's
 ``now``; a repeated key returns the first result even if the payload differs; a payload's size is
-the JSON size of ``properties`` plus ``contact_properties``.
+the JSON size of ``properties`` plus ``contact_properties``, plus the e-mail.
 """
 
 from __future__ import annotations
@@ -51,7 +55,8 @@ from buckets.membership import latest_of, record_decided
 from buckets.models import contacts, user_events
 from buckets.resilience import first_line, is_outage
 from buckets.runtime import Runtime, get_runtime
-from buckets.validation import EventIn, IngestError, validate_event
+from buckets.settings import Settings
+from buckets.validation import BatchRejected, EventIn, IngestError, check_now, validate_event
 
 Status = Literal["accepted", "duplicate", "contact_deleted"]
 DEADLOCK_RETRIES = 3
@@ -112,12 +117,10 @@ class BatchResult:
         ]
 
 
-def _now(now: datetime | None) -> datetime:
+def _now(now: datetime | None, settings: Settings) -> datetime:
     if now is None:
         return datetime.now(UTC)
-    if now.tzinfo is None:
-        raise IngestError("now", "must be timezone-aware (naive datetime)")
-    return now
+    return check_now(now, settings)
 
 
 # --- the public entry points ---------------------------------------------------------------
@@ -137,7 +140,7 @@ def ingest_event(  # noqa: PLR0917 - SPEC §5 gives these fields positionally
 ) -> IngestResult:
     """Ingest one event in one transaction; raises :class:`IngestError` for bad input."""
     rt = get_runtime(runtime)
-    at = _now(now)
+    at = _now(now, rt.settings)
     data = {
         "external_id": external_id,
         "event": event,
@@ -165,45 +168,69 @@ def ingest_events(
     now: datetime | None = None,
     runtime: Runtime | None = None,
     chunk_size: int | None = None,
+    atomic: bool = False,
 ) -> BatchResult:
     """Ingest many events, one transaction per chunk, with per-event semantics and results.
 
-    Each entry of ``events`` has the fields of :func:`ingest_event`. Bad events are reported in
-    the result (an :class:`IngestError` carrying their index) and do not stop the others. A
-    database that becomes unavailable is not bad input: the batch stops at once with
+    Each entry of ``events`` has the fields of :func:`ingest_event`. Every event is validated
+    before anything is written. Bad events are reported in the result (an
+    :class:`IngestError` carrying their index) and do not stop the others. A database that
+    becomes unavailable is not bad input: the batch stops at once with
     :class:`~buckets.errors.IngestInterruptedError`, naming the first event not ingested and
     carrying the results of those before it.
+
+    With ``atomic``, one bad event raises :class:`BatchRejected` (every error, nothing written)
+    and the batch is written in one transaction (``chunk_size`` does not apply): all of it or,
+    if the database fails, none of it (an outage raises
+    :class:`~buckets.errors.DatabaseUnavailableError`).
     """
     rt = get_runtime(runtime)
-    at = _now(now)
+    at = _now(now, rt.settings)
     size = chunk_size or rt.settings.ingest_chunk_size
-    results: list[IngestResult | IngestError] = []
-    pending: list[tuple[int, EventIn]] = []
-
-    def flush() -> None:
+    results: list[IngestResult | IngestError | None] = []
+    valid: list[tuple[int, EventIn]] = []
+    errors: list[IngestError] = []
+    for index, data in enumerate(events):  # all of them before the first write
         try:
-            outcomes = _ingest_chunk_safely(rt, pending, at)
+            valid.append((index, validate_event(data, now=at, settings=rt.settings, index=index)))
+            results.append(None)
+        except IngestError as error:
+            errors.append(error)
+            results.append(error)
+    if atomic:
+        if errors:
+            raise BatchRejected(errors)
+        if valid:
+            try:
+                written = _ingest_chunk(rt, [event for _, event in valid], at)
+            except DBAPIError as exc:
+                if is_outage(exc):
+                    raise DatabaseUnavailableError(
+                        f"batch not ingested, the database is unavailable: {first_line(exc)}"
+                    ) from exc
+                raise
+            for (index, _), done in zip(valid, written, strict=True):
+                results[index] = done
+        return _complete(results)
+    for start in range(0, len(valid), size):
+        chunk = valid[start : start + size]
+        try:
+            outcomes = _ingest_chunk_safely(rt, chunk, at)
         except IngestInterruptedError as stopped:  # the database, not the input: stop here
             partial = stopped.results if isinstance(stopped.results, list) else []
-            for (index, _), result in zip(pending, partial, strict=False):
+            for (index, _), result in zip(chunk, partial, strict=False):
                 results[index] = result
-            stopped.results = BatchResult(results[: stopped.index])
+            stopped.results = _complete(results[: stopped.index])
             raise
-        for (index, _), result in zip(pending, outcomes, strict=True):
+        for (index, _), result in zip(chunk, outcomes, strict=True):
             results[index] = result
-        pending.clear()
+    return _complete(results)
 
-    for index, data in enumerate(events):
-        results.append(IngestError("event", "not processed", index=index))  # placeholder
-        try:
-            pending.append((index, validate_event(data, now=at, settings=rt.settings, index=index)))
-        except IngestError as error:
-            results[index] = error
-        if len(pending) >= size:
-            flush()
-    if pending:
-        flush()
-    return BatchResult(results)
+
+def _complete(results: Sequence[IngestResult | IngestError | None]) -> BatchResult:
+    """The batch's results, every one of them known."""
+    assert all(result is not None for result in results)
+    return BatchResult([result for result in results if result is not None])
 
 
 def _ingest_chunk_safely(

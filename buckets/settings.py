@@ -7,20 +7,26 @@ migrations always talk to the same database.
 
 from __future__ import annotations
 
-from datetime import timedelta
+from datetime import UTC, datetime, timedelta
 from functools import lru_cache
 from pathlib import Path
 from typing import Any
 
 import platformdirs
 from apscheduler.triggers.cron import CronTrigger
-from pydantic import Field, ValidationError, field_validator
+from pydantic import AwareDatetime, Field, ValidationError, ValidationInfo, field_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
+from buckets.criteria.durations import MAX_DURATION
 from buckets.errors import ConfigError
 
 DEFAULT_RECONCILE_CRON = "*/5 * * * *"
 DEFAULT_FULL_SWEEP_CRON = "30 3 * * *"
+# The accepted instants leave MAX_DURATION (and a day for offsets) of room on both sides of
+# Python's datetime range, so `now - within` and `now + max_dwell` never overflow.
+_HEADROOM = MAX_DURATION + timedelta(days=1)
+_EARLIEST = datetime.min.replace(tzinfo=UTC) + _HEADROOM
+_LATEST = datetime.max.replace(tzinfo=UTC) - _HEADROOM
 
 
 def default_data_dir() -> Path:
@@ -67,7 +73,30 @@ class Settings(BaseSettings):
     )
     max_clock_skew: timedelta = Field(
         default=timedelta(minutes=5),
-        description="How far past `now` an event's occurred_at may be (seconds or ISO 8601).",
+        ge=timedelta(0),
+        description="How far past `now` an event's occurred_at may be, and how far past the"
+        " real clock a `now` given to the CLI or the HTTP API may be (seconds or ISO 8601).",
+    )
+    min_instant: AwareDatetime = Field(
+        default=datetime(1970, 1, 1, tzinfo=UTC),
+        description="Earliest accepted `now` / `occurred_at` (after offset normalisation).",
+    )
+    max_instant: AwareDatetime = Field(
+        default=datetime(9900, 1, 1, tzinfo=UTC),
+        description="Latest accepted `now` / `occurred_at`; the years up to 9999 are room for"
+        " durations (at most 36,500 days) added to it.",
+    )
+    max_json_depth: int = Field(
+        default=64,
+        ge=1,
+        le=200,
+        description="Deepest nesting of an event's properties / contact_properties (the object"
+        " itself is level 1).",
+    )
+    max_request_bytes: int = Field(
+        default=10 * 1024 * 1024,
+        gt=0,
+        description="Largest HTTP request body the admin API reads.",
     )
     max_outage: timedelta = Field(
         default=timedelta(minutes=5),
@@ -112,6 +141,27 @@ class Settings(BaseSettings):
             CronTrigger.from_crontab(value, timezone="UTC")
         except ValueError as exc:
             raise ValueError(f"not a valid crontab expression {value!r}: {exc}") from exc
+        return value
+
+    @field_validator("min_instant")
+    @classmethod
+    def _room_before(cls, value: datetime) -> datetime:
+        if value < _EARLIEST:
+            raise ValueError(f"must be at least {_EARLIEST.isoformat()} (room for durations)")
+        return value
+
+    @field_validator("max_instant")
+    @classmethod
+    def _room_after(cls, value: datetime, info: ValidationInfo) -> datetime:
+        skew = info.data.get("max_clock_skew", timedelta(0))
+        if value > _LATEST - skew:
+            raise ValueError(
+                f"must be at most {(_LATEST - skew).isoformat()} (room for durations and"
+                " BUCKETS_MAX_CLOCK_SKEW)"
+            )
+        lowest = info.data.get("min_instant")
+        if lowest is not None and value <= lowest:
+            raise ValueError("must be later than BUCKETS_MIN_INSTANT")
         return value
 
     @property

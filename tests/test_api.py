@@ -13,6 +13,7 @@ from schemathesis.checks import not_a_server_error
 
 from buckets import b, define_bucket, ingest_event
 from buckets.runtime import Runtime
+from buckets.settings import Settings
 from workflows.api import create_app
 
 T0 = datetime(2026, 11, 1, 12, 0, tzinfo=UTC)
@@ -135,7 +136,9 @@ def test_bad_input_is_4xx_naming_the_field(api):
 
 # --- schemathesis: generated requests against the published schema never get a 5xx ----------
 
-APP = create_app(Runtime.__new__(Runtime))  # the runtime is installed per test below
+PLACEHOLDER = Runtime.__new__(Runtime)  # the runtime is installed per test below
+PLACEHOLDER.settings = Settings()
+APP = create_app(PLACEHOLDER)
 schema = schemathesis.openapi.from_asgi("/openapi.json", APP)
 
 

@@ -283,17 +283,18 @@ BAD: list[tuple[str, dict[str, Any], str]] = [
     ("properties a string", {"properties": "{}"}, "properties: must be a JSON object"),
     ("contact properties", {"contact_properties": 3}, "contact_properties: must be a JSON"),
     ("non-string key", {"properties": {1: "a"}}, "properties: keys must be strings"),
-    ("NaN value", {"properties": {"x": float("nan")}}, "properties: not JSON-serialisable"),
+    ("NaN value", {"properties": {"x": float("nan")}}, "properties.x: not a finite number"),
+    ("set value", {"properties": {"x": {1}}}, "properties: not JSON-serialisable"),
     ("naive occurred_at", {"occurred_at": datetime(2026, 11, 1)}, "occurred_at: must be"),
     ("naive ISO string", {"occurred_at": "2026-11-01T10:00:00"}, "occurred_at: must be"),
     ("garbage time", {"occurred_at": "yesterday"}, "occurred_at: not an ISO-8601"),
     ("too far ahead", {"occurred_at": T0 + timedelta(minutes=6)}, "occurred_at: "),
-    ("oversized", {"properties": {"x": "y" * 70_000}}, "properties: payload of"),
+    ("oversized", {"properties": {"x": "y" * 70_000}}, "properties: payload larger than"),
     ("key not a string", {"idempotency_key": 5}, "idempotency_key: must be a string"),
     ("email not a string", {"email": ["a@b"]}, "email: must be a string"),
     ("NUL in a name", {"event": "a\x00b"}, "event: contains a NUL character"),
-    ("NUL in a value", {"properties": {"k": "a\x00"}}, "properties: contains a NUL"),
-    ("NUL in a key", {"contact_properties": {"k\x00": 1}}, "contact_properties: contains a NUL"),
+    ("NUL in a value", {"properties": {"k": "a\x00"}}, "properties.k: contains a NUL"),
+    ("NUL in a key", {"contact_properties": {"k\x00": 1}}, "contact_properties: key 'k\\x00'"),
 ]
 
 

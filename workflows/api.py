@@ -4,7 +4,18 @@ Every endpoint needs ``Authorization: Bearer <BUCKETS_ADMIN_TOKEN>``; without th
 every request is refused with 401 (the OpenAPI document and ``/docs`` stay readable: they hold
 no data). Bad input is a 4xx whose body names the field (``detail[].loc``, FastAPI's shape, or
 ``{"detail": [{"loc": [...], "msg": ...}]}`` for the engine's own checks); unknown buckets and
-contacts are 404. Batch ingest validates every event first and writes nothing if one is bad.
+contacts are 404. Batch ingest validates every event first and writes nothing if one is bad;
+the good batch is written in one transaction (all or nothing, even if the database fails).
+
+Input bounds (before any handler runs): request bodies over ``BUCKETS_MAX_REQUEST_BYTES`` are
+413 (FastAPI's ``max_body_size``); bodies that are not UTF-8, or JSON nested deeper than the
+parsers may safely go, are 422 (``loc: ["body"]``). Types are strict: ``occurred_at`` and
+``now`` are ISO-8601 strings with an offset (not numbers), ``enabled`` is a boolean or null.
+``now`` must lie in ``[BUCKETS_MIN_INSTANT, BUCKETS_MAX_INSTANT]``, and where the request
+writes as of it (ingest, a backfill that is not a dry run) at most ``BUCKETS_MAX_CLOCK_SKEW``
+after the server's clock.
+Database errors never reach the client with their SQL or parameters: bad data is 422, an
+unreachable database 503, anything else 500, each with the SQLSTATE only.
 """
 
 from __future__ import annotations
@@ -16,26 +27,36 @@ from typing import Annotated, Any, Literal
 from fastapi import APIRouter, Depends, FastAPI, HTTPException, Path, Query, Request
 from fastapi.responses import JSONResponse
 from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
-from pydantic import BaseModel, ConfigDict, Field
-from sqlalchemy.exc import DataError
+from pydantic import BaseModel, ConfigDict, Field, StrictBool
+from pydantic.json_schema import JsonDict
+from sqlalchemy.exc import DataError, DBAPIError, IntegrityError, OperationalError
+from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from buckets.admin import bucket_states, ledger_page, members_page, preview
 from buckets.contacts import UnknownContactError
 from buckets.errors import BucketsError, DatabaseUnavailableError
 from buckets.explain import explain
 from buckets.ingest import ingest_events
+from buckets.inputs import (
+    PARSE_DEPTH_CAP,
+    InputError,
+    instant_problem,
+    json_text_depth,
+    parse_instant,
+)
 from buckets.registry import UnknownBucketError, set_enabled
 from buckets.runtime import Runtime
-from buckets.validation import IngestError, validate_event
+from buckets.validation import BatchRejected, IngestError, future_now_problem
 from workflows import backfill, jobs
 
 MAX_ID = 2**63 - 1
 bearer = HTTPBearer(auto_error=False, description="BUCKETS_ADMIN_TOKEN")
+INSTANT: JsonDict = {"format": "date-time", "examples": ["2026-11-24T12:00:00Z"]}
 
 
 class EnabledPatch(BaseModel):
     model_config = ConfigDict(extra="forbid")
-    enabled: bool | None = Field(
+    enabled: StrictBool | None = Field(
         description="true / false: the operator's override; null: follow the definition."
     )
 
@@ -43,32 +64,52 @@ class EnabledPatch(BaseModel):
 class EventBody(BaseModel):
     """One event: the fields of ``ingest_event`` (checked again by the engine)."""
 
-    model_config = ConfigDict(extra="forbid")
+    model_config = ConfigDict(extra="forbid", strict=True)
     external_id: str
     event: str
     properties: dict[str, Any] | None = None
-    occurred_at: datetime | None = None
+    occurred_at: str | None = Field(
+        default=None,
+        max_length=64,
+        json_schema_extra=INSTANT,
+        description="ISO-8601 with a UTC offset (default: now).",
+    )
     contact_properties: dict[str, Any] | None = None
     email: str | None = None
     idempotency_key: str | None = None
 
 
 class EventBatch(BaseModel):
-    model_config = ConfigDict(extra="forbid")
+    model_config = ConfigDict(extra="forbid", strict=True)
     events: list[EventBody] = Field(min_length=1, max_length=10_000)
-    now: datetime | None = Field(default=None, description="Decide as of (default: the clock).")
+    now: str | None = Field(
+        default=None,
+        max_length=64,
+        json_schema_extra=INSTANT,
+        description="Decide as of (ISO-8601 with a UTC offset; default: the clock).",
+    )
 
 
 def _error(status: int, loc: list[Any], message: str) -> HTTPException:
     return HTTPException(status, detail=[{"loc": loc, "msg": message}])
 
 
-def _now(value: datetime | None, loc: list[Any]) -> datetime:
+def _now(runtime: Runtime, value: str | None, loc: list[Any], *, writes: bool) -> datetime:
+    """The request's ``now``: the clock, or an ISO-8601 instant within the accepted range and,
+    when the request writes as of it, not after the clock by more than the allowed skew."""
     if value is None:
         return datetime.now(UTC)
-    if value.tzinfo is None or value.utcoffset() is None:
-        raise _error(422, loc, "must carry a UTC offset (e.g. 2026-11-24T12:00:00Z)")
-    return value
+    try:
+        parsed = parse_instant(value)
+    except InputError as exc:
+        raise _error(422, loc, exc.reason) from None
+    settings = runtime.settings
+    problem = instant_problem(parsed, settings.min_instant, settings.max_instant)
+    if problem is None and writes:
+        problem = future_now_problem(parsed, settings) or None
+    if problem is not None:
+        raise _error(422, loc, problem)
+    return parsed
 
 
 def _runtime(request: Request) -> Runtime:
@@ -95,6 +136,14 @@ router = APIRouter(dependencies=[Depends(_authorised)])
 PathText = Annotated[str, Path(min_length=1, max_length=255, pattern=r"^[^\x00]*$")]
 Cursor = Annotated[int | None, Query(ge=0, le=MAX_ID)]
 Limit = Annotated[int, Query(ge=1, le=1000)]
+NowQuery = Annotated[
+    str | None,
+    Query(
+        max_length=64,
+        json_schema_extra=INSTANT,
+        description="Decide as of (ISO-8601 with a UTC offset; default: the clock).",
+    ),
+]
 
 
 @router.get("/buckets", tags=["buckets"])
@@ -162,20 +211,20 @@ def contact_transitions(
 
 @router.get("/buckets/{bucket_id}/explain/{external_id}", tags=["buckets"])
 def explain_contact(
-    runtime: RuntimeDep, bucket_id: PathText, external_id: PathText, now: datetime | None = None
+    runtime: RuntimeDep, bucket_id: PathText, external_id: PathText, now: NowQuery = None
 ) -> dict[str, Any]:
     """Member or not, each leaf's value and counts, and the next change by the clock."""
-    at = _now(now, ["query", "now"])
+    at = _now(runtime, now, ["query", "now"], writes=False)
     return explain(bucket_id, external_id, now=at, runtime=runtime).to_dict()
 
 
 @router.get("/buckets/{bucket_id}/preview", tags=["buckets"])
 def preview_bucket(
-    runtime: RuntimeDep, bucket_id: PathText, now: datetime | None = None
+    runtime: RuntimeDep, bucket_id: PathText, now: NowQuery = None
 ) -> dict[str, Any]:
     """Dry run: how many contacts match as of ``now`` and how many would join or leave."""
     bucket = runtime.registry.get(bucket_id)
-    at = _now(now, ["query", "now"])
+    at = _now(runtime, now, ["query", "now"], writes=False)
     with runtime.engine.connect() as conn:
         return preview(conn, bucket, at).to_dict()
 
@@ -183,21 +232,27 @@ def preview_bucket(
 @router.post("/events", tags=["ingest"])
 def ingest(runtime: RuntimeDep, batch: EventBatch) -> dict[str, Any]:
     """Ingest a batch. Every event is validated first: one bad event (a reserved ``bucket:``
-    name, a naive time, ...) rejects the batch with 422 and nothing is written."""
-    at = _now(batch.now, ["body", "now"])
-    raw = [
-        {key: value for key, value in event.model_dump().items() if value is not None}
+    name, a naive time, ...) rejects the batch with 422 and nothing is written. The batch is
+    then written in one transaction: all of it, or nothing if the database fails."""
+    at = _now(runtime, batch.now, ["body", "now"], writes=True)
+    raw = [  # the values as parsed (no re-serialisation: the engine bounds their nesting)
+        {
+            name: value
+            for name in EventBody.model_fields
+            if (value := getattr(event, name)) is not None
+        }
         for event in batch.events
     ]
-    problems = []
-    for index, data in enumerate(raw):
-        try:
-            validate_event(data, now=at, settings=runtime.settings, index=index)
-        except IngestError as exc:
-            problems.append({"loc": ["body", "events", index, exc.field], "msg": exc.reason})
-    if problems:
-        raise HTTPException(422, detail=problems)
-    result = ingest_events(raw, now=at, runtime=runtime)
+    try:
+        result = ingest_events(raw, now=at, runtime=runtime, atomic=True)
+    except BatchRejected as rejected:
+        raise HTTPException(
+            422,
+            detail=[
+                {"loc": ["body", "events", error.index, error.field], "msg": _located(error)}
+                for error in rejected.errors
+            ],
+        ) from None
     return {
         "accepted": result.accepted,
         "duplicate": result.duplicates,
@@ -209,11 +264,21 @@ def ingest(runtime: RuntimeDep, batch: EventBatch) -> dict[str, Any]:
     }
 
 
+def _located(error: IngestError) -> str:
+    """The message of an event's error, with the path inside the field when there is one."""
+    return f"{error.path}: {error.reason}" if error.path else error.reason
+
+
 class BackfillRequest(BaseModel):
-    model_config = ConfigDict(extra="forbid")
+    model_config = ConfigDict(extra="forbid", strict=True)
     emit: bool = Field(default=False, description="Admin backfills: emit joins (entry limit).")
     dry_run: bool = Field(default=False, description="Report what would change; write nothing.")
-    now: datetime | None = Field(default=None, description="Decide as of (default: the clock).")
+    now: str | None = Field(
+        default=None,
+        max_length=64,
+        json_schema_extra=INSTANT,
+        description="Decide as of (ISO-8601 with a UTC offset; default: the clock).",
+    )
 
 
 @router.post("/buckets/{bucket_id}/backfills", tags=["backfills"], status_code=202)
@@ -223,7 +288,7 @@ def start_backfill(
     """Enqueue the bucket's backfill (first-time if it never completed one, else admin); a
     worker (`buckets run`) executes it. 409 if the bucket already has a job in progress.
     With ``dry_run``, the report of what it would change (200), nothing written."""
-    at = _now(body.now, ["body", "now"])
+    at = _now(runtime, body.now, ["body", "now"], writes=not body.dry_run)
     if body.dry_run:
         report = backfill.dry_run(runtime, bucket_id, at, emit=body.emit)
         return JSONResponse(report.to_dict(), 200)  # type: ignore[return-value]
@@ -271,20 +336,89 @@ def _detail(status: int, loc: list[str]) -> Any:
     return handler
 
 
+async def _database_error(request: Request, exc: Exception) -> JSONResponse:
+    """A database error as a client may see it: what kind and the SQLSTATE, never the
+    statement or its parameters (they may hold other contacts' data)."""
+    assert isinstance(exc, DBAPIError)
+    code = getattr(exc.orig, "sqlstate", None) or "unknown"
+    if isinstance(exc, DataError | IntegrityError):  # a value the database cannot store
+        status, what = 422, "the database refused a value of this request"
+    elif isinstance(exc, OperationalError):
+        status, what = 503, "the database is unavailable or failed"
+    else:
+        status, what = 500, "database error"
+    message = f"{what} (SQLSTATE {code}); the request's transaction was rolled back"
+    return JSONResponse({"detail": [{"loc": [], "msg": message}]}, status)
+
+
+class JsonBodyChecks:
+    """ASGI middleware: reads the request body before FastAPI parses it and refuses it (422,
+    ``loc: ["body"]``) when it is not UTF-8 or is JSON nested deeper than
+    :data:`PARSE_DEPTH_CAP` (the JSON parser recurses once per level). It runs inside FastAPI's
+    ``max_body_size`` limit, so what it holds is at most ``BUCKETS_MAX_REQUEST_BYTES``, which
+    FastAPI would hold anyway."""
+
+    def __init__(self, app: ASGIApp) -> None:
+        self.app = app
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        chunks: list[bytes] = []
+        while True:
+            message = await receive()  # FastAPI's limit raises here when the body is too big
+            if message["type"] != "http.request":  # the client went away
+                return
+            chunks.append(message.get("body", b""))
+            if not message.get("more_body", False):
+                break
+        body = b"".join(chunks)
+        problem = self._problem(body)
+        if problem:
+            response = JSONResponse({"detail": [{"loc": ["body"], "msg": problem}]}, 422)
+            await response(scope, receive, send)
+            return
+        delivered = False
+
+        async def replay() -> Message:
+            nonlocal delivered
+            if delivered:
+                return await receive()
+            delivered = True
+            return {"type": "http.request", "body": body, "more_body": False}
+
+        await self.app(scope, replay, send)
+
+    @staticmethod
+    def _problem(body: bytes) -> str:
+        if not body:
+            return ""
+        try:
+            text = body.decode("utf-8")
+        except UnicodeDecodeError as exc:
+            return f"not valid UTF-8 (byte 0x{body[exc.start]:02x} at offset {exc.start})"
+        depth = json_text_depth(text)
+        if depth > PARSE_DEPTH_CAP:
+            return f"JSON nested {depth} levels deep, more than the limit of {PARSE_DEPTH_CAP}"
+        return ""
+
+
 def create_app(runtime: Runtime) -> FastAPI:
     """The application serving ``runtime`` (its database, definitions and settings)."""
     app = FastAPI(
         title="buckets admin API",
         version="1",
         description="Buckets, members, the transition ledger, explain, preview, ingest.",
+        max_body_size=runtime.settings.max_request_bytes,  # larger bodies: 413, unread
     )
     app.state.runtime = runtime
     app.add_exception_handler(UnknownBucketError, _detail(404, ["path", "bucket_id"]))
     app.add_exception_handler(UnknownContactError, _detail(404, ["path", "external_id"]))
     app.add_exception_handler(BucketsError, _detail(409, []))
-    # A batch the database stopped (not its input): retry later, from the index named.
+    # A batch the database stopped (not its input): nothing was written, retry later.
     app.add_exception_handler(DatabaseUnavailableError, _detail(503, []))
-    # The database refusing a value it cannot store is still bad input, not a server error.
-    app.add_exception_handler(DataError, _detail(422, []))
+    app.add_exception_handler(DBAPIError, _database_error)
+    app.add_middleware(JsonBodyChecks)
     app.include_router(router)
     return app

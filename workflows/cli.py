@@ -8,6 +8,8 @@ configuration or usage, 1 for everything else.
 
 from __future__ import annotations
 
+import codecs
+import functools
 import io
 import json
 import sys
@@ -32,7 +34,8 @@ class CliError(click.ClickException):
     """A one-line error; exit status 1."""
 
     def show(self, file: IO[Any] | None = None) -> None:
-        click.echo(f"buckets: error: {self.format_message()}", file=file or sys.stderr)
+        lines = [line.strip() for line in self.format_message().splitlines() if line.strip()]
+        click.echo(f"buckets: error: {' / '.join(lines)}", file=file or sys.stderr)
 
 
 class ConfigCliError(CliError):
@@ -113,33 +116,70 @@ def opened_runtime(database_url: str | None, definitions: str | None) -> Iterato
 
 
 def parse_instant(value: str, *, option: str = "--now") -> datetime:
-    """An ISO-8601 instant with a UTC offset (``Z`` accepted); naive times are refused."""
+    """An ISO-8601 instant with a UTC offset (``Z`` accepted; ASCII digits), within
+    ``[BUCKETS_MIN_INSTANT, BUCKETS_MAX_INSTANT]``; anything else is a usage error."""
+    from buckets.inputs import InputError, instant_problem
+    from buckets.inputs import parse_instant as parse
+    from buckets.settings import load_settings
+
     try:
-        parsed = datetime.fromisoformat(value.strip().replace("Z", "+00:00"))
-    except ValueError:
+        parsed = parse(value)
+    except InputError as exc:
         raise click.BadParameter(
-            f"{value!r} is not an ISO-8601 instant (e.g. 2026-11-24T12:00:00Z)",
-            param_hint=option,
+            f"{exc.reason} (e.g. 2026-11-24T12:00:00Z)", param_hint=option
         ) from None
-    if parsed.tzinfo is None:
-        raise click.BadParameter(
-            f"{value!r} has no UTC offset (add Z or +00:00)", param_hint=option
-        )
+    settings = load_settings()
+    problem = instant_problem(parsed, settings.min_instant, settings.max_instant)
+    if problem is not None:
+        raise click.BadParameter(problem, param_hint=option)
     return parsed
 
 
-def now_option(func: F) -> F:
-    """``--now ISO-8601``: the instant the command decides as of (default: the clock)."""
+def now_option(*, writes: bool | Callable[[dict[str, Any]], bool] = True) -> Callable[[F], F]:
+    """``--now ISO-8601``: the instant the command decides as of (default: the clock).
 
-    def convert(ctx: click.Context, param: click.Parameter, value: str | None) -> datetime:
-        return datetime.now(UTC) if value is None else parse_instant(value)
+    A command that ``writes`` as of ``now`` (a predicate of its arguments, or always) refuses a
+    ``--now`` more than ``BUCKETS_MAX_CLOCK_SKEW`` after the real clock unless ``--force`` is
+    given: a tick or an ingest stamped in the future would be stored as such (a reconcile as of
+    9999 marks every bucket reconciled until then). Read-only uses (explain, dry runs) may look
+    at any accepted instant.
+    """
 
-    return click.option(
-        "--now",
-        metavar="ISO-8601",
-        callback=convert,
-        help="Decide as of this instant (with a UTC offset) [default: now].",
-    )(func)
+    def convert(ctx: click.Context, param: click.Parameter, value: str | None) -> datetime | None:
+        return None if value is None else parse_instant(value)
+
+    def decorate(func: F) -> F:
+        @functools.wraps(func)
+        def checked(*args: Any, **kwargs: Any) -> Any:
+            force = kwargs.pop("force", False)
+            if kwargs["now"] is None:
+                kwargs["now"] = datetime.now(UTC)
+            elif not force and (writes(kwargs) if callable(writes) else writes):
+                from buckets.settings import load_settings
+                from buckets.validation import future_now_problem
+
+                problem = future_now_problem(kwargs["now"], load_settings())
+                if problem:
+                    raise click.BadParameter(
+                        f"{problem}; pass --force to decide as of it anyway", param_hint="--now"
+                    )
+            return func(*args, **kwargs)
+
+        command: Any = click.option(
+            "--now",
+            metavar="ISO-8601",
+            callback=convert,
+            help="Decide as of this instant (with a UTC offset) [default: now].",
+        )(checked)
+        if writes:
+            command = click.option(
+                "--force",
+                is_flag=True,
+                help="Accept a --now more than BUCKETS_MAX_CLOCK_SKEW after the clock.",
+            )(command)
+        return command  # type: ignore[no-any-return]
+
+    return decorate
 
 
 def emit(as_json: bool, payload: dict[str, Any], human: str) -> None:
@@ -207,30 +247,46 @@ def db_current(database_url: str | None, definitions: str | None, as_json: bool)
 
 
 @main.command("ingest")
-@click.argument("file", type=click.File("r", encoding="utf-8"))
-@now_option
+@click.argument("file", type=click.File("rb"))
+@now_option()
 @common_options
 def ingest_command(
-    file: IO[str], now: datetime, database_url: str | None, definitions: str | None, as_json: bool
+    file: IO[bytes],
+    now: datetime,
+    database_url: str | None,
+    definitions: str | None,
+    as_json: bool,
 ) -> None:
     """Ingest events from a JSON Lines FILE ("-" for stdin), one object per line with the
-    fields of ingest_event. Valid lines are ingested even when others are rejected; the exit
-    status is 1 if any line was rejected (bad input, each one named). If the database fails
+    fields of ingest_event, UTF-8 (a byte order mark at the start is allowed). Valid lines are
+    ingested even when others are rejected; the exit status is 1 if any line was rejected (bad
+    input, each one named: not UTF-8, not JSON, or an invalid event). If the database fails
     instead, nothing after the chunk in flight is attempted: the exit status is 2 and the
     message names the line to resume from (every line before it was processed)."""
     from buckets.errors import IngestInterruptedError
     from buckets.ingest import ingest_events
+    from buckets.inputs import PARSE_DEPTH_CAP, InputError, loads_json
     from buckets.validation import IngestError
 
     lines: list[int] = []  # line number of each event handed to the engine
     events: list[Any] = []
     rejected: list[dict[str, Any]] = []
-    for number, line in enumerate(file, start=1):
+    for number, raw in enumerate(file, start=1):
+        start = len(codecs.BOM_UTF8) if number == 1 and raw.startswith(codecs.BOM_UTF8) else 0
+        try:
+            line = raw[start:].decode("utf-8")
+        except UnicodeDecodeError as exc:
+            byte, column = raw[start + exc.start], start + exc.start + 1
+            reason = f"not valid UTF-8 (byte 0x{byte:02x} at column {column})"
+            rejected.append({"line": number, "reason": reason})
+            continue
         if not line.strip():
             continue
         try:
-            events.append(json.loads(line))
+            events.append(loads_json(line, max_depth=PARSE_DEPTH_CAP))
             lines.append(number)
+        except InputError as exc:
+            rejected.append({"line": number, "reason": f"not accepted: {exc.reason}"})
         except ValueError as exc:
             rejected.append({"line": number, "reason": f"not valid JSON: {exc}"})
     failed: dict[str, Any] | None = None
@@ -244,7 +300,8 @@ def ingest_command(
             rejected = [item for item in rejected if item["line"] < failed["line"]]
     for index, outcome in enumerate(result.results):
         if isinstance(outcome, IngestError):
-            rejected.append({"line": lines[index], "reason": f"{outcome.field}: {outcome.reason}"})
+            reason = f"{outcome.location}: {outcome.reason}"
+            rejected.append({"line": lines[index], "reason": reason})
     rejected.sort(key=lambda item: item["line"])
     transitions = result.transitions
     payload = {
@@ -285,7 +342,7 @@ def ingest_command(
     "reports what the queue had missed (healed).",
 )
 @click.option("--chunk-size", type=click.IntRange(min=1), default=None, hidden=True)
-@now_option
+@now_option()
 @common_options
 def reconcile_command(
     *,
@@ -441,7 +498,7 @@ def members_command(
 @main.command("explain")
 @click.argument("bucket_id")
 @click.argument("external_id")
-@now_option
+@now_option(writes=False)
 @common_options
 def explain_command(
     *,
@@ -565,7 +622,7 @@ def serve_command(
 
 @main.command("dispatch")
 @click.option("--once", is_flag=True, help="Drain what is pending, then exit.")
-@now_option
+@now_option()
 @common_options
 def dispatch_command(
     *, once: bool, now: datetime, database_url: str | None, definitions: str | None, as_json: bool
@@ -605,7 +662,7 @@ def dispatch_command(
     help="Resume the bucket's running job even though its lease holder may be alive.",
 )
 @click.option("--chunk-size", type=click.IntRange(min=1), default=None, hidden=True)
-@now_option
+@now_option(writes=lambda arguments: not arguments["dry_run"])
 @common_options
 def backfill_command(
     *,
@@ -779,7 +836,7 @@ def run_command(database_url: str | None, definitions: str | None, as_json: bool
 @click.option("--contacts", type=click.IntRange(100, 1_000_000), default=10_000, show_default=True)
 @click.option("--days", type=click.IntRange(1, 30), default=4, show_default=True)
 @click.option("--reset", is_flag=True, help="Empty the engine's tables of a database in use.")
-@now_option
+@now_option()
 @common_options
 def demo_command(
     *,

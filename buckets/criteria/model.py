@@ -12,20 +12,44 @@ Value rules (decisions where the spec is silent):
   type-strict inside PostgreSQL's jsonb (``[1] = [1.0]``) nor in Python (``[True] == [1]``).
 * ``contains`` takes a scalar too (array containment of objects is not equality in jsonb).
 * ``gt gte lt lte`` take a number (not a boolean); ``exists`` / ``not_exists`` take no value.
-* Event ``count`` takes an integer ``value >= 0``; ``count lt 0`` is rejected (never true).
-* Numbers must be finite.
+* Event ``count`` takes an integer ``0 <= value <= 1,000,000,000`` (:data:`MAX_COUNT`);
+  ``count lt 0`` is rejected (never true).
+* Numbers must be finite and representable as JSON; every string (event names, property keys,
+  values) must be text PostgreSQL can store: no NUL, no lone surrogates.
+
+Size limits, so that a definition accepted here also compiles and runs (checked while parsing,
+before any recursion could go deeper, with the path of the offending node):
+
+* at most :data:`MAX_DEPTH` (12) levels of nesting (the root is level 1; ``where`` conditions
+  are one level below their event);
+* a *weight* of at most :data:`MAX_WEIGHT` (1,024), where each property or event condition
+  weighs ``2 ** (n - 1)`` with ``n`` the composites above it (1 at the root or in a flat
+  ``and``/``or``, 2 one level deeper, ...). The set-wide clock query
+  (:func:`~buckets.criteria.compile_clock.clock_select`) repeats a child's expressions in its
+  parent's, so its size doubles per level of nesting: about 450 bytes of SQL per unit of
+  weight (measured: weight 1,016 is 0.5 MB, 0.4 s to compile and 0.65 s to plan and run;
+  weight 4,064 is 1.8 MB and 3.5 s; a chain 32 deep would never finish);
+* at most :data:`MAX_CONDITIONS` (256) conditions, property and event, ``where`` included;
+* at most :data:`MAX_EVENT_CONDITIONS` (64) of them event conditions. The set-wide queries
+  (members, clock) outer-join one aggregate per event name: about 450 of them exhaust Python's
+  recursion limit while compiling, and PostgreSQL's planning time grows steeply with them
+  (measured on PostgreSQL 15 without JIT, over 100 contacts: 0.16 s at 64, 0.4 s at 128,
+  3.9 s at 256, 17 s at 400). Property conditions are cheap.
 """
 
 from __future__ import annotations
 
+import json
 import math
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass
 from datetime import timedelta
 from typing import Annotated, Any, Literal, TypeAlias
 
 from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, ValidationError, model_validator
 
 from buckets.criteria.durations import parse_duration
+from buckets.inputs import text_problem
 
 PropertyOperator = Literal[
     "eq", "neq", "gt", "gte", "lt", "lte", "contains", "exists", "not_exists"
@@ -36,6 +60,11 @@ EventCheck = Literal["exists", "not_exists", "count"]
 VALUELESS_OPERATORS = frozenset({"exists", "not_exists"})
 NUMERIC_OPERATORS = frozenset({"gt", "gte", "lt", "lte"})
 RESERVED_EVENT_PREFIX = "bucket:"
+MAX_COUNT = 1_000_000_000
+MAX_DEPTH = 12
+MAX_WEIGHT = 1024
+MAX_CONDITIONS = 256
+MAX_EVENT_CONDITIONS = 64
 
 Duration = Annotated[timedelta, BeforeValidator(parse_duration)]
 Scalar: TypeAlias = str | int | float | bool | None
@@ -56,6 +85,12 @@ class _FieldError(ValueError):
     def __init__(self, field: str, message: str) -> None:
         super().__init__(message)
         self.field = field
+
+
+def _storable(field: str, text: str) -> None:
+    problem = text_problem(text)
+    if problem is not None:
+        raise _FieldError(field, problem)
 
 
 def is_number(value: object) -> bool:
@@ -81,6 +116,7 @@ class PropertyCondition(_Node):
 
     @model_validator(mode="after")
     def _value_fits_operator(self) -> PropertyCondition:
+        _storable("property", self.property)
         given = "value" in self.model_fields_set
         value = self.value
         if self.operator in VALUELESS_OPERATORS:
@@ -101,6 +137,12 @@ class PropertyCondition(_Node):
             )
         if isinstance(value, float) and not math.isfinite(value):
             raise _FieldError("value", f"must be a finite number, got {value!r}")
+        if isinstance(value, str):
+            _storable("value", value)
+        try:
+            json.dumps(value)
+        except ValueError as exc:  # e.g. an integer of more digits than Python converts
+            raise _FieldError("value", f"cannot be written as JSON: {exc}") from None
         return self
 
 
@@ -117,6 +159,7 @@ class EventCondition(_Node):
 
     @model_validator(mode="after")
     def _count_fields_fit_check(self) -> EventCondition:
+        _storable("event", self.event)
         if self.event.startswith(RESERVED_EVENT_PREFIX):
             raise _FieldError(
                 "event", f"event names starting with {RESERVED_EVENT_PREFIX!r} are reserved"
@@ -128,6 +171,8 @@ class EventCondition(_Node):
                 raise _FieldError("value", "check 'count' needs an integer value >= 0")
             if self.value < 0:
                 raise _FieldError("value", f"count value must be >= 0, got {self.value}")
+            if self.value > MAX_COUNT:
+                raise _FieldError("value", f"count value must be at most {MAX_COUNT:,}")
             if self.operator == "lt" and self.value == 0:
                 raise _FieldError("value", "count lt 0 can never be true")
         elif self.operator is not None or self.value is not None:
@@ -181,34 +226,110 @@ NODE_TYPES: dict[str, type[_Node]] = {
 }
 
 
+@dataclass
+class _Budget:
+    """What a tree may still hold while it is parsed (a shared sub-tree counts every time)."""
+
+    conditions: int = MAX_CONDITIONS
+    events: int = MAX_EVENT_CONDITIONS
+
+    def spend(self, path: str, *, event: bool) -> None:
+        self.conditions -= 1
+        if self.conditions < 0:
+            raise CriteriaError(
+                path, f"more than {MAX_CONDITIONS} conditions in one criteria tree (the limit)"
+            )
+        self.events -= event
+        if self.events < 0:
+            raise CriteriaError(
+                path,
+                f"more than {MAX_EVENT_CONDITIONS} event conditions in one criteria tree"
+                " (the limit)",
+            )
+
+
 def parse_criteria(data: object, path: str = "") -> Node:
     """Validate the literal form ``data`` (or an already parsed node) into a node tree."""
+    node = _parse(data, path, 1, _Budget())
+    found = weight(node)
+    if found > MAX_WEIGHT:
+        raise CriteriaError(
+            path,
+            f"weighs {found:,}, more than the limit of {MAX_WEIGHT:,} (a condition weighs 1 in"
+            " a flat and/or and twice as much per level of nesting below that: flatten the"
+            " tree)",
+        )
+    return node
+
+
+def weight(node: Node, composites: int = 0) -> int:
+    """Sum over the tree's conditions of ``2 ** (n - 1)``, ``n`` the composites above each
+    (at least 1): what the size of the compiled clock query grows with (see the module doc)."""
+    if isinstance(node, Composite):
+        return sum(weight(child, composites + 1) for child in node.conditions)
+    return 1 << max(composites - 1, 0)
+
+
+def _parse(data: object, path: str, depth: int, budget: _Budget) -> Node:
+    if depth > MAX_DEPTH:
+        raise CriteriaError(path, f"nested deeper than {MAX_DEPTH} levels (the limit)")
     if isinstance(data, PropertyCondition | EventCondition | Composite):
+        _check_parsed(data, path, depth, budget)
         return data
     if not isinstance(data, Mapping):
         raise CriteriaError(path, f"expected a condition object, got {type(data).__name__}")
     kind = data.get("type")
-    if kind not in NODE_TYPES:
+    if not isinstance(kind, str) or kind not in NODE_TYPES:
         where = _join(path, "type")
         if kind is None:
             raise CriteriaError(where, "required (one of 'property', 'event', 'composite')")
-        raise CriteriaError(where, f"must be one of 'property', 'event', 'composite', got {kind!r}")
+        shown = kind if isinstance(kind, str) and len(kind) <= 40 else type(kind).__name__
+        raise CriteriaError(
+            where, f"must be one of 'property', 'event', 'composite', got {shown!r}"
+        )
+    for key in ("event", "property", "value"):  # before pydantic, which cannot say why
+        text = data.get(key)
+        problem = text_problem(text) if isinstance(text, str) else None
+        if problem is not None:
+            raise CriteriaError(_join(path, key), problem)
     fields = dict(data)
     if kind == "composite":
-        fields["conditions"] = _parse_list(data, "conditions", path, parse_criteria)
-    elif kind == "event" and data.get("where") is not None:
-        fields["where"] = _parse_list(data, "where", path, _parse_where)
+        fields["conditions"] = _parse_list(
+            data, "conditions", path, lambda item, at: _parse(item, at, depth + 1, budget)
+        )
+    else:
+        budget.spend(path, event=kind == "event")
+        if kind == "event" and data.get("where") is not None:
+            fields["where"] = _parse_list(
+                data, "where", path, lambda item, at: _parse_where(item, at, depth + 1, budget)
+            )
     return _validate(NODE_TYPES[kind], fields, path)
 
 
-def _parse_where(data: object, path: str) -> PropertyCondition:
-    node = parse_criteria(data, path)
+def _check_parsed(node: Node, path: str, depth: int, budget: _Budget) -> None:
+    """The size limits for a tree built from nodes directly (not from the literal form)."""
+    if depth > MAX_DEPTH:
+        raise CriteriaError(path, f"nested deeper than {MAX_DEPTH} levels (the limit)")
+    if isinstance(node, Composite):
+        for index, child in enumerate(node.conditions):
+            _check_parsed(child, f"{_join(path, 'conditions')}[{index}]", depth + 1, budget)
+        return
+    budget.spend(path, event=isinstance(node, EventCondition))
+    if isinstance(node, EventCondition):
+        for index, where in enumerate(node.where or ()):
+            _check_parsed(where, f"{_join(path, 'where')}[{index}]", depth + 1, budget)
+
+
+def _parse_where(data: object, path: str, depth: int, budget: _Budget) -> PropertyCondition:
+    node = _parse(data, path, depth, budget)
     if not isinstance(node, PropertyCondition):
         raise CriteriaError(_join(path, "type"), "where conditions must be of type 'property'")
     return node
 
 
-def _parse_list(data: Mapping[str, Any], key: str, path: str, parse: Any) -> Any:
+def _parse_list(
+    data: Mapping[str, Any], key: str, path: str, parse: Callable[[object, str], Node]
+) -> Any:
     items = data.get(key)
     if items is None:
         return items
