@@ -69,6 +69,48 @@ class Outcome:
     entries: int = 0  # due-queue entries written or removed
     as_of: datetime | None = None  # the instant the pairs were decided as of
 
+    def merge(self, other: Outcome) -> None:
+        self.changes.add(other.changes)
+        self.changes.transitions.sort(key=lambda t: t.id)
+        for bucket_id, reasons in other.left.items():
+            mine = self.left.setdefault(bucket_id, {})
+            for reason, count in reasons.items():
+                mine[reason] = mine.get(reason, 0) + count
+        for bucket_id, count in other.cleared.items():
+            self.cleared[bucket_id] = self.cleared.get(bucket_id, 0) + count
+        self.entries += other.entries
+        if other.as_of is not None and (self.as_of is None or other.as_of > self.as_of):
+            self.as_of = other.as_of
+
+
+# A facts query has two columns per event leaf; PostgreSQL allows 1,664 in a select list.
+MAX_FACT_LEAVES = 400
+
+
+def _event_leaves(bucket: Bucket) -> list[EventCondition]:
+    return [leaf for leaf in leaves(bucket.criteria) if isinstance(leaf, EventCondition)]
+
+
+def _groups(asks: Sequence[Ask]) -> list[list[Ask]]:
+    """``asks`` split by bucket so that no group involves more than :data:`MAX_FACT_LEAVES`
+    distinct event leaves (one group, almost always)."""
+    by_bucket: dict[str, list[Ask]] = {}
+    for ask in asks:
+        by_bucket.setdefault(ask.bucket.id, []).append(ask)
+    if len(by_bucket) == 1:
+        return [list(asks)]
+    groups: list[tuple[set[EventCondition], list[Ask]]] = []
+    for bucket_asks in by_bucket.values():
+        mine = set(_event_leaves(bucket_asks[0].bucket))
+        for held, members in groups:
+            if len(held | mine) <= MAX_FACT_LEAVES:
+                held.update(mine)
+                members.extend(bucket_asks)
+                break
+        else:
+            groups.append((mine, list(bucket_asks)))
+    return [members for _, members in groups]
+
 
 @dataclass
 class _Plan:
@@ -99,6 +141,23 @@ def decide(
     ``decided_at`` (the caller did not)."""
     if not asks:
         return Outcome()
+    groups = _groups(asks)
+    if len(groups) > 1:  # too many leaves for one statement's columns: a statement per group
+        outcome = Outcome()
+        for group in groups:
+            outcome.merge(
+                decide(
+                    conn,
+                    group,
+                    now,
+                    source=source,
+                    clock=clock,
+                    blocked=blocked,
+                    rows=rows,
+                    record=record,
+                )
+            )
+        return outcome
     involved = {ask.bucket.id: ask.bucket for ask in asks}
     conditions = list(
         dict.fromkeys(

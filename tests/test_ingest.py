@@ -406,3 +406,27 @@ def test_batch_matches_single_ingests(make_runtime):
         ingest_event(**event, now=T0, runtime=rt)
     assert outcome() == batched
     assert len(batched) > 10
+
+
+def test_an_event_affecting_more_leaves_than_one_statement_holds_is_decided_in_groups(
+    make_runtime,
+):
+    """Eight buckets of 60 distinct event leaves each, all on one event name: 480 leaves, past
+    what one facts query's select list holds (2 columns a leaf, 1,664 at most)."""
+    from buckets.decide import MAX_FACT_LEAVES
+
+    wide = [
+        define_bucket(
+            id=f"wide-{n}",
+            criteria=b.any(
+                *(b.event("x").where(b.prop("k").eq(n * 100 + i)).exists() for i in range(60))
+            ),
+        )
+        for n in range(8)
+    ]
+    assert MAX_FACT_LEAVES < 8 * 60
+    rt = make_runtime(*wide)
+    result = ingest_event("u", "x", {"k": 703}, now=T0, runtime=rt)
+    assert [t.bucket_id for t in result.transitions] == ["wide-7"]
+    result = ingest_event("u", "x", {"k": 5}, now=T0, runtime=rt)
+    assert [t.bucket_id for t in result.transitions] == ["wide-0"]

@@ -200,26 +200,40 @@ def clock_select(
     """``SELECT id, matches, next_at`` of every non-deleted contact in scope (``next_at`` NULL:
     the clock alone never changes its answer)."""
     compiled = compile_criteria(node, now, contact_ids=contact_ids, id_range=id_range, clock=True)
-    found = _state(node, compiled.columns, now)
+    nested: list[Any] = []
+    found = _state(node, compiled.columns, nested)
     next_at = sa.func.nullif(found.next_at, INFINITY)
+    from_clause = compiled.from_clause
+    for lateral in nested:  # children before parents: each reads the ones before it
+        from_clause = from_clause.join(lateral, sa.true())
     return (
         sa.select(
             contacts.c.id,
             sa.type_coerce(found.value, sa.Boolean).label("matches"),
             sa.type_coerce(next_at, TIMESTAMP).label("next_at"),
         )
-        .select_from(compiled.from_clause)
+        .select_from(from_clause)
         .where(contacts.c.deleted_at.is_(None), *compiled.scope)
     )
 
 
-def _state(node: Node, columns: Mapping[EventCondition, LeafColumns], now: datetime) -> _SqlState:
+def _state(
+    node: Node,
+    columns: Mapping[EventCondition, LeafColumns],
+    nested: list[Any],
+    *,
+    root: bool = True,
+) -> _SqlState:
+    """A node's value and next change in SQL. A composite below the root is computed once per
+    row in a lateral subquery of its own (``nested``) that its parent reads by column: the
+    parent uses each child's value and next change several times, and inlining them would
+    double the expression at every level of nesting."""
     if isinstance(node, PropertyCondition):
         return _SqlState(property_predicate(node, contacts.c.properties), INFINITY)
     if isinstance(node, EventCondition):
         return _event_state(node, columns[node])
     assert isinstance(node, Composite)
-    children = [_state(child, columns, now) for child in node.conditions]
+    children = [_state(child, columns, nested, root=False) for child in node.conditions]
     holds = node.operator == "and"  # the children's value that does not decide alone
     values = [child.value for child in children]
     value = sa.and_(*values) if holds else sa.or_(*values)
@@ -232,7 +246,19 @@ def _state(node: Node, columns: Mapping[EventCondition, LeafColumns], now: datet
             for child in children
         )
     )
-    return _SqlState(value, sa.case((same, agreeing), else_=deciding))
+    found = _SqlState(value, sa.case((same, agreeing), else_=deciding))
+    if root:
+        return found
+    one_row = sa.select(sa.literal(1).label("one")).subquery(f"row{len(nested)}")
+    lateral = (
+        sa.select(found.value.label("v"), found.next_at.label("n"))
+        .select_from(one_row)
+        .correlate_except(one_row)  # everything else belongs to the enclosing query
+        .offset(sa.literal_column("0"))  # kept a subquery: never pulled up and inlined again
+        .lateral(f"clock{len(nested)}")
+    )
+    nested.append(lateral)
+    return _SqlState(lateral.c.v, lateral.c.n)
 
 
 def _event_state(condition: EventCondition, found: LeafColumns) -> _SqlState:

@@ -22,13 +22,6 @@ before any recursion could go deeper, with the path of the offending node):
 
 * at most :data:`MAX_DEPTH` (12) levels of nesting (the root is level 1; ``where`` conditions
   are one level below their event);
-* a *weight* of at most :data:`MAX_WEIGHT` (1,024), where each property or event condition
-  weighs ``2 ** (n - 1)`` with ``n`` the composites above it (1 at the root or in a flat
-  ``and``/``or``, 2 one level deeper, ...). The set-wide clock query
-  (:func:`~buckets.criteria.compile_clock.clock_select`) repeats a child's expressions in its
-  parent's, so its size doubles per level of nesting: about 450 bytes of SQL per unit of
-  weight (measured: weight 1,016 is 0.5 MB, 0.4 s to compile and 0.65 s to plan and run;
-  weight 4,064 is 1.8 MB and 3.5 s; a chain 32 deep would never finish);
 * at most :data:`MAX_CONDITIONS` (256) conditions, property and event, ``where`` included;
 * at most :data:`MAX_EVENT_CONDITIONS` (64) of them event conditions. The set-wide queries
   (members, clock) outer-join one aggregate per event name: about 450 of them exhaust Python's
@@ -62,7 +55,6 @@ NUMERIC_OPERATORS = frozenset({"gt", "gte", "lt", "lte"})
 RESERVED_EVENT_PREFIX = "bucket:"
 MAX_COUNT = 1_000_000_000
 MAX_DEPTH = 12
-MAX_WEIGHT = 1024
 MAX_CONDITIONS = 256
 MAX_EVENT_CONDITIONS = 64
 
@@ -250,24 +242,7 @@ class _Budget:
 
 def parse_criteria(data: object, path: str = "") -> Node:
     """Validate the literal form ``data`` (or an already parsed node) into a node tree."""
-    node = _parse(data, path, 1, _Budget())
-    found = weight(node)
-    if found > MAX_WEIGHT:
-        raise CriteriaError(
-            path,
-            f"weighs {found:,}, more than the limit of {MAX_WEIGHT:,} (a condition weighs 1 in"
-            " a flat and/or and twice as much per level of nesting below that: flatten the"
-            " tree)",
-        )
-    return node
-
-
-def weight(node: Node, composites: int = 0) -> int:
-    """Sum over the tree's conditions of ``2 ** (n - 1)``, ``n`` the composites above each
-    (at least 1): what the size of the compiled clock query grows with (see the module doc)."""
-    if isinstance(node, Composite):
-        return sum(weight(child, composites + 1) for child in node.conditions)
-    return 1 << max(composites - 1, 0)
+    return _parse(data, path, 1, _Budget())
 
 
 def _parse(data: object, path: str, depth: int, budget: _Budget) -> Node:
