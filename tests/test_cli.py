@@ -189,8 +189,14 @@ def test_operator_commands_through_the_entry_point(clone_db: CloneDB, tmp_path: 
     listed = {b["id"]: b for b in json.loads(out)["buckets"]}
     assert (listed["pro"]["members"], listed["went-dormant"]["members"]) == (1, 0)
     assert listed["went-dormant"]["on_cron"] is True
+    # a's only event is weeks old: its dormancy entry (7 days later) is due, and waiting
+    queue = listed["went-dormant"]["queue"]
+    assert (queue["entries"], queue["due"], queue["complete"]) == (1, 1, False)
+    assert queue["lag_seconds"] > 20 * 86_400
+    assert listed["pro"]["queue"]["entries"] == 0
     code, out, _ = run("list", *args)
     assert "went-dormant" in out
+    assert "filling" in out  # the queue column
 
     code, out, _ = run("show", "pro", *args, "--json")
     assert json.loads(out)["definition"]["criteria"]["value"] == "pro"
