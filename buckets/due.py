@@ -44,7 +44,7 @@ from sqlalchemy.sql.elements import ColumnElement
 from buckets.criteria.clock import State, earliest
 from buckets.criteria.compile_clock import clock_select
 from buckets.definitions import Bucket
-from buckets.models import backfill_jobs, bucket_configs, bucket_due, bucket_memberships
+from buckets.models import backfill_jobs, bucket_configs, bucket_due, bucket_memberships, contacts
 
 CLOCK_RULES_VERSION = 1  # bump when the entries' meaning changes: every queue is refilled
 BLOCKED_RETRY = timedelta(minutes=1)
@@ -258,35 +258,46 @@ def refresh(
         .returning(bucket_due.c.contact_id)
         .cte("upserted")
     )
-    # Entries in scope that need none: a contact computing NULL, or not live any more.
+    # Entries in scope that need none: a live contact computing NULL (a primary-key probe each:
+    # never a scan of the computed set per entry, which is quadratic in a chunk), or a contact
+    # that is not live any more.
     scope: list[ColumnElement[bool]] = [bucket_due.c.bucket_id == bucket.id]
     if contact_ids is not None:
         scope.append(bucket_due.c.contact_id == sa.any_(_array(contact_ids, sa.BigInteger())))
     if id_range is not None:
         scope.append(bucket_due.c.contact_id.between(*id_range))
-    needed = sa.select(computed.c.contact_id).where(
-        computed.c.contact_id == bucket_due.c.contact_id, computed.c.due_at.is_not(None)
-    )
+    unneeded = sa.select(computed.c.contact_id).where(computed.c.due_at.is_(None))
     removed = (
         sa.delete(bucket_due)
-        .where(*scope, ~sa.exists(needed))
+        .where(bucket_due.c.bucket_id == bucket.id, bucket_due.c.contact_id.in_(unneeded))
         .returning(bucket_due.c.contact_id)
         .cte("removed")
+    )
+    dead = (
+        sa.delete(bucket_due)
+        .where(
+            *scope,
+            bucket_due.c.contact_id == contacts.c.id,
+            contacts.c.deleted_at.is_not(None),
+        )
+        .returning(bucket_due.c.contact_id)
+        .cte("dead")
     )
 
     def counted(*where: ColumnElement[bool]) -> Any:
         return sa.select(sa.func.count()).select_from(changed).where(*where).scalar_subquery()
 
-    added, earlier, later, gone, _ = conn.execute(
+    added, earlier, later, gone, died, _ = conn.execute(
         sa.select(
             counted(changed.c.was.is_(None)),
             counted(changed.c.due_at < changed.c.was),
             counted(changed.c.due_at > changed.c.was),
             sa.select(sa.func.count()).select_from(removed).scalar_subquery(),
+            sa.select(sa.func.count()).select_from(dead).scalar_subquery(),
             sa.select(sa.func.count()).select_from(upsert).scalar_subquery(),
         )
     ).one()
-    return Refreshed(added, earlier, later, gone)
+    return Refreshed(added, earlier, later, gone + died)
 
 
 def _due_sql(
@@ -328,8 +339,6 @@ def claim(conn: Connection, bucket_id: str, now: datetime, limit: int) -> list[i
     """Claim up to ``limit`` of the bucket's entries due as of ``now`` (oldest first) and lock
     their contacts, skipping entries another worker holds and contacts another producer is
     changing (they stay due for the next pass). Returns the locked contacts, in id order."""
-    from buckets.models import contacts
-
     claimed = (
         sa.select(bucket_due.c.contact_id)
         .where(
