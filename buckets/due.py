@@ -212,16 +212,25 @@ def refresh(
     clock = clock_select(bucket.criteria, now, contact_ids=contact_ids, id_range=id_range).cte(
         "clock"
     )
-    member = bucket_memberships.alias("member")
-    member_row = sa.and_(
-        member.c.bucket_id == bucket.id,
-        member.c.contact_id == clock.c.id,
-        member.c.status == "active",
+    # The active membership row of each contact: a probe of the one-active index per contact,
+    # whatever the planner believes of the bucket's row count (a bucket filled by this very
+    # backfill has no statistics yet, and a join over "one row" rescanned all its members for
+    # every contact: quadratic).
+    rows = bucket_memberships
+    member = (
+        sa.select(rows.c.id, rows.c.pending_leave_at, rows.c.max_dwell_at)
+        .where(
+            rows.c.bucket_id == bucket.id,
+            rows.c.contact_id == clock.c.id,
+            rows.c.status == "active",
+        )
+        .limit(1)
+        .lateral("member")
     )
     due = _due_sql(bucket, clock.c.matches, clock.c.next_at, member, at, blocked=blocked)
     computed = (
         sa.select(clock.c.id.label("contact_id"), due.label("due_at"))
-        .select_from(clock.outerjoin(member, member_row))
+        .select_from(clock.outerjoin(member, sa.true()))
         .cte("computed")
     )
     stored = bucket_due.alias("stored")
