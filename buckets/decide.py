@@ -285,10 +285,13 @@ def _plan(
 
 
 def _pairs(asks: Sequence[Ask], *, events: bool = True) -> Pairs:
+    """The pairs as statement parameters; their event ids only when some pair has one (the
+    clock's decisions have none, and their statements then skip the lookup)."""
+    with_events = events and any(ask.event_id is not None for ask in asks)
     return pairs(
         [ask.bucket.id for ask in asks],
         [ask.contact_id for ask in asks],
-        [ask.event_id for ask in asks] if events else None,
+        [ask.event_id for ask in asks] if with_events else None,
     )
 
 

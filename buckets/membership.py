@@ -501,14 +501,15 @@ def _join_statement(
         suppressed_by = sa.case((emitted, sa.null()), else_=sa.literal("entry_limit"))
     event_id: ColumnElement[Any] = sa.cast(sa.null(), sa.BigInteger)
     if "event_id" in candidates.selected_columns:
-        event_id = (
-            sa.select(pairs_.c.event_id)
-            .where(
-                pairs_.c.bucket_id == inserted.c.bucket_id,
-                pairs_.c.contact_id == inserted.c.contact_id,
-            )
-            .limit(1)
-            .scalar_subquery()
+        # One map of the pairs' event ids, built once (an InitPlan), looked up per row: a
+        # correlated scan of the pairs per inserted row was quadratic in the batch.
+        def key(bucket_id: Any, contact_id: Any) -> ColumnElement[Any]:
+            return sa.func.concat(bucket_id, " ", contact_id)
+
+        pair_key = key(pairs_.c.bucket_id, pairs_.c.contact_id)
+        by_pair = sa.select(sa.func.jsonb_object_agg(pair_key, pairs_.c.event_id)).scalar_subquery()
+        event_id = sa.cast(
+            by_pair.op("->>")(key(inserted.c.bucket_id, inserted.c.contact_id)), sa.BigInteger
         )
     written = _ledger(
         sa.select(
