@@ -317,11 +317,21 @@ class Runner:
                 store_hash(conn, bucket, job)
             due.mark_complete(conn, bucket)
             jobs.finish(conn, job, self.owner, self.clock(), status="completed")
-        if job.joined + job.left >= ANALYZE_AFTER_ROWS:
+        # Fresh statistics for the plans of the next producers (cron, other backfills): a
+        # large backfill may have just multiplied a table's size (the memberships it wrote;
+        # the due entries of every contact it examined). With stale ones, a tick's claims
+        # sorted every due entry of a bucket for each chunk instead of reading the index.
+        stale = [
+            table
+            for table, rows in (
+                ("bucket_memberships", job.joined + job.left),
+                ("bucket_due", job.processed if bucket.clocked else 0),
+            )
+            if rows >= ANALYZE_AFTER_ROWS
+        ]
+        if stale:
             with self.runtime.engine.begin() as conn:
-                # Fresh statistics for the plans of the next producers (cron, other
-                # backfills): a large backfill may have just multiplied the table's size.
-                conn.execute(sa.text("ANALYZE bucket_memberships"))
+                conn.execute(sa.text(f"ANALYZE {', '.join(stale)}"))
         return job
 
 
