@@ -56,6 +56,7 @@ def reset(engine: Engine, bucket: Bucket) -> None:
             "bucket_memberships",
             "backfill_jobs",
             "bucket_configs",
+            "bucket_due",
         ):
             conn.execute(sa.text(f"DELETE FROM {table} WHERE bucket_id = :b"), {"b": bucket.id})
     with engine.connect().execution_options(isolation_level="AUTOCOMMIT") as conn:

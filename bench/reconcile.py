@@ -122,6 +122,7 @@ def setup(conn: Connection, case: str, bucket: Bucket) -> None:
     """The membership as yesterday's tick left it (committed by the caller)."""
     conn.execute(sa.text("DELETE FROM bucket_transitions WHERE bucket_id = :b"), {"b": bucket.id})
     conn.execute(sa.text("DELETE FROM bucket_memberships WHERE bucket_id = :b"), {"b": bucket.id})
+    conn.execute(sa.text("DELETE FROM bucket_due WHERE bucket_id = :b"), {"b": bucket.id})
     conn.execute(
         sa.text(
             "INSERT INTO bucket_configs (bucket_id, criteria_hash) VALUES (:b, :h)"
@@ -253,9 +254,10 @@ def main(argv: list[str] | None = None) -> int:
                 conn.execute(
                     sa.text("DELETE FROM bucket_transitions WHERE bucket_id = :b"), {"b": bucket.id}
                 )
-                conn.execute(
-                    sa.text("DELETE FROM bucket_memberships WHERE bucket_id = :b"), {"b": bucket.id}
-                )
+                for table in ("bucket_memberships", "bucket_due"):
+                    conn.execute(
+                        sa.text(f"DELETE FROM {table} WHERE bucket_id = :b"), {"b": bucket.id}
+                    )
         engine.dispose()
 
     print(
