@@ -247,6 +247,23 @@ class BucketDue(Base):
     )
 
 
+class WorkerHeartbeat(Base):
+    """One row per worker process (``buckets run``): alive since, last heartbeat, last tick.
+    Written by :mod:`workflows.worker`, read by ``buckets status`` and the readiness checks
+    (:mod:`buckets.health`)."""
+
+    __tablename__ = "worker_heartbeats"
+
+    worker_id: Mapped[str] = mapped_column(Text, primary_key=True)  # host:pid:random
+    hostname: Mapped[str] = mapped_column(Text, nullable=False)
+    pid: Mapped[int] = mapped_column(Integer, nullable=False)
+    reconcile_cron: Mapped[str] = mapped_column(Text, nullable=False)
+    started_at: Mapped[datetime] = _timestamp(nullable=False)
+    beat_at: Mapped[datetime] = _timestamp(nullable=False)  # the worker's clock at its last beat
+    last_tick_at: Mapped[datetime | None] = _timestamp()  # the `now` of its last reconcile tick
+    stopped_at: Mapped[datetime | None] = _timestamp()  # a graceful shutdown
+
+
 class BucketTransition(Base):
     """The ledger and outbox: one row per membership change, written with the change."""
 
@@ -406,3 +423,4 @@ bucket_transitions = _table(BucketTransition)
 backfill_jobs = _table(BackfillJob)
 journey_enrollments = _table(JourneyEnrollment)
 bucket_due = _table(BucketDue)
+worker_heartbeats = _table(WorkerHeartbeat)

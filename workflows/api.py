@@ -1,11 +1,12 @@
 """The admin HTTP API (``buckets serve``): FastAPI, OpenAPI at ``/openapi.json``.
 
 Every endpoint needs ``Authorization: Bearer <BUCKETS_ADMIN_TOKEN>``; without the variable set,
-every request is refused with 401 (the OpenAPI document and ``/docs`` stay readable: they hold
-no data). Bad input is a 4xx whose body names the field (``detail[].loc``, FastAPI's shape, or
-``{"detail": [{"loc": [...], "msg": ...}]}`` for the engine's own checks); unknown buckets and
-contacts are 404. Batch ingest validates every event first and writes nothing if one is bad;
-the good batch is written in one transaction (all or nothing, even if the database fails).
+every request is refused with 401 (the OpenAPI document, ``/docs``, ``/healthz`` and
+``/readyz`` stay readable: they hold no data). Bad input is a 4xx whose body names the field
+(``detail[].loc``, FastAPI's shape, or ``{"detail": [{"loc": [...], "msg": ...}]}`` for the
+engine's own checks); unknown buckets and contacts are 404. Batch ingest validates every
+event first and writes nothing if one is bad; the good batch is written in one transaction
+(all or nothing, even if the database fails).
 
 Input bounds (before any handler runs): request bodies over ``BUCKETS_MAX_REQUEST_BYTES`` are
 413 (FastAPI's ``max_body_size``); bodies that are not UTF-8, or JSON nested deeper than the
@@ -32,6 +33,7 @@ from pydantic.json_schema import JsonDict
 from sqlalchemy.exc import DataError, DBAPIError, IntegrityError, OperationalError
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
+from buckets import health
 from buckets.admin import bucket_states, ledger_page, members_page, preview
 from buckets.contacts import UnknownContactError
 from buckets.errors import BucketsError, DatabaseUnavailableError
@@ -329,6 +331,32 @@ def job_status(runtime: RuntimeDep, job_id: Annotated[int, Path(ge=1, le=MAX_ID)
             ) from None
 
 
+health_router = APIRouter(tags=["health"])
+
+
+@health_router.get("/healthz")
+def healthz() -> dict[str, str]:
+    """The process answers (no token needed; nothing else is checked)."""
+    return {"status": "ok"}
+
+
+@health_router.get(
+    "/readyz",
+    responses={503: {"description": "Not ready: the failing checks say why."}},
+)
+def readyz(runtime: RuntimeDep) -> JSONResponse:
+    """Ready to serve (no token needed): the database answers, its schema is at the head
+    revision, the definitions are loaded. 503 with the same body otherwise."""
+    registry = runtime.registry
+    report = health.Readiness(
+        [
+            *health.database_checks(runtime.engine),
+            health.definitions_check(len(registry), len(registry.journeys)),
+        ]
+    )
+    return JSONResponse(report.to_dict(), 200 if report.ok else 503)
+
+
 def _detail(status: int, loc: list[str]) -> Any:
     async def handler(request: Request, exc: Exception) -> JSONResponse:
         return JSONResponse({"detail": [{"loc": loc, "msg": str(exc)}]}, status)
@@ -420,5 +448,6 @@ def create_app(runtime: Runtime) -> FastAPI:
     app.add_exception_handler(DatabaseUnavailableError, _detail(503, []))
     app.add_exception_handler(DBAPIError, _database_error)
     app.add_middleware(JsonBodyChecks)
+    app.include_router(health_router)
     app.include_router(router)
     return app

@@ -15,7 +15,7 @@ import json
 import sys
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
-from datetime import UTC, datetime
+from datetime import UTC, datetime, timedelta
 from typing import IO, TYPE_CHECKING, Any, TypeVar
 
 import click
@@ -244,6 +244,81 @@ def db_current(database_url: str | None, definitions: str | None, as_json: bool)
         human = f"{where}: at {current}, head is {head} (run `buckets db upgrade`)"
     payload = {"database": where, "current": current, "head": head, "at_head": current == head}
     emit(as_json, payload, human)
+
+
+@main.command("status")
+@now_option(writes=False)
+@common_options
+def status_command(
+    *, now: datetime, database_url: str | None, definitions: str | None, as_json: bool
+) -> None:
+    """Is the engine ready? Database reachable, schema at head, definitions loaded, the
+    workers' heartbeats and ticks (late after two cadences of their cron), the due backlog and
+    undispatched transitions. Exit status 0 when ready, 1 when not."""
+    from buckets import due, health
+    from buckets.db import display_url
+    from buckets.registry import Registry
+    from buckets.settings import load_settings
+
+    settings = load_settings(database_url=database_url, definitions=definitions)
+    payload: dict[str, Any] = {"now": now.isoformat()}
+    with opened_engine(database_url, definitions) as engine:
+        payload["database"] = display_url(engine.url)
+        checks = health.database_checks(engine)
+        registry: Registry | None = None
+        try:
+            registry = Registry.load(settings.definitions)
+        except BucketsError as exc:
+            checks.append(health.Check("definitions", False, str(exc)))
+        else:
+            checks.append(health.definitions_check(len(registry), len(registry.journeys)))
+        workers: list[health.WorkerState] = []
+        if all(check.ok for check in checks[:2]):
+            with engine.connect() as conn:
+                workers = health.workers(conn)
+                checks.extend(health.worker_checks(workers, now))
+                pending = health.undispatched(conn)
+                clocked = [b.id for b in registry if b.clocked] if registry else []
+                backlog = due.backlog(conn, clocked, now)
+            payload["undispatched"] = {
+                "count": pending.count,
+                "oldest_age_seconds": round(pending.age(now).total_seconds(), 3),
+            }
+            payload["due"] = {
+                "due_now": sum(item.due for item in backlog.values()),
+                "oldest_due_age_seconds": round(
+                    max(
+                        (item.lag(now) for item in backlog.values()), default=timedelta(0)
+                    ).total_seconds(),
+                    3,
+                ),
+            }
+    report = health.Readiness(checks)
+    payload = {**report.to_dict(), **payload}
+    payload["workers"] = [state.to_dict(now) for state in workers]
+    lines = [f"{payload['database']}: {payload['status']}"]
+    width = max(len(check.name) for check in checks)
+    for check in checks:
+        mark = "ok  " if check.ok else "FAIL"
+        lines.append(f"  {mark} {check.name.ljust(width)}  {check.detail}")
+    for state in workers:
+        tick = state.tick(now)
+        lines.append(
+            f"  worker {state.worker_id} ({state.state(now)}): beat {state.beat_at.isoformat()},"
+            f" {tick.detail}"
+        )
+    if "undispatched" in payload:
+        lines.append(
+            f"  undispatched transitions: {payload['undispatched']['count']:,}"
+            f" (oldest {payload['undispatched']['oldest_age_seconds']:,.1f} s)"
+        )
+        lines.append(
+            f"  due entries now: {payload['due']['due_now']:,}"
+            f" (oldest waited {payload['due']['oldest_due_age_seconds']:,.1f} s)"
+        )
+    emit(as_json, payload, "\n".join(lines))
+    if not report.ok:
+        sys.exit(1)
 
 
 @main.command("ingest")
