@@ -1,12 +1,12 @@
 """The admin HTTP API (``buckets serve``): FastAPI, OpenAPI at ``/openapi.json``.
 
 Every endpoint needs ``Authorization: Bearer <BUCKETS_ADMIN_TOKEN>``; without the variable set,
-every request is refused with 401 (the OpenAPI document, ``/docs``, ``/healthz`` and
-``/readyz`` stay readable: they hold no data). Bad input is a 4xx whose body names the field
-(``detail[].loc``, FastAPI's shape, or ``{"detail": [{"loc": [...], "msg": ...}]}`` for the
-engine's own checks); unknown buckets and contacts are 404. Batch ingest validates every
-event first and writes nothing if one is bad; the good batch is written in one transaction
-(all or nothing, even if the database fails).
+every request is refused with 401 (the OpenAPI document, ``/docs``, ``/healthz``, ``/readyz``
+and ``/metrics`` stay readable: they hold no contact data). Bad input is a 4xx whose body
+names the field (``detail[].loc``, FastAPI's shape, or ``{"detail": [{"loc": [...], "msg":
+...}]}`` for the engine's own checks); unknown buckets and contacts are 404. Batch ingest
+validates every event first and writes nothing if one is bad; the good batch is written in one
+transaction (all or nothing, even if the database fails).
 
 Input bounds (before any handler runs): request bodies over ``BUCKETS_MAX_REQUEST_BYTES`` are
 413 (FastAPI's ``max_body_size``); bodies that are not UTF-8, or JSON nested deeper than the
@@ -26,7 +26,7 @@ from datetime import UTC, datetime
 from typing import Annotated, Any, Literal
 
 from fastapi import APIRouter, Depends, FastAPI, HTTPException, Path, Query, Request
-from fastapi.responses import JSONResponse
+from fastapi.responses import JSONResponse, Response
 from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
 from pydantic import BaseModel, ConfigDict, Field, StrictBool
 from pydantic.json_schema import JsonDict
@@ -355,6 +355,20 @@ def readyz(runtime: RuntimeDep) -> JSONResponse:
         ]
     )
     return JSONResponse(report.to_dict(), 200 if report.ok else 503)
+
+
+@health_router.get(
+    "/metrics",
+    response_class=Response,
+    responses={200: {"content": {"text/plain": {}}, "description": "Prometheus text format"}},
+)
+def prometheus_metrics(runtime: RuntimeDep) -> Response:
+    """Prometheus metrics (no token needed; names and labels in the README): this process's
+    counters and histograms, and the engine's state read from the database."""
+    from buckets.metrics import render
+
+    body, content_type = render(runtime)
+    return Response(body, media_type=content_type)
 
 
 def _detail(status: int, loc: list[str]) -> Any:

@@ -34,7 +34,7 @@ import sqlalchemy as sa
 from sqlalchemy.dialects.postgresql import insert as pg_insert
 from sqlalchemy.engine import Connection
 
-from buckets import due
+from buckets import due, metrics
 from buckets.decide import Ask, Outcome, decide
 from buckets.definitions import Bucket
 from buckets.due import Refreshed, joins_blocked
@@ -181,6 +181,7 @@ def reconcile(
     at = now or datetime.now(UTC)
     if at.tzinfo is None:
         raise ValueError("now must be timezone-aware")
+    started = time.perf_counter()
     if bucket_ids is None:
         chosen = [bucket for bucket in rt.registry if bucket.clocked or on_cron(bucket)]
     else:
@@ -208,7 +209,20 @@ def reconcile(
                     slot=slot or at,
                 )
             _log(results[bucket.id])
-    return Tick(at, [results[bucket.id] for bucket in chosen])
+    tick = Tick(at, [results[bucket.id] for bucket in chosen])
+    _measure(tick, "full_sweep" if full else "waker" if due_only else "reconcile", started)
+    return tick
+
+
+def _measure(tick: Tick, job: str, started: float) -> None:
+    metrics.TICK_SECONDS.labels(job).observe(time.perf_counter() - started)
+    for result in tick.buckets:
+        if result.due:
+            metrics.DUE_DECIDED.labels(result.bucket_id).inc(result.due)
+        if result.status == "failed":
+            metrics.TICK_FAILURES.labels(result.bucket_id, job).inc()
+        for name, seconds in result.passes.items():
+            metrics.PASS_SECONDS.labels(result.bucket_id, name).observe(seconds)
 
 
 def _lock_key(bucket_id: str) -> Any:

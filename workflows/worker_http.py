@@ -1,7 +1,8 @@
 """The worker's HTTP listener (``BUCKETS_WORKER_HTTP=host:port``; off by default).
 
-``GET /healthz`` (the process answers: 200) and ``GET /readyz`` (200 when ready, else 503;
-the checks as JSON, see :mod:`buckets.health`). No token: the answers hold no contact data.
+``GET /healthz`` (the process answers: 200), ``GET /readyz`` (200 when ready, else 503; the
+checks as JSON, see :mod:`buckets.health`) and ``GET /metrics`` (Prometheus text format, see
+:mod:`buckets.metrics`). No token: the answers hold no contact data.
 A small threaded server of the standard library, so the worker needs no second event loop;
 it runs as a daemon thread and is closed on shutdown.
 """
@@ -65,6 +66,11 @@ def _handler(worker: Worker) -> type[BaseHTTPRequestHandler]:
             elif path == "/readyz":
                 report = worker.readiness(datetime.now(UTC))
                 self._json(200 if report.ok else 503, report.to_dict())
+            elif path == "/metrics":
+                from buckets.metrics import render
+
+                body, content_type = render(worker.runtime)
+                self._send(200, body, content_type)
             else:
                 self._json(404, {"detail": "not found"})
 
