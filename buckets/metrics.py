@@ -96,7 +96,11 @@ ENROLLMENTS_FAILED = Counter(
 
 # -- transitions, counted at commit ---------------------------------------------------------
 
-_PENDING = "buckets.metrics.pending"
+# Counts written by a connection's open transaction, by connection (not `conn.info`: an
+# invalidated connection raises on reading it, and these handlers must never raise).
+_pending: weakref.WeakKeyDictionary[Connection, dict[tuple[str, str, str, str], int]] = (
+    weakref.WeakKeyDictionary()
+)
 _watched: weakref.WeakSet[Engine] = weakref.WeakSet()
 _watch_lock = threading.Lock()
 
@@ -112,13 +116,13 @@ def watch(engine: Engine) -> None:
 
 
 def _flush(conn: Connection) -> None:
-    pending: dict[tuple[str, str, str, str], int] | None = conn.info.pop(_PENDING, None)
+    pending = _pending.pop(conn, None)
     for labels, count in (pending or {}).items():
         TRANSITIONS.labels(*labels).inc(count)
 
 
 def _discard(conn: Connection) -> None:
-    conn.info.pop(_PENDING, None)
+    _pending.pop(conn, None)
 
 
 def transitions(conn: Connection, kind: str, source: str, changes: Changes) -> None:
@@ -126,7 +130,7 @@ def transitions(conn: Connection, kind: str, source: str, changes: Changes) -> N
     if not changes.per_bucket:
         return
     watch(conn.engine)
-    pending = conn.info.setdefault(_PENDING, {})
+    pending = _pending.setdefault(conn, {})
     for bucket_id, counts in changes.per_bucket.items():
         for emitted, count in (("true", counts.emitted), ("false", counts.suppressed)):
             if count:
