@@ -10,7 +10,7 @@ from __future__ import annotations
 from datetime import UTC, datetime, timedelta
 from functools import lru_cache
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import platformdirs
 from apscheduler.triggers.cron import CronTrigger
@@ -115,6 +115,14 @@ class Settings(BaseSettings):
         default=None,
         description="Bearer token of the admin HTTP API; unset: every request is refused.",
     )
+    log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL"] = Field(
+        default="INFO",
+        description="Level of the long-running commands' log lines (run, dispatch, serve).",
+    )
+    log_format: Literal["text", "json"] = Field(
+        default="text",
+        description="text: one readable line per record; json: one JSON object per line.",
+    )
     worker_http: str | None = Field(
         default=None,
         description="host:port on which `buckets run` serves /healthz, /readyz and /metrics"
@@ -146,6 +154,15 @@ class Settings(BaseSettings):
             CronTrigger.from_crontab(value, timezone="UTC")
         except ValueError as exc:
             raise ValueError(f"not a valid crontab expression {value!r}: {exc}") from exc
+        return value
+
+    @field_validator("log_level", "log_format", mode="before")
+    @classmethod
+    def _case(cls, value: Any, info: ValidationInfo) -> Any:
+        if isinstance(value, str):
+            return (
+                value.strip().upper() if info.field_name == "log_level" else value.strip().lower()
+            )
         return value
 
     @field_validator("worker_http")

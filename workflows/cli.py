@@ -466,11 +466,12 @@ def reconcile_command(
         sys.exit(1)
 
 
-def _log_to_stderr() -> None:
-    """Log lines of the long-running commands (worker, dispatcher) on stderr."""
-    import logging
+def _log_to_stderr(settings: Any) -> None:
+    """Log lines of the long-running commands (worker, dispatcher, server) on stderr, at
+    ``BUCKETS_LOG_LEVEL`` in ``BUCKETS_LOG_FORMAT``, secrets masked (:mod:`buckets.logs`)."""
+    from buckets.logs import configure_from_settings
 
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s")
+    configure_from_settings(settings)
 
 
 def _table(title: str, columns: list[str], rows: list[list[Any]]) -> str:
@@ -692,7 +693,14 @@ def serve_command(
                 "buckets: BUCKETS_ADMIN_TOKEN is not set: every API request will be refused (401)",
                 err=True,
             )
-        uvicorn.run(create_app(runtime), host=host, port=port, log_level="info")
+        _log_to_stderr(runtime.settings)
+        uvicorn.run(
+            create_app(runtime),
+            host=host,
+            port=port,
+            log_config=None,  # uvicorn's loggers go through ours (level, format, redaction)
+            log_level=runtime.settings.log_level.lower(),
+        )
 
 
 @main.command("dispatch")
@@ -715,7 +723,7 @@ def dispatch_command(
         if once:
             result = dispatch_once(runtime, now=now)
         else:
-            _log_to_stderr()
+            _log_to_stderr(runtime.settings)
             stop = threading.Event()
             for signum in (signal.SIGINT, signal.SIGTERM):
                 signal.signal(signum, lambda *_: stop.set())
@@ -900,9 +908,10 @@ def run_command(database_url: str | None, definitions: str | None, as_json: bool
     the reaper, until SIGTERM/SIGINT (then finish or release what is in flight). Database
     restarts are ridden out; a loop that dies, or a database unavailable for longer than
     BUCKETS_MAX_OUTAGE, stops the worker with exit status 1."""
+    from buckets.settings import load_settings
     from workflows.worker import run_worker
 
-    _log_to_stderr()
+    _log_to_stderr(load_settings(database_url=database_url, definitions=definitions))
     with opened_runtime(database_url, definitions) as runtime:
         run_worker(runtime)
 

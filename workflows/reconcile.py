@@ -208,7 +208,7 @@ def reconcile(
                     full=full,
                     slot=slot or at,
                 )
-            _log(results[bucket.id])
+            _log(results[bucket.id], at)
     tick = Tick(at, [results[bucket.id] for bucket in chosen])
     _measure(tick, "full_sweep" if full else "waker" if due_only else "reconcile", started)
     return tick
@@ -254,8 +254,19 @@ def _failed(conn: Connection, result: BucketTick, exc: Exception) -> None:
     result.status, result.reason = "failed", f"{type(exc).__name__}: {exc}"
 
 
-def _log(result: BucketTick) -> None:
+def _log(result: BucketTick, now: datetime) -> None:
     if result.transitions or result.status == "failed" or result.passes_ran != "no":
+        fields = {
+            "bucket": result.bucket_id,
+            "tick": now.isoformat(),
+            "due": result.due,
+            "joined": result.joined,
+            "emitted": result.emitted,
+            "suppressed": result.suppressed,
+            "left": sum(result.left.values()),
+            "deferred": result.deferred,
+            "seconds": round(result.seconds, 4),
+        }
         log.info(
             "reconciled %s: due %d, joined %d (emitted %d, suppressed %d), left %s, deferred %d,"
             " cleared %d, full passes %s in %.3fs",
@@ -269,6 +280,7 @@ def _log(result: BucketTick) -> None:
             result.cleared,
             result.passes_ran,
             result.seconds,
+            extra=fields,
         )
 
 

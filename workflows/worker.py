@@ -93,7 +93,13 @@ class Worker:
             "worker start", prepare, stop=self.stop, max_outage=self.max_outage, engine=engine
         )
         for job in created:
-            log.info("deployed: %s backfill job %d for %s", job.mode, job.id, job.bucket_id)
+            log.info(
+                "deployed: %s backfill job %d for %s",
+                job.mode,
+                job.id,
+                job.bucket_id,
+                extra={"bucket": job.bucket_id, "job": job.id, "mode": job.mode},
+            )
         self.scheduler.start()
         limit = self.max_outage
         self.supervisor.start(
@@ -154,7 +160,20 @@ class Worker:
 
     def _backfills(self) -> None:
         for job in self.runner.run_pending(self.stop):
-            log.info("backfill job %d (%s): %s", job.id, job.bucket_id, job.status)
+            log.info(
+                "backfill job %d (%s): %s",
+                job.id,
+                job.bucket_id,
+                job.status,
+                extra={
+                    "bucket": job.bucket_id,
+                    "job": job.id,
+                    "status": job.status,
+                    "processed": job.processed,
+                    "joined": job.joined,
+                    "left": job.left,
+                },
+            )
 
     def _reap(self) -> None:
         with self.runtime.engine.begin() as conn:
@@ -174,6 +193,19 @@ class Worker:
             if result.failed and self._lost_connections() > before:
                 names = ", ".join(bucket.bucket_id for bucket in result.failed)
                 raise DatabaseUnavailableError(f"the connection was lost reconciling {names}")
+            log.debug(
+                "%s as of %s: %d buckets, %d transitions",
+                name,
+                result.now.isoformat(),
+                len(result.buckets),
+                result.transitions,
+                extra={
+                    "job": name.replace(" ", "_"),
+                    "tick": result.now.isoformat(),
+                    "buckets": len(result.buckets),
+                    "transitions": result.transitions,
+                },
+            )
             if job is reconcile_job:
                 self.last_tick_at = result.now
                 self._beat()
