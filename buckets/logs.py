@@ -27,7 +27,11 @@ from typing import Any
 LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL")
 FORMATS = ("text", "json")
 # The attributes every LogRecord has: anything else was passed with `extra=` (a field).
-_STANDARD = set(vars(logging.LogRecord("", 0, "", 0, "", (), None))) | {"message", "asctime"}
+_STANDARD = set(vars(logging.LogRecord("", 0, "", 0, "", (), None))) | {
+    "message",
+    "asctime",
+    "color_message",  # uvicorn's ANSI-coloured copy of the message
+}
 _URL_PASSWORD = re.compile(r"(?P<head>[a-z][a-z0-9+.-]*://[^:/@\s]*:)(?P<pw>[^@\s]+)(?=@)", re.I)
 _KEYWORD_PASSWORD = re.compile(r"(?P<head>\bpassword\s*=\s*)(?P<pw>'[^']*'|\S+)", re.I)
 MASK = "***"
@@ -71,7 +75,10 @@ class Demote(logging.Filter):
 
     NOISY = (
         ("apscheduler.executors", None),
-        ("apscheduler.scheduler", ("Added job", "Adding job", "Scheduler started")),
+        (
+            "apscheduler.scheduler",
+            ("Added job", "Adding job", "Scheduler started", "Scheduler has been shut"),
+        ),
         ("alembic.runtime.migration", ("Context impl", "Will assume")),
     )
 

@@ -57,9 +57,9 @@ def test_db_upgrade_then_again_is_a_no_op(empty_db: CloneDB):
     assert json.loads(out)["at_head"] is True
 
 
-def test_unreachable_database_is_a_one_line_error_with_exit_1():
+def test_unreachable_database_is_a_one_line_error_with_exit_2():
     code, out, err = run("db", "upgrade", "--database-url", "postgresql://u:pw@127.0.0.1:1/x")
-    assert code == 1
+    assert code == 2
     assert out == ""
     assert err.startswith(
         "buckets: error: cannot connect to postgresql+psycopg://u:***@127.0.0.1:1/x"
@@ -224,7 +224,7 @@ def test_operator_commands_through_the_entry_point(clone_db: CloneDB, tmp_path: 
     assert out.strip() == "pro: enabled (following its definition)"
 
     code, _, err = run("show", "nope", *args)
-    assert code == 1
+    assert code == 2
     assert err.strip() == "buckets: error: nope: no such bucket in the loaded definitions"
     code, _, err = run("explain", "pro", "ghost", *args)
     assert code == 1

@@ -9,11 +9,12 @@ configuration or usage, 1 for everything else.
 from __future__ import annotations
 
 import codecs
+import contextlib
 import functools
 import io
 import json
 import sys
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from contextlib import contextmanager
 from datetime import UTC, datetime, timedelta
 from typing import IO, TYPE_CHECKING, Any, TypeVar
@@ -31,35 +32,89 @@ F = TypeVar("F", bound=Callable[..., Any])
 
 
 class CliError(click.ClickException):
-    """A one-line error; exit status 1."""
-
-    def show(self, file: IO[Any] | None = None) -> None:
-        lines = [line.strip() for line in self.format_message().splitlines() if line.strip()]
-        click.echo(f"buckets: error: {' / '.join(lines)}", file=file or sys.stderr)
+    """A one-line error; exit status 1 (the command ran and failed)."""
 
 
 class ConfigCliError(CliError):
-    """Bad configuration: exit status 2, like a usage error."""
+    """The command could not run as asked (usage, configuration, definitions, an unknown
+    bucket, a busy address, a database unreachable or not migrated): exit status 2."""
 
     exit_code = 2
 
 
+def _one_line(message: str) -> str:
+    return " / ".join(line.strip() for line in message.splitlines() if line.strip())
+
+
+def report_error(message: str, exit_code: int, *, as_json: bool) -> None:
+    """Every error of the command, in one format: ``buckets: error: ...`` on stderr, or with
+    ``--json`` one JSON object ``{"error": ..., "exit_code": ...}`` on stderr."""
+    if as_json:
+        payload = {"error": _one_line(message), "exit_code": exit_code}
+        click.echo(json.dumps(payload), err=True)
+    else:
+        click.echo(f"buckets: error: {_one_line(message)}", err=True)
+
+
 class BucketsGroup(click.Group):
-    """Translates the engine's errors (and stray driver errors) into one-line CLI errors."""
+    """Translates the engine's errors (and stray driver errors) into one-line CLI errors, and
+    prints every error, usage errors included, in one format (:func:`report_error`).
+
+    Exit status: 0 done; 1 the command ran and failed (rejected input lines, a failed job, a
+    dead worker loop, not ready in ``status``, a contact that does not exist); 2 it could not
+    run as asked (usage, configuration and definitions, an unknown bucket id, a busy listen
+    address, a database unreachable or not at the schema's head, an ingest stopped by the
+    database)."""
 
     def invoke(self, ctx: click.Context) -> Any:
         from sqlalchemy.exc import DBAPIError
 
         from buckets.db import first_line
+        from buckets.definitions import DefinitionError
+        from buckets.registry import UnknownBucketError
 
         try:
             return super().invoke(ctx)
-        except ConfigError as exc:
+        except (ConfigError, DefinitionError, UnknownBucketError) as exc:
             raise ConfigCliError(str(exc)) from exc
         except BucketsError as exc:
             raise CliError(str(exc)) from exc
         except DBAPIError as exc:
             raise CliError(f"database error: {first_line(exc.orig)}") from exc
+
+    def main(  # type: ignore[override]
+        self,
+        args: list[str] | None = None,
+        prog_name: str | None = None,
+        complete_var: str | None = None,
+        standalone_mode: bool = True,
+        **extra: Any,
+    ) -> Any:
+        argv = list(sys.argv[1:] if args is None else args)
+        as_json = "--json" in argv
+        try:
+            result = super().main(  # the command is `buckets`, whoever invokes it
+                argv, "buckets", complete_var, standalone_mode=False, **extra
+            )
+        except click.UsageError as exc:
+            where = exc.ctx.command_path if exc.ctx is not None else "buckets"
+            message = f"{exc.format_message()} (see `{where} --help`)"
+            report_error(message, exc.exit_code, as_json=as_json)
+            return self._exit(2, standalone_mode)
+        except click.ClickException as exc:
+            report_error(exc.format_message(), exc.exit_code, as_json=as_json)
+            return self._exit(exc.exit_code, standalone_mode)
+        except click.Abort:
+            report_error("interrupted", 1, as_json=as_json)
+            return self._exit(1, standalone_mode)
+        code = result if isinstance(result, int) else 0  # --help, --version: Exit's code
+        return self._exit(code, standalone_mode)
+
+    @staticmethod
+    def _exit(code: int, standalone_mode: bool) -> int:
+        if standalone_mode:
+            sys.exit(code)
+        return code
 
 
 def common_options(func: F) -> F:
@@ -98,8 +153,12 @@ def opened_engine(database_url: str | None, definitions: str | None) -> Iterator
 
 
 @contextmanager
-def opened_runtime(database_url: str | None, definitions: str | None) -> Iterator[Runtime]:
-    """The runtime (engine + loaded definitions) for the command's options, disposed after."""
+def opened_runtime(
+    database_url: str | None, definitions: str | None, *, preflight: bool = True
+) -> Iterator[Runtime]:
+    """The runtime (engine + loaded definitions) for the command's options, disposed after.
+    With ``preflight`` (every command but those that migrate or ride outages themselves), the
+    database is checked once first: reachable and at the schema's head, else one line, exit 2."""
     from buckets.db import create_engine, resolve_database_url
     from buckets.runtime import Runtime
     from buckets.settings import load_settings
@@ -110,9 +169,31 @@ def opened_runtime(database_url: str | None, definitions: str | None) -> Iterato
         engine=create_engine(resolve_database_url(settings, source=source)), settings=settings
     )
     try:
+        if preflight:
+            check_database(runtime.engine)
         yield runtime
     finally:
         runtime.engine.dispose()
+
+
+def check_database(engine: Engine, *, schema: bool = True) -> None:
+    """One connection: the database answers and (with ``schema``) is at the head revision;
+    otherwise :class:`ConfigCliError` (exit 2) with what to do."""
+    from sqlalchemy.exc import DBAPIError
+
+    from buckets.db import display_url, first_line
+    from buckets.health import schema_problem
+    from buckets.migrations import current_revision, head_revision
+
+    where = display_url(engine.url)
+    try:
+        with engine.connect() as conn:
+            revision = current_revision(conn) if schema else None
+    except DBAPIError as exc:
+        raise ConfigCliError(f"cannot connect to {where}: {first_line(exc.orig)}") from None
+    problem = schema_problem(revision, head_revision()) if schema else None
+    if problem is not None:
+        raise ConfigCliError(f"{where}: {problem}")
 
 
 def parse_instant(value: str, *, option: str = "--now") -> datetime:
@@ -201,11 +282,11 @@ def db() -> None:
 @common_options
 def db_upgrade(database_url: str | None, definitions: str | None, as_json: bool) -> None:
     """Create or migrate the schema to the latest revision (a no-op when already there)."""
-    from buckets.db import connect, display_url
+    from buckets.db import display_url
     from buckets.migrations import upgrade
 
     with opened_engine(database_url, definitions) as engine:
-        connect(engine).close()  # a clear "cannot connect" before Alembic's noise
+        check_database(engine, schema=False)  # a clear "cannot connect" before Alembic's noise
         result = upgrade(engine)
         tables = _table_count(engine)
         where = display_url(engine.url)
@@ -229,10 +310,12 @@ def db_upgrade(database_url: str | None, definitions: str | None, as_json: bool)
 @common_options
 def db_current(database_url: str | None, definitions: str | None, as_json: bool) -> None:
     """Show the schema revision of the database and whether it is the latest."""
-    from buckets.db import connect, display_url
+    from buckets.db import display_url
     from buckets.migrations import current_revision, head_revision
 
-    with opened_engine(database_url, definitions) as engine, connect(engine) as connection:
+    with opened_engine(database_url, definitions) as engine:
+        check_database(engine, schema=False)
+    with opened_engine(database_url, definitions) as engine, engine.connect() as connection:
         current = current_revision(connection)
         where = display_url(engine.url)
     head = head_revision()
@@ -474,16 +557,33 @@ def _log_to_stderr(settings: Any) -> None:
     configure_from_settings(settings)
 
 
-def _table(title: str, columns: list[str], rows: list[list[Any]]) -> str:
-    """A rich table rendered to text (for human output)."""
+def _number(value: Any) -> bool:
+    return isinstance(value, int | float) and not isinstance(value, bool)
+
+
+def _cell(value: Any) -> str:
+    if value is None:
+        return ""
+    if isinstance(value, int) and not isinstance(value, bool):
+        return f"{value:,}"
+    return str(value)
+
+
+def _table(
+    title: str, columns: list[str], rows: list[list[Any]], *, right: Iterable[str] = ()
+) -> str:
+    """A rich table rendered to text (for human output): integers with thousands separators,
+    columns of numbers (and those named in ``right``) right-aligned."""
     from rich.console import Console
     from rich.table import Table
 
     table = Table(title=title, title_justify="left")
-    for column in columns:
-        table.add_column(column)
+    for index, column in enumerate(columns):
+        cells = [row[index] for row in rows if row[index] not in (None, "")]
+        numeric = column in right or (bool(cells) and all(_number(cell) for cell in cells))
+        table.add_column(column, justify="right" if numeric else "left")
     for row in rows:
-        table.add_row(*("" if cell is None else str(cell) for cell in row))
+        table.add_row(*(_cell(cell) for cell in row))
     console = Console(width=160, record=True, file=io.StringIO())
     console.print(table)
     return console.export_text().rstrip()
@@ -512,9 +612,10 @@ def list_command(database_url: str | None, definitions: str | None, as_json: boo
         for s in states
     ]
     human = _table(
-        f"{len(states)} buckets",
+        f"{len(states):,} buckets",
         ["bucket", "enabled", "members", "cron", "deployed", "queue", "due", "lag"],
         rows,
+        right=["lag"],
     )
     emit(as_json, payload, human if states else "no buckets loaded (see --definitions)")
 
@@ -562,10 +663,13 @@ def members_command(
             conn, bucket_id, status=None if status == "all" else status, after=after, limit=limit
         )
     payload = {"bucket_id": bucket_id, "members": page, "next": cursor}
+    columns = ["contact", "status", "epoch", "since", "source"]
     rows = [[m["external_id"], m["status"], m["epoch"], m["entered_at"], m["source"]] for m in page]
-    human = _table(
-        f"{bucket_id}: {len(page)} rows", ["contact", "status", "epoch", "since", "source"], rows
-    )
+    if status != "active":  # the rows that left say when and why
+        columns += ["left_at", "reason"]
+        for row, member in zip(rows, page, strict=True):
+            row += [member["left_at"], member["leave_reason"]]
+    human = _table(f"{bucket_id}: {len(page):,} rows", columns, rows)
     if cursor is not None:
         human += f"\nnext page: --after {cursor}"
     emit(as_json, payload, human)
@@ -693,14 +797,38 @@ def serve_command(
                 "buckets: BUCKETS_ADMIN_TOKEN is not set: every API request will be refused (401)",
                 err=True,
             )
+        listener = _listen(host, port)  # a busy address: one line, exit 2
         _log_to_stderr(runtime.settings)
-        uvicorn.run(
+        config = uvicorn.Config(
             create_app(runtime),
             host=host,
             port=port,
             log_config=None,  # uvicorn's loggers go through ours (level, format, redaction)
             log_level=runtime.settings.log_level.lower(),
         )
+        with contextlib.suppress(KeyboardInterrupt):  # uvicorn re-raises the SIGINT it got
+            uvicorn.Server(config).run(sockets=[listener])
+
+
+def _listen(host: str, port: int) -> Any:
+    """A bound, listening socket for ``host:port``, or :class:`ConfigCliError` saying why."""
+    import socket
+
+    try:
+        family, kind, proto, _, address = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)[0]
+        sock = socket.socket(family, kind, proto)
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        try:
+            sock.bind(address)
+            sock.listen(2048)
+        except OSError:
+            sock.close()
+            raise
+    except OSError as exc:
+        reason = exc.strerror or str(exc)
+        raise ConfigCliError(f"cannot listen on {host}:{port}: {reason}") from None
+    sock.set_inheritable(True)
+    return sock
 
 
 @main.command("dispatch")
@@ -719,7 +847,7 @@ def dispatch_command(
 
     from buckets.dispatcher import dispatch_once, run_dispatcher
 
-    with opened_runtime(database_url, definitions) as runtime:
+    with opened_runtime(database_url, definitions, preflight=once) as runtime:
         if once:
             result = dispatch_once(runtime, now=now)
         else:
@@ -889,14 +1017,25 @@ def jobs_command(
                 jobs.cancel(conn, cancel_id, datetime.now(UTC))
         with runtime.engine.connect() as conn:
             found = jobs.jobs(conn, bucket_id)
+        if bucket_id is not None and not found:
+            runtime.registry.get(bucket_id)  # an unknown bucket is an error, not an empty table
     rows = [
-        [j.id, j.bucket_id, j.mode, j.status, f"{j.processed}/{j.total or '?'}", j.joined, j.left]
+        [
+            j.id,
+            j.bucket_id,
+            j.mode,
+            j.status,
+            f"{j.processed:,}/{'?' if j.total is None else format(j.total, ',')}",
+            j.joined,
+            j.left,
+        ]
         for j in found
     ]
     human = _table(
-        f"{len(found)} jobs",
+        f"{len(found):,} jobs",
         ["job", "bucket", "mode", "status", "progress", "joined", "left"],
         rows,
+        right=["progress"],
     )
     emit(as_json, {"jobs": [job.to_dict() for job in found]}, human)
 
@@ -912,8 +1051,8 @@ def run_command(database_url: str | None, definitions: str | None, as_json: bool
     from workflows.worker import run_worker
 
     _log_to_stderr(load_settings(database_url=database_url, definitions=definitions))
-    with opened_runtime(database_url, definitions) as runtime:
-        run_worker(runtime)
+    with opened_runtime(database_url, definitions, preflight=False) as runtime:
+        run_worker(runtime)  # migrates, and waits for a database that is not there yet
 
 
 @main.command("demo")
@@ -943,7 +1082,7 @@ def demo_command(
     started = time.perf_counter()
     settings = load_settings(database_url=database_url)
     embedded = settings.database_url is None
-    with opened_runtime(database_url, definitions or DEFINITIONS) as runtime:
+    with opened_runtime(database_url, definitions or DEFINITIONS, preflight=False) as runtime:
         say = (lambda _: None) if as_json else click.echo
         report = run_demo(
             runtime, now=now, contacts_count=contacts, days=days, reset=reset or embedded, say=say
