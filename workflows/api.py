@@ -447,8 +447,14 @@ class JsonBodyChecks:
 
 
 def create_app(runtime: Runtime) -> FastAPI:
-    """The application serving ``runtime`` (its database, definitions and settings)."""
-    app = FastAPI(
+    """The application serving ``runtime`` (its database, definitions and settings).
+
+    ``/docs`` (Swagger UI) and ``/redoc`` load their scripts and styles from the assets the
+    ``fastapi-offline`` package ships (under ``/static-offline-docs``), not from a CDN: they
+    work without internet access."""
+    from fastapi_offline import FastAPIOffline
+
+    app = FastAPIOffline(
         title="buckets admin API",
         version="1",
         description="Buckets, members, the transition ledger, explain, preview, ingest.",
