@@ -41,6 +41,8 @@ _EXPORTS = {
     "Journey": "buckets.journeys",
     "journey": "buckets.journeys",
     "Transition": "buckets.ledger",
+    "ActiveMembership": "buckets.lookup",
+    "memberships": "buckets.lookup",
     "Registry": "buckets.registry",
     "UnknownBucketError": "buckets.registry",
     "set_enabled": "buckets.registry",
@@ -59,6 +61,7 @@ if TYPE_CHECKING:
     from buckets.ingest import BatchResult, IngestResult, ingest_event, ingest_events
     from buckets.journeys import Journey, journey
     from buckets.ledger import Transition
+    from buckets.lookup import ActiveMembership, memberships
     from buckets.registry import Registry, UnknownBucketError, set_enabled
     from buckets.runtime import Runtime, configure, get_runtime
     from buckets.validation import BatchRejected, IngestError
@@ -78,6 +81,7 @@ def __dir__() -> list[str]:
 
 
 __all__ = [
+    "ActiveMembership",
     "BatchRejected",
     "BatchResult",
     "Bucket",
@@ -106,5 +110,6 @@ __all__ = [
     "journey",
     "load_definitions",
     "member_select",
+    "memberships",
     "set_enabled",
 ]

@@ -46,6 +46,13 @@ from buckets.inputs import (
     json_text_depth,
     parse_instant,
 )
+from buckets.lookup import (
+    MAX_BUCKETS,
+    MAX_CONTACTS,
+    ActiveMembership,
+    LookupInputError,
+    memberships,
+)
 from buckets.registry import UnknownBucketError, set_enabled
 from buckets.runtime import Runtime
 from buckets.validation import BatchRejected, IngestError, future_now_problem
@@ -209,6 +216,70 @@ def contact_transitions(
     with runtime.engine.connect() as conn:
         found, cursor = ledger_page(conn, external_id=external_id, before=before, limit=limit)
     return {"transitions": [t.to_dict() for t in found], "next": cursor}
+
+
+@router.get("/contacts/{external_id}/buckets", tags=["memberships"])
+def contact_buckets(
+    runtime: RuntimeDep,
+    external_id: PathText,
+    bucket: Annotated[
+        list[Annotated[str, Field(min_length=1, max_length=255)]] | None,
+        Query(max_length=1000, description="Only these buckets (repeat the parameter)."),
+    ] = None,
+) -> dict[str, Any]:
+    """The contact's active memberships (bucket, since, epoch, source); 404 for an unknown or
+    deleted contact. One query."""
+    found = _lookup(runtime, [external_id], bucket, ["path", "external_id"], ["query", "bucket"])
+    if external_id not in found:
+        raise UnknownContactError(external_id)
+    return {"external_id": external_id, "buckets": [m.to_dict() for m in found[external_id]]}
+
+
+class LookupRequest(BaseModel):
+    model_config = ConfigDict(extra="forbid", strict=True)
+    contacts: list[Annotated[str, Field(min_length=1, max_length=255)]] = Field(
+        min_length=1, max_length=MAX_CONTACTS, description="External ids (at most 1,000)."
+    )
+    buckets: list[Annotated[str, Field(min_length=1, max_length=255)]] | None = Field(
+        default=None,
+        max_length=MAX_BUCKETS,
+        description="Only these buckets (default: every bucket).",
+    )
+
+
+@router.post("/memberships/lookup", tags=["memberships"])
+def lookup_memberships(runtime: RuntimeDep, body: LookupRequest) -> dict[str, Any]:
+    """Which of these buckets is each of these contacts in: one query whatever the numbers.
+    ``memberships`` maps every known contact to its active memberships (``[]``: none);
+    ``unknown`` lists the external ids of no (or a deleted) contact."""
+    found = _lookup(runtime, body.contacts, body.buckets, ["body", "contacts"], ["body", "buckets"])
+    return {
+        "memberships": {key: [m.to_dict() for m in held] for key, held in found.items()},
+        "unknown": sorted({key for key in body.contacts if key not in found}),
+    }
+
+
+def _lookup(
+    runtime: Runtime,
+    contacts: list[str],
+    buckets: list[str] | None,
+    contacts_loc: list[Any],
+    buckets_loc: list[Any],
+) -> dict[str, list[ActiveMembership]]:
+    """:func:`buckets.lookup.memberships`, its input errors as 422 located in the request."""
+    try:
+        return memberships(contacts, buckets, runtime=runtime)
+    except LookupInputError as exc:
+        name, _, index = exc.field.partition("[")
+        loc = list(contacts_loc if name == "contacts" else buckets_loc)
+        if index and loc[0] != "path":
+            loc.append(int(index.rstrip("]")))
+        raise _error(422, loc, exc.reason) from None
+    except UnknownBucketError as exc:
+        loc = list(buckets_loc)
+        if buckets is not None and exc.bucket_id in buckets:
+            loc.append(buckets.index(exc.bucket_id))
+        raise _error(422, loc, str(exc)) from None
 
 
 @router.get("/buckets/{bucket_id}/explain/{external_id}", tags=["buckets"])
