@@ -49,7 +49,7 @@ from sqlalchemy.dialects.postgresql import insert as pg_insert
 from sqlalchemy.engine import Connection
 from sqlalchemy.exc import DBAPIError, OperationalError
 
-from buckets import metrics
+from buckets import catalog, metrics
 from buckets.decide import Ask, decide
 from buckets.errors import DatabaseUnavailableError, IngestInterruptedError
 from buckets.ledger import Transition, caused_by
@@ -334,7 +334,10 @@ def _ingest_chunk(rt: Runtime, events: Sequence[EventIn], now: datetime) -> list
     for attempt in range(DEADLOCK_RETRIES):
         try:
             with rt.engine.begin() as conn:
-                return _Chunk(rt, conn, events, now).run()
+                results = _Chunk(rt, conn, events, now).run()
+            accepted = [e for e, r in zip(events, results, strict=True) if r.status == "accepted"]
+            catalog.record(rt.engine, accepted, now)  # once per chunk, after its commit
+            return results
         except OperationalError as exc:  # deadlock with another producer: both sides retry
             code = getattr(exc.orig, "sqlstate", None)
             if code not in ("40P01", "40001") or attempt == DEADLOCK_RETRIES - 1:

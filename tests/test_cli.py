@@ -43,14 +43,14 @@ def test_db_upgrade_then_again_is_a_no_op(empty_db: CloneDB):
     code, out, _ = run("db", "upgrade", "--database-url", url_of(empty_db))
     assert code == 0
     assert f"from an empty database to {head_revision()}" in out
-    assert "9 tables ready" in out
+    assert "10 tables ready" in out
 
     code, out, _ = run("db", "upgrade", "--database-url", url_of(empty_db), "--json")
     assert code == 0
     report = json.loads(out)
     assert report["changed"] is False
     assert report["after"] == report["head"] == head_revision()
-    assert report["tables"] == 9
+    assert report["tables"] == 10
 
     code, out, _ = run("db", "current", "--database-url", url_of(empty_db), "--json")
     assert code == 0
@@ -98,12 +98,12 @@ def test_without_a_database_url_the_cli_uses_an_embedded_postgresql(tmp_path: Pa
     pgdata = tmp_path / "data" / "pgdata"
     assert first.stderr.count(f"using the embedded PostgreSQL in {pgdata}") == 1
     assert f"from an empty database to {head_revision()}" in first.stdout
-    assert "9 tables ready" in first.stdout
+    assert "10 tables ready" in first.stdout
 
     second = cli("upgrade", "--json")
     assert second.returncode == 0, second.stderr
     report = json.loads(second.stdout)
-    assert (report["changed"], report["tables"]) == (False, 9)
+    assert (report["changed"], report["tables"]) == (False, 10)
 
     current = cli("current", "--json")
     assert current.returncode == 0, current.stderr

@@ -282,6 +282,23 @@ def _lookup(
         raise _error(422, loc, str(exc)) from None
 
 
+@router.get("/catalog", tags=["catalog"])
+def catalog(
+    runtime: RuntimeDep, kind: Literal["event", "property"] | None = None
+) -> dict[str, Any]:
+    """What ingest has seen (event names, contact property keys: counts, first and last seen)
+    and, per loaded bucket, the names its criteria use that were never seen."""
+    from buckets.catalog import entries, never_seen
+
+    with runtime.engine.connect() as conn:
+        found = entries(conn, kind)
+        unseen = never_seen(conn, runtime.registry)
+    return {
+        "entries": [entry.to_dict() for entry in found],
+        "never_seen": [item.to_dict() for item in unseen if kind in (None, item.kind)],
+    }
+
+
 @router.get("/buckets/{bucket_id}/explain/{external_id}", tags=["buckets"])
 def explain_contact(
     runtime: RuntimeDep, bucket_id: PathText, external_id: PathText, now: NowQuery = None

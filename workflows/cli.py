@@ -589,15 +589,77 @@ def _table(
     return console.export_text().rstrip()
 
 
+def _warn(items: Iterable[Any]) -> None:
+    """One line on stderr per warning (``buckets: warning: ...``)."""
+    for item in items:
+        click.echo(f"buckets: warning: {item}", err=True)
+
+
+@main.command("catalog")
+@click.option("--kind", type=click.Choice(["event", "property"]), help="Only this kind.")
+@common_options
+def catalog_command(
+    *, kind: str | None, database_url: str | None, definitions: str | None, as_json: bool
+) -> None:
+    """What ingest has seen: event names and contact property keys, how many times, first and
+    last seen, and which loaded buckets use each; then the names the buckets use that were
+    never seen (typos, usually)."""
+    from buckets.catalog import entries, never_seen
+
+    with opened_runtime(database_url, definitions) as runtime, runtime.engine.connect() as conn:
+        found = entries(conn, kind)
+        unseen = never_seen(conn, runtime.registry)
+        registry = runtime.registry
+    users: dict[tuple[str, str], list[str]] = {}
+    for bucket in registry:
+        for name in bucket.event_names:
+            users.setdefault(("event", name), []).append(bucket.id)
+        for name in bucket.property_keys:
+            users.setdefault(("property", name), []).append(bucket.id)
+    payload = {
+        "entries": [
+            {**entry.to_dict(), "buckets": sorted(users.get((entry.kind, entry.name), []))}
+            for entry in found
+        ],
+        "never_seen": [item.to_dict() for item in unseen if kind in (None, item.kind)],
+    }
+    rows = [
+        [
+            entry.kind,
+            entry.name,
+            entry.seen,
+            entry.first_seen_at.isoformat(timespec="seconds"),
+            entry.last_seen_at.isoformat(timespec="seconds"),
+            ", ".join(sorted(users.get((entry.kind, entry.name), []))),
+        ]
+        for entry in found
+    ]
+    human = _table(
+        f"{len(found):,} names seen",
+        ["kind", "name", "seen", "first seen", "last seen", "used by"],
+        rows,
+    )
+    emit(as_json, payload, human)
+    if not as_json:
+        _warn(item for item in unseen if kind in (None, item.kind))
+
+
 @main.command("list")
 @common_options
 def list_command(database_url: str | None, definitions: str | None, as_json: bool) -> None:
     """List the loaded buckets with member counts and their effective enabled state."""
     from buckets.admin import bucket_states
+    from buckets.catalog import never_seen
 
     with opened_runtime(database_url, definitions) as runtime, runtime.engine.connect() as conn:
         states = bucket_states(conn, runtime)
-    payload = {"buckets": [state.to_dict() for state in states]}
+        unseen = never_seen(conn, runtime.registry)
+    payload = {
+        "buckets": [state.to_dict() for state in states],
+        "never_seen": [item.to_dict() for item in unseen],
+    }
+    if not as_json:
+        _warn(unseen)
     rows = [
         [
             s.bucket.id,
@@ -918,10 +980,12 @@ def backfill_command(
         if deploy:
 
             def deployed() -> list[Any]:
+                from buckets.catalog import never_seen
                 from workflows import jobs
 
                 backfill.deploy(runtime, now)
                 with runtime.engine.connect() as conn:
+                    _warn(never_seen(conn, runtime.registry))
                     return [j for j in jobs.jobs(conn) if j.status == "pending"]
 
             pending = retry_outages(

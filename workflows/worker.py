@@ -100,6 +100,7 @@ class Worker:
                 job.bucket_id,
                 extra={"bucket": job.bucket_id, "job": job.id, "mode": job.mode},
             )
+        self._warn_never_seen()
         self.scheduler.start()
         limit = self.max_outage
         self.supervisor.start(
@@ -136,6 +137,23 @@ class Worker:
                 log.warning("could not record the worker's stop: %s", resilience.first_line(exc))
         if self.http is not None:
             self.http.close()
+
+    def _warn_never_seen(self) -> None:
+        """One warning per bucket and name the catalogue never saw (a typo, usually)."""
+        from buckets.catalog import never_seen
+
+        try:
+            with self.runtime.engine.connect() as conn:
+                unseen = never_seen(conn, self.runtime.registry)
+        except Exception as exc:  # advisory: never a reason not to start
+            log.warning("could not read the catalogue: %s", resilience.first_line(exc))
+            return
+        for item in unseen:
+            log.warning(
+                "%s",
+                item,
+                extra={"bucket": item.bucket_id, "kind": item.kind, "never_seen": item.name},
+            )
 
     def _beat(self) -> None:
         with self.runtime.engine.begin() as conn:
