@@ -183,3 +183,11 @@ def test_members_left_and_aligned_numbers(args: list[str], clone_db: CloneDB):
     [row] = [line for line in out.splitlines() if "c7" in line]
     assert "2026-11-01T05:00:00+00:00" in row
     assert "criteria" in row
+
+
+def test_version_of_the_distribution():
+    from importlib.metadata import version
+
+    code, out, _ = run("--version")
+    assert code == 0
+    assert out == f"buckets, version {version('buckets-engine')}\n"

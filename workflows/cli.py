@@ -268,7 +268,7 @@ def emit(as_json: bool, payload: dict[str, Any], human: str) -> None:
 
 
 @click.group(cls=BucketsGroup, context_settings={"help_option_names": ["-h", "--help"]})
-@click.version_option(package_name="buckets", prog_name="buckets")
+@click.version_option(package_name="buckets-engine", prog_name="buckets")
 def main() -> None:
     """Exact, current bucket (segment) membership on PostgreSQL, driving journeys."""
 
