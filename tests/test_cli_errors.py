@@ -91,6 +91,12 @@ def test_database_checked_once_up_front(empty_db: CloneDB, tmp_path: Path):
     code, out, err = run("list", "--database-url", "postgresql://u:pw@127.0.0.1:1/x")
     assert code == 2
     assert err.startswith("buckets: error: cannot connect to postgresql+psycopg://u:***@")
+    # ingest: an unreachable database is an outage at the first line, said once
+    code, out, err = run("ingest", str(events), "--database-url", "postgresql://u:pw@127.0.0.1:1/x")
+    assert code == 2
+    assert err.count("\n") == 1
+    assert err.startswith("buckets: error: line 1: database unavailable: cannot connect to ")
+    assert err.strip().endswith("resume from line 1")
 
 
 def test_a_schema_behind_says_to_upgrade(clone_db: CloneDB):
@@ -191,3 +197,22 @@ def test_version_of_the_distribution():
     code, out, _ = run("--version")
     assert code == 0
     assert out == f"buckets, version {version('buckets-engine')}\n"
+
+
+def test_ingest_in_slices_keeps_line_numbers(args: list[str], tmp_path: Path):
+    """The CLI ingests in slices (a progress step each, drawn only on a terminal): rejected
+    lines keep their numbers across slices, and nothing is drawn on a pipe."""
+    events = tmp_path / "e.jsonl"
+    rows = []
+    for n in range(1, 31):
+        event = "bucket:reserved" if n in (3, 17, 29) else "x"
+        rows.append(json.dumps({"external_id": f"c{n}", "event": event}))
+    events.write_text("\n".join(rows) + "\n")
+    result = CliRunner(env={"BUCKETS_INGEST_CHUNK_SIZE": "2"}).invoke(
+        main, ["ingest", str(events), *args, "--now", NOW, "--json"]
+    )
+    assert result.exit_code == 1
+    assert result.stderr == ""
+    report = json.loads(result.stdout)
+    assert (report["accepted"], report["rejected"]) == (27, 3)
+    assert [item["line"] for item in report["rejections"]] == [3, 17, 29]

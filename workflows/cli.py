@@ -42,6 +42,10 @@ class ConfigCliError(CliError):
     exit_code = 2
 
 
+class UnreachableCliError(ConfigCliError):
+    """The database did not answer the check up front (exit status 2)."""
+
+
 def _one_line(message: str) -> str:
     return " / ".join(line.strip() for line in message.splitlines() if line.strip())
 
@@ -190,7 +194,7 @@ def check_database(engine: Engine, *, schema: bool = True) -> None:
         with engine.connect() as conn:
             revision = current_revision(conn) if schema else None
     except DBAPIError as exc:
-        raise ConfigCliError(f"cannot connect to {where}: {first_line(exc.orig)}") from None
+        raise UnreachableCliError(f"cannot connect to {where}: {first_line(exc.orig)}") from None
     problem = schema_problem(revision, head_revision()) if schema else None
     if problem is not None:
         raise ConfigCliError(f"{where}: {problem}")
@@ -422,9 +426,74 @@ def ingest_command(
     instead, nothing after the chunk in flight is attempted: the exit status is 2 and the
     message names the line to resume from (every line before it was processed)."""
     from buckets.errors import IngestInterruptedError
-    from buckets.ingest import ingest_events
-    from buckets.inputs import PARSE_DEPTH_CAP, InputError, loads_json
+    from buckets.ingest import BatchResult, ingest_events
     from buckets.validation import IngestError
+
+    lines, events, rejected = _read_jsonl(file)
+    failed: dict[str, Any] | None = None
+    outcomes: list[Any] = []
+    with opened_runtime(database_url, definitions, preflight=False) as runtime:
+        try:
+            check_database(runtime.engine)
+        except UnreachableCliError as exc:  # an outage, like one mid-file: resume from line 1
+            if lines:
+                failed = {"line": lines[0], "reason": f"database unavailable: {exc.message}"}
+                rejected = [item for item in rejected if item["line"] < lines[0]]
+        step = runtime.settings.ingest_chunk_size * 4  # a slice per progress step
+        with _progress("ingest", total=len(events)) as bar:
+            for start in range(0, len(events) if failed is None else 0, step):
+                try:
+                    part = ingest_events(events[start : start + step], now=now, runtime=runtime)
+                except IngestInterruptedError as exc:
+                    outcomes.extend(exc.results.results)
+                    where = lines[start + exc.index]
+                    failed = {"line": where, "reason": f"database unavailable: {exc.reason}"}
+                    # lines from there on were not processed: the resumed run reads them again
+                    rejected = [item for item in rejected if item["line"] < where]
+                    break
+                outcomes.extend(part.results)
+                bar(len(outcomes), len(events))
+    result = BatchResult(outcomes)
+    for index, outcome in enumerate(result.results):
+        if isinstance(outcome, IngestError):
+            reason = f"{outcome.location}: {outcome.reason}"
+            rejected.append({"line": lines[index], "reason": reason})
+    rejected.sort(key=lambda item: item["line"])
+    transitions = result.transitions
+    payload = {
+        "accepted": result.accepted,
+        "duplicate": result.duplicates,
+        "ignored_deleted_contact": result.ignored,
+        "rejected": len(rejected),
+        "rejections": rejected,
+        "transitions": len(transitions),
+        "emitted": sum(1 for t in transitions if t.emitted),
+        "failed": failed,
+        "resume_from_line": failed["line"] if failed else None,
+    }
+    human = (
+        f"accepted {result.accepted:,}, duplicate {result.duplicates:,},"
+        f" rejected {len(rejected):,}"
+        + (f", ignored (deleted contact) {result.ignored:,}" if result.ignored else "")
+        + f"; {len(transitions):,} transitions ({payload['emitted']:,} emitted)"
+    )
+    human += "".join(f"\nline {item['line']}: {item['reason']}" for item in rejected)
+    emit(as_json, payload, human)
+    if failed is not None:
+        click.echo(
+            f"buckets: error: line {failed['line']}: {failed['reason']}; not ingested from there"
+            f" on (every line before it was processed): resume from line {failed['line']}",
+            err=True,
+        )
+        sys.exit(2)
+    if rejected:
+        sys.exit(1)
+
+
+def _read_jsonl(file: IO[bytes]) -> tuple[list[int], list[Any], list[dict[str, Any]]]:
+    """The events of a JSON Lines file with their line numbers, and the lines rejected (not
+    UTF-8, not JSON, beyond the parser's bounds)."""
+    from buckets.inputs import PARSE_DEPTH_CAP, InputError, loads_json
 
     lines: list[int] = []  # line number of each event handed to the engine
     events: list[Any] = []
@@ -447,48 +516,7 @@ def ingest_command(
             rejected.append({"line": number, "reason": f"not accepted: {exc.reason}"})
         except ValueError as exc:
             rejected.append({"line": number, "reason": f"not valid JSON: {exc}"})
-    failed: dict[str, Any] | None = None
-    with opened_runtime(database_url, definitions) as runtime:
-        try:
-            result = ingest_events(events, now=now, runtime=runtime)
-        except IngestInterruptedError as exc:
-            result = exc.results
-            failed = {"line": lines[exc.index], "reason": f"database unavailable: {exc.reason}"}
-            # lines from there on were not processed: the resumed run reads them again
-            rejected = [item for item in rejected if item["line"] < failed["line"]]
-    for index, outcome in enumerate(result.results):
-        if isinstance(outcome, IngestError):
-            reason = f"{outcome.location}: {outcome.reason}"
-            rejected.append({"line": lines[index], "reason": reason})
-    rejected.sort(key=lambda item: item["line"])
-    transitions = result.transitions
-    payload = {
-        "accepted": result.accepted,
-        "duplicate": result.duplicates,
-        "ignored_deleted_contact": result.ignored,
-        "rejected": len(rejected),
-        "rejections": rejected,
-        "transitions": len(transitions),
-        "emitted": sum(1 for t in transitions if t.emitted),
-        "failed": failed,
-        "resume_from_line": failed["line"] if failed else None,
-    }
-    human = (
-        f"accepted {result.accepted}, duplicate {result.duplicates}, rejected {len(rejected)}"
-        + (f", ignored (deleted contact) {result.ignored}" if result.ignored else "")
-        + f"; {len(transitions)} transitions ({payload['emitted']} emitted)"
-    )
-    human += "".join(f"\nline {item['line']}: {item['reason']}" for item in rejected)
-    emit(as_json, payload, human)
-    if failed is not None:
-        click.echo(
-            f"buckets: error: line {failed['line']}: {failed['reason']}; not ingested from there"
-            f" on (every line before it was processed): resume from line {failed['line']}",
-            err=True,
-        )
-        sys.exit(2)
-    if rejected:
-        sys.exit(1)
+    return lines, events, rejected
 
 
 @main.command("reconcile")
@@ -1006,8 +1034,9 @@ def backfill_command(
         finished = [_run_with_progress(runner, job, as_json) for job in pending]
     payload = {"jobs": [job.to_dict() for job in finished]}
     human = "\n".join(
-        f"job {j.id} {j.bucket_id} ({j.mode}): {j.status}; processed {j.processed}/{j.total},"
-        f" joined {j.joined}, left {j.left}" + (f"; error: {j.error}" if j.error else "")
+        f"job {j.id} {j.bucket_id} ({j.mode}): {j.status};"
+        f" processed {j.processed:,}/{'?' if j.total is None else format(j.total, ',')},"
+        f" joined {j.joined:,}, left {j.left:,}" + (f"; error: {j.error}" if j.error else "")
         for j in finished
     )
     emit(as_json, payload, human or "nothing to backfill")
@@ -1035,8 +1064,6 @@ def _check_resumable(job: Any, emit_joins: bool, take_over: bool) -> None:
 
 
 def _run_with_progress(runner: Any, job: Any, quiet: bool) -> Any:
-    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TimeElapsedColumn
-
     def run(**options: Any) -> Any:
         if job.status == "running":
             return runner.take_over(job, **options)
@@ -1044,14 +1071,30 @@ def _run_with_progress(runner: Any, job: Any, quiet: bool) -> Any:
 
     if quiet:
         return run()
-    columns = [*Progress.get_default_columns()[:2], BarColumn(), MofNCompleteColumn()]
-    with Progress(*columns, TimeElapsedColumn(), console=_stderr()) as bar:
-        task = bar.add_task(f"{job.bucket_id} ({job.mode})", total=None)
+    with _progress(f"{job.bucket_id} ({job.mode})", total=None) as bar:
+        return run(progress=lambda current: bar(current.processed, current.total))
 
-        def progress(current: Any) -> None:
-            bar.update(task, completed=current.processed, total=current.total)
 
-        return run(progress=progress)
+@contextmanager
+def _progress(label: str, total: int | None) -> Iterator[Callable[[int, int | None], None]]:
+    """One progress bar on stderr (label, bar, done/total with separators, elapsed time);
+    ``update(completed, total)``. Nothing is drawn when stderr is not a terminal."""
+    from rich.progress import BarColumn, Progress, ProgressColumn, TextColumn, TimeElapsedColumn
+    from rich.text import Text
+
+    class Counts(ProgressColumn):
+        def render(self, task: Any) -> Text:
+            total = "?" if task.total is None else f"{int(task.total):,}"
+            return Text(f"{int(task.completed):,}/{total}", style="progress.download")
+
+    console = _stderr()
+    if not console.is_terminal:
+        yield lambda completed, total: None
+        return
+    columns = [TextColumn("{task.description}"), BarColumn(), Counts(), TimeElapsedColumn()]
+    with Progress(*columns, console=console) as bar:
+        task = bar.add_task(label, total=total)
+        yield lambda completed, total: bar.update(task, completed=completed, total=total)
 
 
 def _stderr() -> Any:
