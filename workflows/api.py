@@ -545,7 +545,8 @@ def create_app(runtime: Runtime) -> FastAPI:
     app = FastAPIOffline(
         title="buckets admin API",
         version="1",
-        description="Buckets, members, the transition ledger, explain, preview, ingest.",
+        description="Buckets, members, the transition ledger, explain, preview, ingest,"
+        " membership lookups for targeting, the catalogue of seen names; health and metrics.",
         max_body_size=runtime.settings.max_request_bytes,  # larger bodies: 413, unread
     )
     app.state.runtime = runtime
