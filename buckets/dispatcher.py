@@ -39,6 +39,7 @@ from sqlalchemy.dialects.postgresql import ARRAY
 from sqlalchemy.dialects.postgresql import insert as pg_insert
 from sqlalchemy.engine import Connection
 
+from buckets import metrics
 from buckets.db import CONNECT_TIMEOUT_SECONDS
 from buckets.journeys import Journey
 from buckets.models import bucket_transitions as transitions
@@ -311,8 +312,10 @@ class Dispatcher:
                     "journey %s, enrollment %d: handler failed: %r", journey.id, enrollment.id, exc
                 )
                 failures.append((enrollment, f"{type(exc).__name__}: {exc}"[:2000]))
+                metrics.HANDLER_CALLS.labels(journey.id, "failed").inc()
             else:
                 succeeded.append(enrollment.id)
+                metrics.HANDLER_CALLS.labels(journey.id, "delivered").inc()
         with self.runtime.engine.begin() as conn:
             if succeeded:
                 result.delivered = conn.execute(
@@ -336,9 +339,11 @@ class Dispatcher:
                 if final:
                     values.update(status="failed", finished_at=now, next_attempt_at=None)
                     result.failed += 1
+                    metrics.ENROLLMENTS_FAILED.labels(journey.id).inc()
                 else:
                     values["next_attempt_at"] = now + journey.retry_delay(enrollment.attempt)
                     result.retried += 1
+                    metrics.HANDLER_RETRIES.labels(journey.id).inc()
                 conn.execute(
                     sa.update(journey_enrollments)
                     .where(journey_enrollments.c.id == enrollment.id)

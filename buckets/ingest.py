@@ -37,6 +37,7 @@ the JSON size of ``properties`` plus ``contact_properties``, plus the e-mail.
 from __future__ import annotations
 
 import json
+import time
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
@@ -48,6 +49,7 @@ from sqlalchemy.dialects.postgresql import insert as pg_insert
 from sqlalchemy.engine import Connection
 from sqlalchemy.exc import DBAPIError, OperationalError
 
+from buckets import catalog, metrics
 from buckets.decide import Ask, decide
 from buckets.errors import DatabaseUnavailableError, IngestInterruptedError
 from buckets.ledger import Transition, caused_by
@@ -139,6 +141,39 @@ def ingest_event(  # noqa: PLR0917 - SPEC §5 gives these fields positionally
     runtime: Runtime | None = None,
 ) -> IngestResult:
     """Ingest one event in one transaction; raises :class:`IngestError` for bad input."""
+    started = time.perf_counter()
+    try:
+        result = _ingest_one(
+            external_id,
+            event,
+            properties,
+            occurred_at,
+            contact_properties,
+            email,
+            idempotency_key,
+            now=now,
+            runtime=runtime,
+        )
+    except IngestError:
+        metrics.INGEST_EVENTS.labels("rejected").inc()
+        raise
+    metrics.INGEST_EVENTS.labels(result.status).inc()
+    metrics.INGEST_SECONDS.labels("event").observe(time.perf_counter() - started)
+    return result
+
+
+def _ingest_one(  # noqa: PLR0917 - the fields of ingest_event
+    external_id: str,
+    event: str,
+    properties: Mapping[str, Any] | None,
+    occurred_at: datetime | str | None,
+    contact_properties: Mapping[str, Any] | None,
+    email: str | None,
+    idempotency_key: str | None,
+    *,
+    now: datetime | None,
+    runtime: Runtime | None,
+) -> IngestResult:
     rt = get_runtime(runtime)
     at = _now(now, rt.settings)
     data = {
@@ -184,6 +219,42 @@ def ingest_events(
     if the database fails, none of it (an outage raises
     :class:`~buckets.errors.DatabaseUnavailableError`).
     """
+    started = time.perf_counter()
+    try:
+        result = _ingest_many(
+            events, now=now, runtime=runtime, chunk_size=chunk_size, atomic=atomic
+        )
+    except BatchRejected as rejected:
+        metrics.INGEST_EVENTS.labels("rejected").inc(len(rejected.errors))
+        raise
+    except IngestInterruptedError as stopped:
+        if isinstance(stopped.results, BatchResult):
+            _count(stopped.results)
+        raise
+    _count(result)
+    metrics.INGEST_SECONDS.labels("batch").observe(time.perf_counter() - started)
+    return result
+
+
+def _count(result: BatchResult) -> None:
+    for outcome, count in (
+        ("accepted", result.accepted),
+        ("duplicate", result.duplicates),
+        ("contact_deleted", result.ignored),
+        ("rejected", len(result.errors)),
+    ):
+        if count:
+            metrics.INGEST_EVENTS.labels(outcome).inc(count)
+
+
+def _ingest_many(
+    events: Iterable[Mapping[str, Any]],
+    *,
+    now: datetime | None,
+    runtime: Runtime | None,
+    chunk_size: int | None,
+    atomic: bool,
+) -> BatchResult:
     rt = get_runtime(runtime)
     at = _now(now, rt.settings)
     size = chunk_size or rt.settings.ingest_chunk_size
@@ -263,7 +334,10 @@ def _ingest_chunk(rt: Runtime, events: Sequence[EventIn], now: datetime) -> list
     for attempt in range(DEADLOCK_RETRIES):
         try:
             with rt.engine.begin() as conn:
-                return _Chunk(rt, conn, events, now).run()
+                results = _Chunk(rt, conn, events, now).run()
+            accepted = [e for e, r in zip(events, results, strict=True) if r.status == "accepted"]
+            catalog.record(rt.engine, accepted, now)  # once per chunk, after its commit
+            return results
         except OperationalError as exc:  # deadlock with another producer: both sides retry
             code = getattr(exc.orig, "sqlstate", None)
             if code not in ("40P01", "40001") or attempt == DEADLOCK_RETRIES - 1:

@@ -43,6 +43,7 @@ from sqlalchemy.dialects.postgresql import insert as pg_insert
 from sqlalchemy.engine import Connection
 from sqlalchemy.sql.elements import ColumnElement
 
+from buckets import metrics
 from buckets.criteria.durations import duration_seconds
 from buckets.definitions import Bucket
 from buckets.ledger import RETURNED, Transition, from_json, transition_key_sql
@@ -400,7 +401,9 @@ def join(
     """
     select, given = _candidates(candidates)
     statement = _join_statement(select, source, silent, rows, changed)
-    return _run(conn, statement, _params(policies, now, given))
+    changes = _run(conn, statement, _params(policies, now, given))
+    metrics.transitions(conn, "entered", source, changes)
+    return changes
 
 
 @lru_cache(maxsize=64)
@@ -578,7 +581,9 @@ def leave(
     """
     select, given = _candidates(candidates)
     statement = _leave_statement(select, reason, source, rows, changed)
-    return _run(conn, statement, _params(policies, now, given))
+    changes = _run(conn, statement, _params(policies, now, given))
+    metrics.transitions(conn, "left", source, changes)
+    return changes
 
 
 @lru_cache(maxsize=64)

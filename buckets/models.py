@@ -247,6 +247,44 @@ class BucketDue(Base):
     )
 
 
+class WorkerHeartbeat(Base):
+    """One row per worker process (``buckets run``): alive since, last heartbeat, last tick.
+    Written by :mod:`workflows.worker`, read by ``buckets status`` and the readiness checks
+    (:mod:`buckets.health`)."""
+
+    __tablename__ = "worker_heartbeats"
+
+    worker_id: Mapped[str] = mapped_column(Text, primary_key=True)  # host:pid:random
+    hostname: Mapped[str] = mapped_column(Text, nullable=False)
+    pid: Mapped[int] = mapped_column(Integer, nullable=False)
+    reconcile_cron: Mapped[str] = mapped_column(Text, nullable=False)
+    started_at: Mapped[datetime] = _timestamp(nullable=False)
+    beat_at: Mapped[datetime] = _timestamp(nullable=False)  # the worker's clock at its last beat
+    last_tick_at: Mapped[datetime | None] = _timestamp()  # the `now` of its last reconcile tick
+    stopped_at: Mapped[datetime | None] = _timestamp()  # a graceful shutdown
+
+
+CATALOG_KINDS = ("event", "property")
+
+
+class CatalogEntry(Base):
+    """What ingest has seen: event names and contact property keys, with how many times and
+    when first and last (``buckets.catalog``; advisory, maintained once per ingest chunk)."""
+
+    __tablename__ = "catalog_entries"
+
+    kind: Mapped[str] = mapped_column(Text, primary_key=True)  # event | property
+    name: Mapped[str] = mapped_column(Text, primary_key=True)
+    seen: Mapped[int] = mapped_column(BigInteger, nullable=False)
+    first_seen_at: Mapped[datetime] = _timestamp(nullable=False)
+    last_seen_at: Mapped[datetime] = _timestamp(nullable=False)
+
+    __table_args__ = (
+        CheckConstraint(_one_of("kind", CATALOG_KINDS), name="kind_allowed"),
+        CheckConstraint("seen >= 0", name="seen_not_negative"),
+    )
+
+
 class BucketTransition(Base):
     """The ledger and outbox: one row per membership change, written with the change."""
 
@@ -406,3 +444,5 @@ bucket_transitions = _table(BucketTransition)
 backfill_jobs = _table(BackfillJob)
 journey_enrollments = _table(JourneyEnrollment)
 bucket_due = _table(BucketDue)
+worker_heartbeats = _table(WorkerHeartbeat)
+catalog_entries = _table(CatalogEntry)

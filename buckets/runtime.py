@@ -31,7 +31,11 @@ class Runtime:
     enabled: EnabledState = field(default_factory=EnabledState)
 
     def __post_init__(self) -> None:
+        from buckets import metrics
+
         self.enabled.ttl_seconds = self.settings.config_cache_seconds
+        # Before the engine is shared: connections opened from now on report their commits.
+        metrics.watch(self.engine)
 
     @classmethod
     def create(

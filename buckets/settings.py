@@ -10,7 +10,7 @@ from __future__ import annotations
 from datetime import UTC, datetime, timedelta
 from functools import lru_cache
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import platformdirs
 from apscheduler.triggers.cron import CronTrigger
@@ -115,8 +115,21 @@ class Settings(BaseSettings):
         default=None,
         description="Bearer token of the admin HTTP API; unset: every request is refused.",
     )
+    log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL"] = Field(
+        default="INFO",
+        description="Level of the long-running commands' log lines (run, dispatch, serve).",
+    )
+    log_format: Literal["text", "json"] = Field(
+        default="text",
+        description="text: one readable line per record; json: one JSON object per line.",
+    )
+    worker_http: str | None = Field(
+        default=None,
+        description="host:port on which `buckets run` serves /healthz, /readyz and /metrics"
+        " (unset: no HTTP listener; port 0 picks a free one).",
+    )
 
-    @field_validator("database_url", "definitions", "admin_token")
+    @field_validator("database_url", "definitions", "admin_token", "worker_http")
     @classmethod
     def _blank_is_unset(cls, value: str | None) -> str | None:
         if value is not None and not value.strip():
@@ -143,6 +156,22 @@ class Settings(BaseSettings):
             raise ValueError(f"not a valid crontab expression {value!r}: {exc}") from exc
         return value
 
+    @field_validator("log_level", "log_format", mode="before")
+    @classmethod
+    def _case(cls, value: Any, info: ValidationInfo) -> Any:
+        if isinstance(value, str):
+            return (
+                value.strip().upper() if info.field_name == "log_level" else value.strip().lower()
+            )
+        return value
+
+    @field_validator("worker_http")
+    @classmethod
+    def _host_port(cls, value: str | None) -> str | None:
+        if value is not None:
+            parse_host_port(value)
+        return value
+
     @field_validator("min_instant")
     @classmethod
     def _room_before(cls, value: datetime) -> datetime:
@@ -167,6 +196,16 @@ class Settings(BaseSettings):
     @property
     def embedded_pgdata(self) -> Path:
         return self.data_dir / "pgdata"
+
+
+def parse_host_port(value: str) -> tuple[str, int]:
+    """``host:port`` (``[::1]:9000`` for IPv6) into its parts; ``ValueError`` naming the
+    problem otherwise."""
+    host, sep, port = value.strip().rpartition(":")
+    host = host.removeprefix("[").removesuffix("]")
+    if not sep or not host or not port.isascii() or not port.isdigit() or int(port) > 65535:
+        raise ValueError(f"expected host:port (e.g. 127.0.0.1:9100), got {value!r}")
+    return host, int(port)
 
 
 def load_settings(**overrides: Any) -> Settings:

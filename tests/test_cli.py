@@ -43,23 +43,23 @@ def test_db_upgrade_then_again_is_a_no_op(empty_db: CloneDB):
     code, out, _ = run("db", "upgrade", "--database-url", url_of(empty_db))
     assert code == 0
     assert f"from an empty database to {head_revision()}" in out
-    assert "8 tables ready" in out
+    assert "10 tables ready" in out
 
     code, out, _ = run("db", "upgrade", "--database-url", url_of(empty_db), "--json")
     assert code == 0
     report = json.loads(out)
     assert report["changed"] is False
     assert report["after"] == report["head"] == head_revision()
-    assert report["tables"] == 8
+    assert report["tables"] == 10
 
     code, out, _ = run("db", "current", "--database-url", url_of(empty_db), "--json")
     assert code == 0
     assert json.loads(out)["at_head"] is True
 
 
-def test_unreachable_database_is_a_one_line_error_with_exit_1():
+def test_unreachable_database_is_a_one_line_error_with_exit_2():
     code, out, err = run("db", "upgrade", "--database-url", "postgresql://u:pw@127.0.0.1:1/x")
-    assert code == 1
+    assert code == 2
     assert out == ""
     assert err.startswith(
         "buckets: error: cannot connect to postgresql+psycopg://u:***@127.0.0.1:1/x"
@@ -98,12 +98,12 @@ def test_without_a_database_url_the_cli_uses_an_embedded_postgresql(tmp_path: Pa
     pgdata = tmp_path / "data" / "pgdata"
     assert first.stderr.count(f"using the embedded PostgreSQL in {pgdata}") == 1
     assert f"from an empty database to {head_revision()}" in first.stdout
-    assert "8 tables ready" in first.stdout
+    assert "10 tables ready" in first.stdout
 
     second = cli("upgrade", "--json")
     assert second.returncode == 0, second.stderr
     report = json.loads(second.stdout)
-    assert (report["changed"], report["tables"]) == (False, 8)
+    assert (report["changed"], report["tables"]) == (False, 10)
 
     current = cli("current", "--json")
     assert current.returncode == 0, current.stderr
@@ -224,7 +224,7 @@ def test_operator_commands_through_the_entry_point(clone_db: CloneDB, tmp_path: 
     assert out.strip() == "pro: enabled (following its definition)"
 
     code, _, err = run("show", "nope", *args)
-    assert code == 1
+    assert code == 2
     assert err.strip() == "buckets: error: nope: no such bucket in the loaded definitions"
     code, _, err = run("explain", "pro", "ghost", *args)
     assert code == 1

@@ -530,6 +530,7 @@ def run_ingests(db: FaultDB, tmp_path: Path, rounds: int, seed: int) -> Counter[
             db.inject(todo.pop())
         out, err = process.communicate(timeout=120)
         statuses[process.returncode] += 1
+        assert out, err[-3000:]
         payload = json.loads(out)
         assert payload["rejected"] == 0, payload["rejections"]  # never blamed on the input
         if process.returncode == 0:

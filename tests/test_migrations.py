@@ -16,6 +16,8 @@ from tests.conftest import CloneDB
 
 SPEC_TABLES = {
     "bucket_due",  # the due queue (not in SPEC §2; the engine's own)
+    "worker_heartbeats",  # `buckets run` processes (health; not in SPEC §2)
+    "catalog_entries",  # event names and property keys seen (not in SPEC §2)
     "contacts",
     "user_events",
     "bucket_configs",

@@ -1,11 +1,12 @@
 """The admin HTTP API (``buckets serve``): FastAPI, OpenAPI at ``/openapi.json``.
 
 Every endpoint needs ``Authorization: Bearer <BUCKETS_ADMIN_TOKEN>``; without the variable set,
-every request is refused with 401 (the OpenAPI document and ``/docs`` stay readable: they hold
-no data). Bad input is a 4xx whose body names the field (``detail[].loc``, FastAPI's shape, or
-``{"detail": [{"loc": [...], "msg": ...}]}`` for the engine's own checks); unknown buckets and
-contacts are 404. Batch ingest validates every event first and writes nothing if one is bad;
-the good batch is written in one transaction (all or nothing, even if the database fails).
+every request is refused with 401 (the OpenAPI document, ``/docs``, ``/healthz``, ``/readyz``
+and ``/metrics`` stay readable: they hold no contact data). Bad input is a 4xx whose body
+names the field (``detail[].loc``, FastAPI's shape, or ``{"detail": [{"loc": [...], "msg":
+...}]}`` for the engine's own checks); unknown buckets and contacts are 404. Batch ingest
+validates every event first and writes nothing if one is bad; the good batch is written in one
+transaction (all or nothing, even if the database fails).
 
 Input bounds (before any handler runs): request bodies over ``BUCKETS_MAX_REQUEST_BYTES`` are
 413 (FastAPI's ``max_body_size``); bodies that are not UTF-8, or JSON nested deeper than the
@@ -25,13 +26,14 @@ from datetime import UTC, datetime
 from typing import Annotated, Any, Literal
 
 from fastapi import APIRouter, Depends, FastAPI, HTTPException, Path, Query, Request
-from fastapi.responses import JSONResponse
+from fastapi.responses import JSONResponse, Response
 from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
 from pydantic import BaseModel, ConfigDict, Field, StrictBool
 from pydantic.json_schema import JsonDict
 from sqlalchemy.exc import DataError, DBAPIError, IntegrityError, OperationalError
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
+from buckets import health
 from buckets.admin import bucket_states, ledger_page, members_page, preview
 from buckets.contacts import UnknownContactError
 from buckets.errors import BucketsError, DatabaseUnavailableError
@@ -43,6 +45,13 @@ from buckets.inputs import (
     instant_problem,
     json_text_depth,
     parse_instant,
+)
+from buckets.lookup import (
+    MAX_BUCKETS,
+    MAX_CONTACTS,
+    ActiveMembership,
+    LookupInputError,
+    memberships,
 )
 from buckets.registry import UnknownBucketError, set_enabled
 from buckets.runtime import Runtime
@@ -209,6 +218,87 @@ def contact_transitions(
     return {"transitions": [t.to_dict() for t in found], "next": cursor}
 
 
+@router.get("/contacts/{external_id}/buckets", tags=["memberships"])
+def contact_buckets(
+    runtime: RuntimeDep,
+    external_id: PathText,
+    bucket: Annotated[
+        list[Annotated[str, Field(min_length=1, max_length=255)]] | None,
+        Query(max_length=1000, description="Only these buckets (repeat the parameter)."),
+    ] = None,
+) -> dict[str, Any]:
+    """The contact's active memberships (bucket, since, epoch, source); 404 for an unknown or
+    deleted contact. One query."""
+    found = _lookup(runtime, [external_id], bucket, ["path", "external_id"], ["query", "bucket"])
+    if external_id not in found:
+        raise UnknownContactError(external_id)
+    return {"external_id": external_id, "buckets": [m.to_dict() for m in found[external_id]]}
+
+
+class LookupRequest(BaseModel):
+    model_config = ConfigDict(extra="forbid", strict=True)
+    contacts: list[Annotated[str, Field(min_length=1, max_length=255)]] = Field(
+        min_length=1, max_length=MAX_CONTACTS, description="External ids (at most 1,000)."
+    )
+    buckets: list[Annotated[str, Field(min_length=1, max_length=255)]] | None = Field(
+        default=None,
+        max_length=MAX_BUCKETS,
+        description="Only these buckets (default: every bucket).",
+    )
+
+
+@router.post("/memberships/lookup", tags=["memberships"])
+def lookup_memberships(runtime: RuntimeDep, body: LookupRequest) -> dict[str, Any]:
+    """Which of these buckets is each of these contacts in: one query whatever the numbers.
+    ``memberships`` maps every known contact to its active memberships (``[]``: none);
+    ``unknown`` lists the external ids of no (or a deleted) contact."""
+    found = _lookup(runtime, body.contacts, body.buckets, ["body", "contacts"], ["body", "buckets"])
+    return {
+        "memberships": {key: [m.to_dict() for m in held] for key, held in found.items()},
+        "unknown": sorted({key for key in body.contacts if key not in found}),
+    }
+
+
+def _lookup(
+    runtime: Runtime,
+    contacts: list[str],
+    buckets: list[str] | None,
+    contacts_loc: list[Any],
+    buckets_loc: list[Any],
+) -> dict[str, list[ActiveMembership]]:
+    """:func:`buckets.lookup.memberships`, its input errors as 422 located in the request."""
+    try:
+        return memberships(contacts, buckets, runtime=runtime)
+    except LookupInputError as exc:
+        name, _, index = exc.field.partition("[")
+        loc = list(contacts_loc if name == "contacts" else buckets_loc)
+        if index and loc[0] != "path":
+            loc.append(int(index.rstrip("]")))
+        raise _error(422, loc, exc.reason) from None
+    except UnknownBucketError as exc:
+        loc = list(buckets_loc)
+        if buckets is not None and exc.bucket_id in buckets:
+            loc.append(buckets.index(exc.bucket_id))
+        raise _error(422, loc, str(exc)) from None
+
+
+@router.get("/catalog", tags=["catalog"])
+def catalog(
+    runtime: RuntimeDep, kind: Literal["event", "property"] | None = None
+) -> dict[str, Any]:
+    """What ingest has seen (event names, contact property keys: counts, first and last seen)
+    and, per loaded bucket, the names its criteria use that were never seen."""
+    from buckets.catalog import entries, never_seen
+
+    with runtime.engine.connect() as conn:
+        found = entries(conn, kind)
+        unseen = never_seen(conn, runtime.registry)
+    return {
+        "entries": [entry.to_dict() for entry in found],
+        "never_seen": [item.to_dict() for item in unseen if kind in (None, item.kind)],
+    }
+
+
 @router.get("/buckets/{bucket_id}/explain/{external_id}", tags=["buckets"])
 def explain_contact(
     runtime: RuntimeDep, bucket_id: PathText, external_id: PathText, now: NowQuery = None
@@ -329,6 +419,46 @@ def job_status(runtime: RuntimeDep, job_id: Annotated[int, Path(ge=1, le=MAX_ID)
             ) from None
 
 
+health_router = APIRouter(tags=["health"])
+
+
+@health_router.get("/healthz")
+def healthz() -> dict[str, str]:
+    """The process answers (no token needed; nothing else is checked)."""
+    return {"status": "ok"}
+
+
+@health_router.get(
+    "/readyz",
+    responses={503: {"description": "Not ready: the failing checks say why."}},
+)
+def readyz(runtime: RuntimeDep) -> JSONResponse:
+    """Ready to serve (no token needed): the database answers, its schema is at the head
+    revision, the definitions are loaded. 503 with the same body otherwise."""
+    registry = runtime.registry
+    report = health.Readiness(
+        [
+            *health.database_checks(runtime.engine),
+            health.definitions_check(len(registry), len(registry.journeys)),
+        ]
+    )
+    return JSONResponse(report.to_dict(), 200 if report.ok else 503)
+
+
+@health_router.get(
+    "/metrics",
+    response_class=Response,
+    responses={200: {"content": {"text/plain": {}}, "description": "Prometheus text format"}},
+)
+def prometheus_metrics(runtime: RuntimeDep) -> Response:
+    """Prometheus metrics (no token needed; names and labels in the README): this process's
+    counters and histograms, and the engine's state read from the database."""
+    from buckets.metrics import render
+
+    body, content_type = render(runtime)
+    return Response(body, media_type=content_type)
+
+
 def _detail(status: int, loc: list[str]) -> Any:
     async def handler(request: Request, exc: Exception) -> JSONResponse:
         return JSONResponse({"detail": [{"loc": loc, "msg": str(exc)}]}, status)
@@ -405,11 +535,18 @@ class JsonBodyChecks:
 
 
 def create_app(runtime: Runtime) -> FastAPI:
-    """The application serving ``runtime`` (its database, definitions and settings)."""
-    app = FastAPI(
+    """The application serving ``runtime`` (its database, definitions and settings).
+
+    ``/docs`` (Swagger UI) and ``/redoc`` load their scripts and styles from the assets the
+    ``fastapi-offline`` package ships (under ``/static-offline-docs``), not from a CDN: they
+    work without internet access."""
+    from fastapi_offline import FastAPIOffline
+
+    app = FastAPIOffline(
         title="buckets admin API",
         version="1",
-        description="Buckets, members, the transition ledger, explain, preview, ingest.",
+        description="Buckets, members, the transition ledger, explain, preview, ingest,"
+        " membership lookups for targeting, the catalogue of seen names; health and metrics.",
         max_body_size=runtime.settings.max_request_bytes,  # larger bodies: 413, unread
     )
     app.state.runtime = runtime
@@ -420,5 +557,6 @@ def create_app(runtime: Runtime) -> FastAPI:
     app.add_exception_handler(DatabaseUnavailableError, _detail(503, []))
     app.add_exception_handler(DBAPIError, _database_error)
     app.add_middleware(JsonBodyChecks)
+    app.include_router(health_router)
     app.include_router(router)
     return app

@@ -9,13 +9,14 @@ configuration or usage, 1 for everything else.
 from __future__ import annotations
 
 import codecs
+import contextlib
 import functools
 import io
 import json
 import sys
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from contextlib import contextmanager
-from datetime import UTC, datetime
+from datetime import UTC, datetime, timedelta
 from typing import IO, TYPE_CHECKING, Any, TypeVar
 
 import click
@@ -31,35 +32,93 @@ F = TypeVar("F", bound=Callable[..., Any])
 
 
 class CliError(click.ClickException):
-    """A one-line error; exit status 1."""
-
-    def show(self, file: IO[Any] | None = None) -> None:
-        lines = [line.strip() for line in self.format_message().splitlines() if line.strip()]
-        click.echo(f"buckets: error: {' / '.join(lines)}", file=file or sys.stderr)
+    """A one-line error; exit status 1 (the command ran and failed)."""
 
 
 class ConfigCliError(CliError):
-    """Bad configuration: exit status 2, like a usage error."""
+    """The command could not run as asked (usage, configuration, definitions, an unknown
+    bucket, a busy address, a database unreachable or not migrated): exit status 2."""
 
     exit_code = 2
 
 
+class UnreachableCliError(ConfigCliError):
+    """The database did not answer the check up front (exit status 2)."""
+
+
+def _one_line(message: str) -> str:
+    return " / ".join(line.strip() for line in message.splitlines() if line.strip())
+
+
+def report_error(message: str, exit_code: int, *, as_json: bool) -> None:
+    """Every error of the command, in one format: ``buckets: error: ...`` on stderr, or with
+    ``--json`` one JSON object ``{"error": ..., "exit_code": ...}`` on stderr."""
+    if as_json:
+        payload = {"error": _one_line(message), "exit_code": exit_code}
+        click.echo(json.dumps(payload), err=True)
+    else:
+        click.echo(f"buckets: error: {_one_line(message)}", err=True)
+
+
 class BucketsGroup(click.Group):
-    """Translates the engine's errors (and stray driver errors) into one-line CLI errors."""
+    """Translates the engine's errors (and stray driver errors) into one-line CLI errors, and
+    prints every error, usage errors included, in one format (:func:`report_error`).
+
+    Exit status: 0 done; 1 the command ran and failed (rejected input lines, a failed job, a
+    dead worker loop, not ready in ``status``, a contact that does not exist); 2 it could not
+    run as asked (usage, configuration and definitions, an unknown bucket id, a busy listen
+    address, a database unreachable or not at the schema's head, an ingest stopped by the
+    database)."""
 
     def invoke(self, ctx: click.Context) -> Any:
         from sqlalchemy.exc import DBAPIError
 
         from buckets.db import first_line
+        from buckets.definitions import DefinitionError
+        from buckets.registry import UnknownBucketError
 
         try:
             return super().invoke(ctx)
-        except ConfigError as exc:
+        except (ConfigError, DefinitionError, UnknownBucketError) as exc:
             raise ConfigCliError(str(exc)) from exc
         except BucketsError as exc:
             raise CliError(str(exc)) from exc
         except DBAPIError as exc:
             raise CliError(f"database error: {first_line(exc.orig)}") from exc
+
+    def main(  # type: ignore[override]
+        self,
+        args: list[str] | None = None,
+        prog_name: str | None = None,
+        complete_var: str | None = None,
+        standalone_mode: bool = True,
+        **extra: Any,
+    ) -> Any:
+        argv = list(sys.argv[1:] if args is None else args)
+        as_json = "--json" in argv
+        try:
+            result = super().main(  # the command is `buckets`, whoever invokes it
+                argv, "buckets", complete_var, standalone_mode=False, **extra
+            )
+        except click.UsageError as exc:
+            where = exc.ctx.command_path if exc.ctx is not None else "buckets"
+            message = f"{exc.format_message()} (see `{where} --help`)"
+            report_error(message, exc.exit_code, as_json=as_json)
+            return self._exit(2, standalone_mode)
+        except click.ClickException as exc:
+            report_error(exc.format_message(), exc.exit_code, as_json=as_json)
+            return self._exit(exc.exit_code, standalone_mode)
+        except click.Abort:
+            report_error("interrupted", 1, as_json=as_json)
+            return self._exit(1, standalone_mode)
+        code = result if isinstance(result, int) else 0  # --help, --version: Exit's code
+        return self._exit(code, standalone_mode)
+
+    @staticmethod
+    def _exit(code: int, standalone_mode: bool) -> int:
+        if standalone_mode:
+            sys.exit(code)
+        return code
 
 
 def common_options(func: F) -> F:
@@ -98,8 +157,12 @@ def opened_engine(database_url: str | None, definitions: str | None) -> Iterator
 
 
 @contextmanager
-def opened_runtime(database_url: str | None, definitions: str | None) -> Iterator[Runtime]:
-    """The runtime (engine + loaded definitions) for the command's options, disposed after."""
+def opened_runtime(
+    database_url: str | None, definitions: str | None, *, preflight: bool = True
+) -> Iterator[Runtime]:
+    """The runtime (engine + loaded definitions) for the command's options, disposed after.
+    With ``preflight`` (every command but those that migrate or ride outages themselves), the
+    database is checked once first: reachable and at the schema's head, else one line, exit 2."""
     from buckets.db import create_engine, resolve_database_url
     from buckets.runtime import Runtime
     from buckets.settings import load_settings
@@ -110,9 +173,31 @@ def opened_runtime(database_url: str | None, definitions: str | None) -> Iterato
         engine=create_engine(resolve_database_url(settings, source=source)), settings=settings
     )
     try:
+        if preflight:
+            check_database(runtime.engine)
         yield runtime
     finally:
         runtime.engine.dispose()
+
+
+def check_database(engine: Engine, *, schema: bool = True) -> None:
+    """One connection: the database answers and (with ``schema``) is at the head revision;
+    otherwise :class:`ConfigCliError` (exit 2) with what to do."""
+    from sqlalchemy.exc import DBAPIError
+
+    from buckets.db import display_url, first_line
+    from buckets.health import schema_problem
+    from buckets.migrations import current_revision, head_revision
+
+    where = display_url(engine.url)
+    try:
+        with engine.connect() as conn:
+            revision = current_revision(conn) if schema else None
+    except DBAPIError as exc:
+        raise UnreachableCliError(f"cannot connect to {where}: {first_line(exc.orig)}") from None
+    problem = schema_problem(revision, head_revision()) if schema else None
+    if problem is not None:
+        raise ConfigCliError(f"{where}: {problem}")
 
 
 def parse_instant(value: str, *, option: str = "--now") -> datetime:
@@ -187,7 +272,7 @@ def emit(as_json: bool, payload: dict[str, Any], human: str) -> None:
 
 
 @click.group(cls=BucketsGroup, context_settings={"help_option_names": ["-h", "--help"]})
-@click.version_option(package_name="buckets", prog_name="buckets")
+@click.version_option(package_name="buckets-engine", prog_name="buckets")
 def main() -> None:
     """Exact, current bucket (segment) membership on PostgreSQL, driving journeys."""
 
@@ -201,11 +286,11 @@ def db() -> None:
 @common_options
 def db_upgrade(database_url: str | None, definitions: str | None, as_json: bool) -> None:
     """Create or migrate the schema to the latest revision (a no-op when already there)."""
-    from buckets.db import connect, display_url
+    from buckets.db import display_url
     from buckets.migrations import upgrade
 
     with opened_engine(database_url, definitions) as engine:
-        connect(engine).close()  # a clear "cannot connect" before Alembic's noise
+        check_database(engine, schema=False)  # a clear "cannot connect" before Alembic's noise
         result = upgrade(engine)
         tables = _table_count(engine)
         where = display_url(engine.url)
@@ -229,10 +314,12 @@ def db_upgrade(database_url: str | None, definitions: str | None, as_json: bool)
 @common_options
 def db_current(database_url: str | None, definitions: str | None, as_json: bool) -> None:
     """Show the schema revision of the database and whether it is the latest."""
-    from buckets.db import connect, display_url
+    from buckets.db import display_url
     from buckets.migrations import current_revision, head_revision
 
-    with opened_engine(database_url, definitions) as engine, connect(engine) as connection:
+    with opened_engine(database_url, definitions) as engine:
+        check_database(engine, schema=False)
+    with opened_engine(database_url, definitions) as engine, engine.connect() as connection:
         current = current_revision(connection)
         where = display_url(engine.url)
     head = head_revision()
@@ -244,6 +331,81 @@ def db_current(database_url: str | None, definitions: str | None, as_json: bool)
         human = f"{where}: at {current}, head is {head} (run `buckets db upgrade`)"
     payload = {"database": where, "current": current, "head": head, "at_head": current == head}
     emit(as_json, payload, human)
+
+
+@main.command("status")
+@now_option(writes=False)
+@common_options
+def status_command(
+    *, now: datetime, database_url: str | None, definitions: str | None, as_json: bool
+) -> None:
+    """Is the engine ready? Database reachable, schema at head, definitions loaded, the
+    workers' heartbeats and ticks (late after two cadences of their cron), the due backlog and
+    undispatched transitions. Exit status 0 when ready, 1 when not."""
+    from buckets import due, health
+    from buckets.db import display_url
+    from buckets.registry import Registry
+    from buckets.settings import load_settings
+
+    settings = load_settings(database_url=database_url, definitions=definitions)
+    payload: dict[str, Any] = {"now": now.isoformat()}
+    with opened_engine(database_url, definitions) as engine:
+        payload["database"] = display_url(engine.url)
+        checks = health.database_checks(engine)
+        registry: Registry | None = None
+        try:
+            registry = Registry.load(settings.definitions)
+        except BucketsError as exc:
+            checks.append(health.Check("definitions", False, str(exc)))
+        else:
+            checks.append(health.definitions_check(len(registry), len(registry.journeys)))
+        workers: list[health.WorkerState] = []
+        if all(check.ok for check in checks[:2]):
+            with engine.connect() as conn:
+                workers = health.workers(conn)
+                checks.extend(health.worker_checks(workers, now))
+                pending = health.undispatched(conn)
+                clocked = [b.id for b in registry if b.clocked] if registry else []
+                backlog = due.backlog(conn, clocked, now)
+            payload["undispatched"] = {
+                "count": pending.count,
+                "oldest_age_seconds": round(pending.age(now).total_seconds(), 3),
+            }
+            payload["due"] = {
+                "due_now": sum(item.due for item in backlog.values()),
+                "oldest_due_age_seconds": round(
+                    max(
+                        (item.lag(now) for item in backlog.values()), default=timedelta(0)
+                    ).total_seconds(),
+                    3,
+                ),
+            }
+    report = health.Readiness(checks)
+    payload = {**report.to_dict(), **payload}
+    payload["workers"] = [state.to_dict(now) for state in workers]
+    lines = [f"{payload['database']}: {payload['status']}"]
+    width = max(len(check.name) for check in checks)
+    for check in checks:
+        mark = "ok  " if check.ok else "FAIL"
+        lines.append(f"  {mark} {check.name.ljust(width)}  {check.detail}")
+    for state in workers:
+        tick = state.tick(now)
+        lines.append(
+            f"  worker {state.worker_id} ({state.state(now)}): beat {state.beat_at.isoformat()},"
+            f" {tick.detail}"
+        )
+    if "undispatched" in payload:
+        lines.append(
+            f"  undispatched transitions: {payload['undispatched']['count']:,}"
+            f" (oldest {payload['undispatched']['oldest_age_seconds']:,.1f} s)"
+        )
+        lines.append(
+            f"  due entries now: {payload['due']['due_now']:,}"
+            f" (oldest waited {payload['due']['oldest_due_age_seconds']:,.1f} s)"
+        )
+    emit(as_json, payload, "\n".join(lines))
+    if not report.ok:
+        sys.exit(1)
 
 
 @main.command("ingest")
@@ -264,9 +426,74 @@ def ingest_command(
     instead, nothing after the chunk in flight is attempted: the exit status is 2 and the
     message names the line to resume from (every line before it was processed)."""
     from buckets.errors import IngestInterruptedError
-    from buckets.ingest import ingest_events
-    from buckets.inputs import PARSE_DEPTH_CAP, InputError, loads_json
+    from buckets.ingest import BatchResult, ingest_events
     from buckets.validation import IngestError
+
+    lines, events, rejected = _read_jsonl(file)
+    failed: dict[str, Any] | None = None
+    outcomes: list[Any] = []
+    with opened_runtime(database_url, definitions, preflight=False) as runtime:
+        try:
+            check_database(runtime.engine)
+        except UnreachableCliError as exc:  # an outage, like one mid-file: resume from line 1
+            if lines:
+                failed = {"line": lines[0], "reason": f"database unavailable: {exc.message}"}
+                rejected = [item for item in rejected if item["line"] < lines[0]]
+        step = runtime.settings.ingest_chunk_size * 4  # a slice per progress step
+        with _progress("ingest", total=len(events)) as bar:
+            for start in range(0, len(events) if failed is None else 0, step):
+                try:
+                    part = ingest_events(events[start : start + step], now=now, runtime=runtime)
+                except IngestInterruptedError as exc:
+                    outcomes.extend(exc.results.results)
+                    where = lines[start + exc.index]
+                    failed = {"line": where, "reason": f"database unavailable: {exc.reason}"}
+                    # lines from there on were not processed: the resumed run reads them again
+                    rejected = [item for item in rejected if item["line"] < where]
+                    break
+                outcomes.extend(part.results)
+                bar(len(outcomes), len(events))
+    result = BatchResult(outcomes)
+    for index, outcome in enumerate(result.results):
+        if isinstance(outcome, IngestError):
+            reason = f"{outcome.location}: {outcome.reason}"
+            rejected.append({"line": lines[index], "reason": reason})
+    rejected.sort(key=lambda item: item["line"])
+    transitions = result.transitions
+    payload = {
+        "accepted": result.accepted,
+        "duplicate": result.duplicates,
+        "ignored_deleted_contact": result.ignored,
+        "rejected": len(rejected),
+        "rejections": rejected,
+        "transitions": len(transitions),
+        "emitted": sum(1 for t in transitions if t.emitted),
+        "failed": failed,
+        "resume_from_line": failed["line"] if failed else None,
+    }
+    human = (
+        f"accepted {result.accepted:,}, duplicate {result.duplicates:,},"
+        f" rejected {len(rejected):,}"
+        + (f", ignored (deleted contact) {result.ignored:,}" if result.ignored else "")
+        + f"; {len(transitions):,} transitions ({payload['emitted']:,} emitted)"
+    )
+    human += "".join(f"\nline {item['line']}: {item['reason']}" for item in rejected)
+    emit(as_json, payload, human)
+    if failed is not None:
+        click.echo(
+            f"buckets: error: line {failed['line']}: {failed['reason']}; not ingested from there"
+            f" on (every line before it was processed): resume from line {failed['line']}",
+            err=True,
+        )
+        sys.exit(2)
+    if rejected:
+        sys.exit(1)
+
+
+def _read_jsonl(file: IO[bytes]) -> tuple[list[int], list[Any], list[dict[str, Any]]]:
+    """The events of a JSON Lines file with their line numbers, and the lines rejected (not
+    UTF-8, not JSON, beyond the parser's bounds)."""
+    from buckets.inputs import PARSE_DEPTH_CAP, InputError, loads_json
 
     lines: list[int] = []  # line number of each event handed to the engine
     events: list[Any] = []
@@ -289,48 +516,7 @@ def ingest_command(
             rejected.append({"line": number, "reason": f"not accepted: {exc.reason}"})
         except ValueError as exc:
             rejected.append({"line": number, "reason": f"not valid JSON: {exc}"})
-    failed: dict[str, Any] | None = None
-    with opened_runtime(database_url, definitions) as runtime:
-        try:
-            result = ingest_events(events, now=now, runtime=runtime)
-        except IngestInterruptedError as exc:
-            result = exc.results
-            failed = {"line": lines[exc.index], "reason": f"database unavailable: {exc.reason}"}
-            # lines from there on were not processed: the resumed run reads them again
-            rejected = [item for item in rejected if item["line"] < failed["line"]]
-    for index, outcome in enumerate(result.results):
-        if isinstance(outcome, IngestError):
-            reason = f"{outcome.location}: {outcome.reason}"
-            rejected.append({"line": lines[index], "reason": reason})
-    rejected.sort(key=lambda item: item["line"])
-    transitions = result.transitions
-    payload = {
-        "accepted": result.accepted,
-        "duplicate": result.duplicates,
-        "ignored_deleted_contact": result.ignored,
-        "rejected": len(rejected),
-        "rejections": rejected,
-        "transitions": len(transitions),
-        "emitted": sum(1 for t in transitions if t.emitted),
-        "failed": failed,
-        "resume_from_line": failed["line"] if failed else None,
-    }
-    human = (
-        f"accepted {result.accepted}, duplicate {result.duplicates}, rejected {len(rejected)}"
-        + (f", ignored (deleted contact) {result.ignored}" if result.ignored else "")
-        + f"; {len(transitions)} transitions ({payload['emitted']} emitted)"
-    )
-    human += "".join(f"\nline {item['line']}: {item['reason']}" for item in rejected)
-    emit(as_json, payload, human)
-    if failed is not None:
-        click.echo(
-            f"buckets: error: line {failed['line']}: {failed['reason']}; not ingested from there"
-            f" on (every line before it was processed): resume from line {failed['line']}",
-            err=True,
-        )
-        sys.exit(2)
-    if rejected:
-        sys.exit(1)
+    return lines, events, rejected
 
 
 @main.command("reconcile")
@@ -391,26 +577,99 @@ def reconcile_command(
         sys.exit(1)
 
 
-def _log_to_stderr() -> None:
-    """Log lines of the long-running commands (worker, dispatcher) on stderr."""
-    import logging
+def _log_to_stderr(settings: Any) -> None:
+    """Log lines of the long-running commands (worker, dispatcher, server) on stderr, at
+    ``BUCKETS_LOG_LEVEL`` in ``BUCKETS_LOG_FORMAT``, secrets masked (:mod:`buckets.logs`)."""
+    from buckets.logs import configure_from_settings
 
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s")
+    configure_from_settings(settings)
 
 
-def _table(title: str, columns: list[str], rows: list[list[Any]]) -> str:
-    """A rich table rendered to text (for human output)."""
+def _number(value: Any) -> bool:
+    return isinstance(value, int | float) and not isinstance(value, bool)
+
+
+def _cell(value: Any) -> str:
+    if value is None:
+        return ""
+    if isinstance(value, int) and not isinstance(value, bool):
+        return f"{value:,}"
+    return str(value)
+
+
+def _table(
+    title: str, columns: list[str], rows: list[list[Any]], *, right: Iterable[str] = ()
+) -> str:
+    """A rich table rendered to text (for human output): integers with thousands separators,
+    columns of numbers (and those named in ``right``) right-aligned."""
     from rich.console import Console
     from rich.table import Table
 
     table = Table(title=title, title_justify="left")
-    for column in columns:
-        table.add_column(column)
+    for index, column in enumerate(columns):
+        cells = [row[index] for row in rows if row[index] not in (None, "")]
+        numeric = column in right or (bool(cells) and all(_number(cell) for cell in cells))
+        table.add_column(column, justify="right" if numeric else "left")
     for row in rows:
-        table.add_row(*("" if cell is None else str(cell) for cell in row))
+        table.add_row(*(_cell(cell) for cell in row))
     console = Console(width=160, record=True, file=io.StringIO())
     console.print(table)
     return console.export_text().rstrip()
+
+
+def _warn(items: Iterable[Any]) -> None:
+    """One line on stderr per warning (``buckets: warning: ...``)."""
+    for item in items:
+        click.echo(f"buckets: warning: {item}", err=True)
+
+
+@main.command("catalog")
+@click.option("--kind", type=click.Choice(["event", "property"]), help="Only this kind.")
+@common_options
+def catalog_command(
+    *, kind: str | None, database_url: str | None, definitions: str | None, as_json: bool
+) -> None:
+    """What ingest has seen: event names and contact property keys, how many times, first and
+    last seen, and which loaded buckets use each; then the names the buckets use that were
+    never seen (typos, usually)."""
+    from buckets.catalog import entries, never_seen
+
+    with opened_runtime(database_url, definitions) as runtime, runtime.engine.connect() as conn:
+        found = entries(conn, kind)
+        unseen = never_seen(conn, runtime.registry)
+        registry = runtime.registry
+    users: dict[tuple[str, str], list[str]] = {}
+    for bucket in registry:
+        for name in bucket.event_names:
+            users.setdefault(("event", name), []).append(bucket.id)
+        for name in bucket.property_keys:
+            users.setdefault(("property", name), []).append(bucket.id)
+    payload = {
+        "entries": [
+            {**entry.to_dict(), "buckets": sorted(users.get((entry.kind, entry.name), []))}
+            for entry in found
+        ],
+        "never_seen": [item.to_dict() for item in unseen if kind in (None, item.kind)],
+    }
+    rows = [
+        [
+            entry.kind,
+            entry.name,
+            entry.seen,
+            entry.first_seen_at.isoformat(timespec="seconds"),
+            entry.last_seen_at.isoformat(timespec="seconds"),
+            ", ".join(sorted(users.get((entry.kind, entry.name), []))),
+        ]
+        for entry in found
+    ]
+    human = _table(
+        f"{len(found):,} names seen",
+        ["kind", "name", "seen", "first seen", "last seen", "used by"],
+        rows,
+    )
+    emit(as_json, payload, human)
+    if not as_json:
+        _warn(item for item in unseen if kind in (None, item.kind))
 
 
 @main.command("list")
@@ -418,10 +677,17 @@ def _table(title: str, columns: list[str], rows: list[list[Any]]) -> str:
 def list_command(database_url: str | None, definitions: str | None, as_json: bool) -> None:
     """List the loaded buckets with member counts and their effective enabled state."""
     from buckets.admin import bucket_states
+    from buckets.catalog import never_seen
 
     with opened_runtime(database_url, definitions) as runtime, runtime.engine.connect() as conn:
         states = bucket_states(conn, runtime)
-    payload = {"buckets": [state.to_dict() for state in states]}
+        unseen = never_seen(conn, runtime.registry)
+    payload = {
+        "buckets": [state.to_dict() for state in states],
+        "never_seen": [item.to_dict() for item in unseen],
+    }
+    if not as_json:
+        _warn(unseen)
     rows = [
         [
             s.bucket.id,
@@ -436,9 +702,10 @@ def list_command(database_url: str | None, definitions: str | None, as_json: boo
         for s in states
     ]
     human = _table(
-        f"{len(states)} buckets",
+        f"{len(states):,} buckets",
         ["bucket", "enabled", "members", "cron", "deployed", "queue", "due", "lag"],
         rows,
+        right=["lag"],
     )
     emit(as_json, payload, human if states else "no buckets loaded (see --definitions)")
 
@@ -486,10 +753,13 @@ def members_command(
             conn, bucket_id, status=None if status == "all" else status, after=after, limit=limit
         )
     payload = {"bucket_id": bucket_id, "members": page, "next": cursor}
+    columns = ["contact", "status", "epoch", "since", "source"]
     rows = [[m["external_id"], m["status"], m["epoch"], m["entered_at"], m["source"]] for m in page]
-    human = _table(
-        f"{bucket_id}: {len(page)} rows", ["contact", "status", "epoch", "since", "source"], rows
-    )
+    if status != "active":  # the rows that left say when and why
+        columns += ["left_at", "reason"]
+        for row, member in zip(rows, page, strict=True):
+            row += [member["left_at"], member["leave_reason"]]
+    human = _table(f"{bucket_id}: {len(page):,} rows", columns, rows)
     if cursor is not None:
         human += f"\nnext page: --after {cursor}"
     emit(as_json, payload, human)
@@ -617,7 +887,38 @@ def serve_command(
                 "buckets: BUCKETS_ADMIN_TOKEN is not set: every API request will be refused (401)",
                 err=True,
             )
-        uvicorn.run(create_app(runtime), host=host, port=port, log_level="info")
+        listener = _listen(host, port)  # a busy address: one line, exit 2
+        _log_to_stderr(runtime.settings)
+        config = uvicorn.Config(
+            create_app(runtime),
+            host=host,
+            port=port,
+            log_config=None,  # uvicorn's loggers go through ours (level, format, redaction)
+            log_level=runtime.settings.log_level.lower(),
+        )
+        with contextlib.suppress(KeyboardInterrupt):  # uvicorn re-raises the SIGINT it got
+            uvicorn.Server(config).run(sockets=[listener])
+
+
+def _listen(host: str, port: int) -> Any:
+    """A bound, listening socket for ``host:port``, or :class:`ConfigCliError` saying why."""
+    import socket
+
+    try:
+        family, kind, proto, _, address = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)[0]
+        sock = socket.socket(family, kind, proto)
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        try:
+            sock.bind(address)
+            sock.listen(2048)
+        except OSError:
+            sock.close()
+            raise
+    except OSError as exc:
+        reason = exc.strerror or str(exc)
+        raise ConfigCliError(f"cannot listen on {host}:{port}: {reason}") from None
+    sock.set_inheritable(True)
+    return sock
 
 
 @main.command("dispatch")
@@ -636,11 +937,11 @@ def dispatch_command(
 
     from buckets.dispatcher import dispatch_once, run_dispatcher
 
-    with opened_runtime(database_url, definitions) as runtime:
+    with opened_runtime(database_url, definitions, preflight=once) as runtime:
         if once:
             result = dispatch_once(runtime, now=now)
         else:
-            _log_to_stderr()
+            _log_to_stderr(runtime.settings)
             stop = threading.Event()
             for signum in (signal.SIGINT, signal.SIGTERM):
                 signal.signal(signum, lambda *_: stop.set())
@@ -707,10 +1008,12 @@ def backfill_command(
         if deploy:
 
             def deployed() -> list[Any]:
+                from buckets.catalog import never_seen
                 from workflows import jobs
 
                 backfill.deploy(runtime, now)
                 with runtime.engine.connect() as conn:
+                    _warn(never_seen(conn, runtime.registry))
                     return [j for j in jobs.jobs(conn) if j.status == "pending"]
 
             pending = retry_outages(
@@ -731,8 +1034,9 @@ def backfill_command(
         finished = [_run_with_progress(runner, job, as_json) for job in pending]
     payload = {"jobs": [job.to_dict() for job in finished]}
     human = "\n".join(
-        f"job {j.id} {j.bucket_id} ({j.mode}): {j.status}; processed {j.processed}/{j.total},"
-        f" joined {j.joined}, left {j.left}" + (f"; error: {j.error}" if j.error else "")
+        f"job {j.id} {j.bucket_id} ({j.mode}): {j.status};"
+        f" processed {j.processed:,}/{'?' if j.total is None else format(j.total, ',')},"
+        f" joined {j.joined:,}, left {j.left:,}" + (f"; error: {j.error}" if j.error else "")
         for j in finished
     )
     emit(as_json, payload, human or "nothing to backfill")
@@ -760,8 +1064,6 @@ def _check_resumable(job: Any, emit_joins: bool, take_over: bool) -> None:
 
 
 def _run_with_progress(runner: Any, job: Any, quiet: bool) -> Any:
-    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TimeElapsedColumn
-
     def run(**options: Any) -> Any:
         if job.status == "running":
             return runner.take_over(job, **options)
@@ -769,14 +1071,30 @@ def _run_with_progress(runner: Any, job: Any, quiet: bool) -> Any:
 
     if quiet:
         return run()
-    columns = [*Progress.get_default_columns()[:2], BarColumn(), MofNCompleteColumn()]
-    with Progress(*columns, TimeElapsedColumn(), console=_stderr()) as bar:
-        task = bar.add_task(f"{job.bucket_id} ({job.mode})", total=None)
+    with _progress(f"{job.bucket_id} ({job.mode})", total=None) as bar:
+        return run(progress=lambda current: bar(current.processed, current.total))
 
-        def progress(current: Any) -> None:
-            bar.update(task, completed=current.processed, total=current.total)
 
-        return run(progress=progress)
+@contextmanager
+def _progress(label: str, total: int | None) -> Iterator[Callable[[int, int | None], None]]:
+    """One progress bar on stderr (label, bar, done/total with separators, elapsed time);
+    ``update(completed, total)``. Nothing is drawn when stderr is not a terminal."""
+    from rich.progress import BarColumn, Progress, ProgressColumn, TextColumn, TimeElapsedColumn
+    from rich.text import Text
+
+    class Counts(ProgressColumn):
+        def render(self, task: Any) -> Text:
+            total = "?" if task.total is None else f"{int(task.total):,}"
+            return Text(f"{int(task.completed):,}/{total}", style="progress.download")
+
+    console = _stderr()
+    if not console.is_terminal:
+        yield lambda completed, total: None
+        return
+    columns = [TextColumn("{task.description}"), BarColumn(), Counts(), TimeElapsedColumn()]
+    with Progress(*columns, console=console) as bar:
+        task = bar.add_task(label, total=total)
+        yield lambda completed, total: bar.update(task, completed=completed, total=total)
 
 
 def _stderr() -> Any:
@@ -806,14 +1124,25 @@ def jobs_command(
                 jobs.cancel(conn, cancel_id, datetime.now(UTC))
         with runtime.engine.connect() as conn:
             found = jobs.jobs(conn, bucket_id)
+        if bucket_id is not None and not found:
+            runtime.registry.get(bucket_id)  # an unknown bucket is an error, not an empty table
     rows = [
-        [j.id, j.bucket_id, j.mode, j.status, f"{j.processed}/{j.total or '?'}", j.joined, j.left]
+        [
+            j.id,
+            j.bucket_id,
+            j.mode,
+            j.status,
+            f"{j.processed:,}/{'?' if j.total is None else format(j.total, ',')}",
+            j.joined,
+            j.left,
+        ]
         for j in found
     ]
     human = _table(
-        f"{len(found)} jobs",
+        f"{len(found):,} jobs",
         ["job", "bucket", "mode", "status", "progress", "joined", "left"],
         rows,
+        right=["progress"],
     )
     emit(as_json, {"jobs": [job.to_dict() for job in found]}, human)
 
@@ -825,11 +1154,12 @@ def run_command(database_url: str | None, definitions: str | None, as_json: bool
     the reaper, until SIGTERM/SIGINT (then finish or release what is in flight). Database
     restarts are ridden out; a loop that dies, or a database unavailable for longer than
     BUCKETS_MAX_OUTAGE, stops the worker with exit status 1."""
+    from buckets.settings import load_settings
     from workflows.worker import run_worker
 
-    _log_to_stderr()
-    with opened_runtime(database_url, definitions) as runtime:
-        run_worker(runtime)
+    _log_to_stderr(load_settings(database_url=database_url, definitions=definitions))
+    with opened_runtime(database_url, definitions, preflight=False) as runtime:
+        run_worker(runtime)  # migrates, and waits for a database that is not there yet
 
 
 @main.command("demo")
@@ -859,7 +1189,7 @@ def demo_command(
     started = time.perf_counter()
     settings = load_settings(database_url=database_url)
     embedded = settings.database_url is None
-    with opened_runtime(database_url, definitions or DEFINITIONS) as runtime:
+    with opened_runtime(database_url, definitions or DEFINITIONS, preflight=False) as runtime:
         say = (lambda _: None) if as_json else click.echo
         report = run_demo(
             runtime, now=now, contacts_count=contacts, days=days, reset=reset or embedded, say=say

@@ -34,7 +34,7 @@ import sqlalchemy as sa
 from sqlalchemy.dialects.postgresql import insert as pg_insert
 from sqlalchemy.engine import Connection
 
-from buckets import due
+from buckets import due, metrics
 from buckets.decide import Ask, Outcome, decide
 from buckets.definitions import Bucket
 from buckets.due import Refreshed, joins_blocked
@@ -181,6 +181,7 @@ def reconcile(
     at = now or datetime.now(UTC)
     if at.tzinfo is None:
         raise ValueError("now must be timezone-aware")
+    started = time.perf_counter()
     if bucket_ids is None:
         chosen = [bucket for bucket in rt.registry if bucket.clocked or on_cron(bucket)]
     else:
@@ -207,8 +208,21 @@ def reconcile(
                     full=full,
                     slot=slot or at,
                 )
-            _log(results[bucket.id])
-    return Tick(at, [results[bucket.id] for bucket in chosen])
+            _log(results[bucket.id], at)
+    tick = Tick(at, [results[bucket.id] for bucket in chosen])
+    _measure(tick, "full_sweep" if full else "waker" if due_only else "reconcile", started)
+    return tick
+
+
+def _measure(tick: Tick, job: str, started: float) -> None:
+    metrics.TICK_SECONDS.labels(job).observe(time.perf_counter() - started)
+    for result in tick.buckets:
+        if result.due:
+            metrics.DUE_DECIDED.labels(result.bucket_id).inc(result.due)
+        if result.status == "failed":
+            metrics.TICK_FAILURES.labels(result.bucket_id, job).inc()
+        for name, seconds in result.passes.items():
+            metrics.PASS_SECONDS.labels(result.bucket_id, name).observe(seconds)
 
 
 def _lock_key(bucket_id: str) -> Any:
@@ -240,8 +254,19 @@ def _failed(conn: Connection, result: BucketTick, exc: Exception) -> None:
     result.status, result.reason = "failed", f"{type(exc).__name__}: {exc}"
 
 
-def _log(result: BucketTick) -> None:
+def _log(result: BucketTick, now: datetime) -> None:
     if result.transitions or result.status == "failed" or result.passes_ran != "no":
+        fields = {
+            "bucket": result.bucket_id,
+            "tick": now.isoformat(),
+            "due": result.due,
+            "joined": result.joined,
+            "emitted": result.emitted,
+            "suppressed": result.suppressed,
+            "left": sum(result.left.values()),
+            "deferred": result.deferred,
+            "seconds": round(result.seconds, 4),
+        }
         log.info(
             "reconciled %s: due %d, joined %d (emitted %d, suppressed %d), left %s, deferred %d,"
             " cleared %d, full passes %s in %.3fs",
@@ -255,6 +280,7 @@ def _log(result: BucketTick) -> None:
             result.cleared,
             result.passes_ran,
             result.seconds,
+            extra=fields,
         )
 
 

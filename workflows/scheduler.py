@@ -45,9 +45,18 @@ def full_sweep_job(runtime: Runtime, clock: Callable[[], datetime] | None = None
             "bucket %s failed in the full sweep of %s: %s", failed.bucket_id, now, failed.reason
         )
     if tick.healed:
-        log.warning("full sweep of %s healed %d changes the due queue had missed", now, tick.healed)
+        log.warning(
+            "full sweep of %s healed %d changes the due queue had missed",
+            now,
+            tick.healed,
+            extra={"job": "full_sweep", "tick": now.isoformat(), "healed": tick.healed},
+        )
     else:
-        log.info("full sweep of %s: nothing to heal", now)
+        log.info(
+            "full sweep of %s: nothing to heal",
+            now,
+            extra={"job": "full_sweep", "tick": now.isoformat(), "healed": 0},
+        )
     return tick
 
 

@@ -63,7 +63,16 @@ class Waker:
         the worker's loop (``resilience.forever``) calls it again and again."""
         tick, wait = self.step()
         if tick is not None and tick.transitions:
-            log.info("waker: %d transitions as of %s", tick.transitions, tick.now.isoformat())
+            log.info(
+                "waker: %d transitions as of %s",
+                tick.transitions,
+                tick.now.isoformat(),
+                extra={
+                    "job": "waker",
+                    "tick": tick.now.isoformat(),
+                    "transitions": tick.transitions,
+                },
+            )
         for failed in tick.failed if tick is not None else ():
             log.error("waker: bucket %s failed: %s", failed.bucket_id, failed.reason)
         stop.wait(wait)

@@ -27,7 +27,7 @@ from collections.abc import Callable
 from datetime import UTC, datetime
 from typing import Any
 
-from buckets import resilience
+from buckets import health, resilience
 from buckets.dispatcher import run_dispatcher
 from buckets.errors import BucketsError, DatabaseUnavailableError
 from buckets.migrations import upgrade
@@ -37,6 +37,7 @@ from workflows.backfill import Runner, deploy
 from workflows.reconcile import Tick
 from workflows.scheduler import build_scheduler, full_sweep_job, reconcile_job
 from workflows.waker import Waker
+from workflows.worker_http import WorkerHttp
 
 log = logging.getLogger("buckets.worker")
 BACKFILL_POLL_SECONDS = 2
@@ -65,21 +66,41 @@ class Worker:
         )
         self._lost_connections = resilience.lost_connections(runtime.engine)
         self.waker = Waker(runtime, clock=clock)
+        self.worker_id = health.new_worker_id()
+        self.started_at: datetime | None = None
+        self.last_tick_at: datetime | None = None
+        self.http: WorkerHttp | None = None
 
     def start(self) -> list[Any]:
         """Migrate, deploy, start the scheduler and the loops; returns the jobs deployed."""
 
         engine = self.runtime.engine
+        address = self.runtime.settings.worker_http
+        if address is not None:  # first: a busy port is a configuration error, said at once
+            self.http = WorkerHttp(address, self)
+            log.info("worker HTTP on %s (/healthz, /readyz, /metrics)", self.http.address)
 
         def prepare() -> list[Any]:
             upgrade(self.runtime.engine)
-            return deploy(self.runtime, self.clock())
+            now = self.clock()
+            created = deploy(self.runtime, now)
+            with engine.begin() as conn:
+                health.register(conn, self.worker_id, self.runtime.settings.reconcile_cron, now)
+            self.started_at = now
+            return created
 
         created = resilience.retry_outages(
             "worker start", prepare, stop=self.stop, max_outage=self.max_outage, engine=engine
         )
         for job in created:
-            log.info("deployed: %s backfill job %d for %s", job.mode, job.id, job.bucket_id)
+            log.info(
+                "deployed: %s backfill job %d for %s",
+                job.mode,
+                job.id,
+                job.bucket_id,
+                extra={"bucket": job.bucket_id, "job": job.id, "mode": job.mode},
+            )
+        self._warn_never_seen()
         self.scheduler.start()
         limit = self.max_outage
         self.supervisor.start(
@@ -89,6 +110,7 @@ class Worker:
             ("waker", lambda: self.waker.step_and_wait(self.stop), 0.0),
             ("backfills", self._backfills, BACKFILL_POLL_SECONDS),
             ("reaper", self._reap, REAPER_SECONDS),
+            ("heartbeat", self._beat, health.HEARTBEAT_SECONDS),
         ):
             loop = resilience.forever(
                 name, step, self.stop, every=every, max_outage=limit, engine=engine
@@ -107,10 +129,69 @@ class Worker:
         running = self.supervisor.join(timeout=SHUTDOWN_SECONDS)
         if running:
             log.warning("still running after %d s: %s", SHUTDOWN_SECONDS, ", ".join(running))
+        if self.started_at is not None:
+            try:
+                with self.runtime.engine.begin() as conn:
+                    health.beat(conn, self.worker_id, self.clock(), stopped=True)
+            except Exception as exc:  # the database may be the reason we stop
+                log.warning("could not record the worker's stop: %s", resilience.first_line(exc))
+        if self.http is not None:
+            self.http.close()
+
+    def _warn_never_seen(self) -> None:
+        """One warning per bucket and name the catalogue never saw (a typo, usually)."""
+        from buckets.catalog import never_seen
+
+        try:
+            with self.runtime.engine.connect() as conn:
+                unseen = never_seen(conn, self.runtime.registry)
+        except Exception as exc:  # advisory: never a reason not to start
+            log.warning("could not read the catalogue: %s", resilience.first_line(exc))
+            return
+        for item in unseen:
+            log.warning(
+                "%s",
+                item,
+                extra={"bucket": item.bucket_id, "kind": item.kind, "never_seen": item.name},
+            )
+
+    def _beat(self) -> None:
+        with self.runtime.engine.begin() as conn:
+            health.beat(conn, self.worker_id, self.clock(), last_tick_at=self.last_tick_at)
+
+    def readiness(self, now: datetime) -> health.Readiness:
+        """Ready: database reachable, schema at head, definitions loaded, the last reconcile
+        tick (or the start) not older than two cadences, every loop alive."""
+        registry = self.runtime.registry
+        checks = [
+            *health.database_checks(self.runtime.engine),
+            health.definitions_check(len(registry), len(registry.journeys)),
+        ]
+        cron = self.runtime.settings.reconcile_cron
+        if self.started_at is None:
+            checks.append(health.Check("tick", False, "the worker is starting"))
+        else:
+            checks.append(health.tick_check(cron, self.last_tick_at, self.started_at, now))
+        failure = self.supervisor.failure
+        checks.append(health.Check("loops", failure is None, failure or "all alive"))
+        return health.Readiness(checks, {"worker_id": self.worker_id})
 
     def _backfills(self) -> None:
         for job in self.runner.run_pending(self.stop):
-            log.info("backfill job %d (%s): %s", job.id, job.bucket_id, job.status)
+            log.info(
+                "backfill job %d (%s): %s",
+                job.id,
+                job.bucket_id,
+                job.status,
+                extra={
+                    "bucket": job.bucket_id,
+                    "job": job.id,
+                    "status": job.status,
+                    "processed": job.processed,
+                    "joined": job.joined,
+                    "left": job.left,
+                },
+            )
 
     def _reap(self) -> None:
         with self.runtime.engine.begin() as conn:
@@ -130,6 +211,22 @@ class Worker:
             if result.failed and self._lost_connections() > before:
                 names = ", ".join(bucket.bucket_id for bucket in result.failed)
                 raise DatabaseUnavailableError(f"the connection was lost reconciling {names}")
+            log.debug(
+                "%s as of %s: %d buckets, %d transitions",
+                name,
+                result.now.isoformat(),
+                len(result.buckets),
+                result.transitions,
+                extra={
+                    "job": name.replace(" ", "_"),
+                    "tick": result.now.isoformat(),
+                    "buckets": len(result.buckets),
+                    "transitions": result.transitions,
+                },
+            )
+            if job is reconcile_job:
+                self.last_tick_at = result.now
+                self._beat()
 
         try:
             resilience.retry_outages(

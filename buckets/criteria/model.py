@@ -317,7 +317,8 @@ def _validate(model: type[_Node], fields: dict[str, Any], path: str) -> Node:
     try:
         node = model.model_validate(fields)
     except ValidationError as exc:
-        error = exc.errors()[0]
+        errors = exc.errors()  # a misspelt key first: it explains the "required" next to it
+        error = next((e for e in errors if e["type"] == "extra_forbidden"), errors[0])
         loc = list(error["loc"])
         cause = error.get("ctx", {}).get("error")
         if isinstance(cause, _FieldError):

@@ -296,7 +296,7 @@ def test_hostile_files_are_refused_quickly_in_one_line(tmp_path: Path, name, fil
     assert peak < 50 * 2**20
     # the definitions are loaded before the first connection: the address is never dialled
     code, out, err = _cli("list", "--definitions", str(path), "--database-url", NOWHERE)
-    assert (code, out) == (1, "")
+    assert (code, out) == (2, "")  # a definition error: configuration, exit 2
     assert err.startswith("buckets: error: ")
     assert err.count("\n") == 1
     assert message in err
