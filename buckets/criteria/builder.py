@@ -19,13 +19,15 @@ Criteria = dict[str, Any]
 
 
 class PropertyBuilder:
-    """Conditions on one property key: ``b.prop("plan").eq("pro")``."""
+    """Conditions on one property key, or a path of keys into nested objects:
+    ``b.prop("plan").eq("pro")``, ``b.prop(["address", "country"]).in_(["DE", "FR"])``."""
 
-    def __init__(self, key: str) -> None:
-        self._key = key
+    def __init__(self, key: str | list[str]) -> None:
+        self._key = list(key) if isinstance(key, list | tuple) else key
 
     def _leaf(self, operator: str, *value: Any) -> Criteria:
-        leaf: Criteria = {"type": "property", "property": self._key, "operator": operator}
+        key = list(self._key) if isinstance(self._key, list) else self._key
+        leaf: Criteria = {"type": "property", "property": key, "operator": operator}
         if value:
             leaf["value"] = value[0]
         return leaf
@@ -56,6 +58,14 @@ class PropertyBuilder:
 
     def not_exists(self) -> Criteria:
         return self._leaf("not_exists")
+
+    def in_(self, values: Any) -> Criteria:
+        """Equal to one of ``values`` (a list of scalars)."""
+        return self._leaf("in", list(values) if isinstance(values, tuple) else values)
+
+    def not_in(self, values: Any) -> Criteria:
+        """Equal to none of ``values`` (a missing key counts as none)."""
+        return self._leaf("not_in", list(values) if isinstance(values, tuple) else values)
 
 
 class EventBuilder:
@@ -119,7 +129,8 @@ class EventBuilder:
 class CriteriaBuilder:
     """The ``b`` entry point."""
 
-    def prop(self, key: str) -> PropertyBuilder:
+    def prop(self, key: str | list[str]) -> PropertyBuilder:
+        """A top-level key (``"a.b"`` is one key), or a list of keys: a nested path."""
         return PropertyBuilder(key)
 
     def event(self, name: str) -> EventBuilder:
@@ -130,6 +141,19 @@ class CriteriaBuilder:
 
     def any(self, *conditions: Criteria) -> Criteria:
         return {"type": "composite", "operator": "or", "conditions": list(conditions)}
+
+    def not_(self, condition: Criteria) -> Criteria:
+        return {"type": "composite", "operator": "not", "conditions": [condition]}
+
+    def everyone(self) -> Criteria:
+        return {"type": "everyone"}
+
+    def sample(self, percent: float, salt: str | None = None) -> Criteria:
+        """A stable ``percent`` of contacts (salted with the bucket id unless ``salt``)."""
+        node: Criteria = {"type": "sample", "percent": percent}
+        if salt is not None:
+            node["salt"] = salt
+        return node
 
 
 b = CriteriaBuilder()

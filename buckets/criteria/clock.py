@@ -35,7 +35,15 @@ from datetime import datetime, timedelta
 from typing import Any
 
 from buckets.criteria.evaluate import Event, event_counts, property_matches
-from buckets.criteria.model import Composite, EventCondition, Leaf, Node, PropertyCondition
+from buckets.criteria.model import (
+    Composite,
+    EventCondition,
+    Everyone,
+    Leaf,
+    Node,
+    PropertyCondition,
+    Sample,
+)
 
 TICK = timedelta(microseconds=1)  # the resolution of timestamps (Python and PostgreSQL)
 EXACT_FLIP_STEPS = 10_000  # lower bounds walked by exact_flip before it gives up
@@ -117,9 +125,11 @@ LeafStates = Callable[[Leaf], State]
 
 def state(node: Node, leaf_state: LeafStates) -> State:
     """The node's state from its leaves' states (see the module docstring)."""
-    if isinstance(node, PropertyCondition | EventCondition):
+    if not isinstance(node, Composite):
         return leaf_state(node)
-    assert isinstance(node, Composite)
+    if node.operator == "not":  # the same instants, the opposite value
+        inner = state(node.conditions[0], leaf_state)
+        return State(not inner.value, inner.next_at)
     children = [state(child, leaf_state) for child in node.conditions]
     holds = node.operator == "and"  # the children's value that does not decide alone
     value = all(c.value for c in children) if holds else any(c.value for c in children)
@@ -150,35 +160,61 @@ def arrival(condition: EventCondition, events: Iterable[Event], now: datetime) -
     )
 
 
+def static_state(leaf: Leaf, external_id: str | None) -> State | None:
+    """The state of a leaf no clock moves (``everyone``, ``sample``); None for the others."""
+    if isinstance(leaf, Everyone):
+        return State(True, None)
+    if isinstance(leaf, Sample):
+        if external_id is None:
+            raise ValueError("a sample needs the contact's external_id")
+        return State(leaf.hits(external_id), None)
+    return None
+
+
 def in_memory_leaf_states(
-    properties: Mapping[str, Any], events: Sequence[Event], now: datetime
+    properties: Mapping[str, Any],
+    events: Sequence[Event],
+    now: datetime,
+    external_id: str | None = None,
 ) -> LeafStates:
     def leaf_state(leaf: Leaf) -> State:
         if isinstance(leaf, PropertyCondition):
             return State(property_matches(leaf, properties), None)
-        return event_state(leaf, counting(leaf, events, now), arrival(leaf, events, now))
+        if isinstance(leaf, EventCondition):
+            return event_state(leaf, counting(leaf, events, now), arrival(leaf, events, now))
+        found = static_state(leaf, external_id)
+        assert found is not None
+        return found
 
     return leaf_state
 
 
 def in_memory_state(
-    node: Node, properties: Mapping[str, Any], events: Sequence[Event], now: datetime
+    node: Node,
+    properties: Mapping[str, Any],
+    events: Sequence[Event],
+    now: datetime,
+    external_id: str | None = None,
 ) -> State:
     """:func:`state` of a contact whose properties and events are in memory."""
-    return state(node, in_memory_leaf_states(properties, events, now))
+    return state(node, in_memory_leaf_states(properties, events, now, external_id))
 
 
 def exact_flip(
-    node: Node, properties: Mapping[str, Any], events: Sequence[Event], now: datetime
+    node: Node,
+    properties: Mapping[str, Any],
+    events: Sequence[Event],
+    now: datetime,
+    external_id: str | None = None,
 ) -> datetime | None:
     """The first instant after ``now`` at which the answer really differs (None: never, or
     not within :data:`EXACT_FLIP_STEPS` lower bounds)."""
-    current = in_memory_state(node, properties, events, now)
+    current = in_memory_state(node, properties, events, now, external_id)
     at = current.next_at
     for _ in range(EXACT_FLIP_STEPS):
         if at is None:
             return None
-        there = in_memory_state(node, properties, events, at)
+        there = in_memory_state(node, properties, events, at, external_id)
         if there.value != current.value:
             return at
         at = there.next_at

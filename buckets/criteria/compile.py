@@ -39,15 +39,17 @@ from decimal import Decimal
 from typing import Any
 
 import sqlalchemy as sa
-from sqlalchemy.dialects.postgresql import ARRAY, JSONB, aggregate_order_by
+from sqlalchemy.dialects.postgresql import ARRAY, BIT, JSONB, aggregate_order_by
 from sqlalchemy.sql.elements import ColumnElement
 
 from buckets.criteria.clock import threshold
 from buckets.criteria.model import (
     Composite,
     EventCondition,
+    Everyone,
     Node,
     PropertyCondition,
+    Sample,
     leaves,
 )
 from buckets.models import Contact, UserEvent
@@ -69,13 +71,25 @@ def _numeric(value: int | float) -> ColumnElement[Any]:
     return sa.literal(Decimal(repr(value)) if isinstance(value, float) else value, sa.Numeric)
 
 
+def _nested(path: tuple[str, ...], value: object) -> object:
+    """``{k1: {k2: ... value}}``: what containment of ``value`` at ``path`` looks for."""
+    for key in reversed(path):
+        value = {key: value}
+    return value
+
+
 def property_predicate(
     condition: PropertyCondition, column: ColumnElement[Any]
 ) -> ColumnElement[bool]:
-    """``condition`` over the jsonb object ``column`` (contacts.properties or an event's)."""
-    key = sa.literal(condition.property, sa.Text)
-    value = column.op("->")(key)
-    text = column.op("->>")(key)
+    """``condition`` over the jsonb object ``column`` (contacts.properties or an event's).
+    A path reads nested objects with ``->`` and text keys, which is NULL through anything but
+    an object (an array is not indexed by ``"0"``): missing, as the spec says."""
+    parent = column
+    for key in condition.path[:-1]:
+        parent = parent.op("->")(sa.literal(key, sa.Text))
+    last = sa.literal(condition.path[-1], sa.Text)
+    value = parent.op("->")(last)
+    text = parent.op("->>")(last)
     kind = sa.func.jsonb_typeof(value)
     wanted = condition.value
     match condition.operator:
@@ -86,9 +100,14 @@ def property_predicate(
         case "eq":
             # Containment of {key: scalar} is type-strict equality (1 = 1.0, true <> 1, a
             # missing key never matches) and needs no extraction: ~3x faster than `->` =.
-            return _contains(column, {condition.property: wanted})
+            # Nested objects contain nested objects only: {a: [{b: 1}]} does not hold {a: {b: 1}}.
+            return _contains(column, _nested(condition.path, wanted))
         case "neq":
-            return sa.not_(_contains(column, {condition.property: wanted}))
+            return sa.not_(_contains(column, _nested(condition.path, wanted)))
+        case "in":
+            return _contains_any(column, [_nested(condition.path, one) for one in wanted])
+        case "not_in":
+            return sa.not_(_contains_any(column, [_nested(condition.path, one) for one in wanted]))
         case "gt" | "gte" | "lt" | "lte":
             number = sa.cast(text, sa.Numeric)
             compared = number.op(_SQL_OPERATORS[condition.operator])(_numeric(wanted))
@@ -103,6 +122,21 @@ def property_predicate(
                 )
             return sa.case((kind == "array", in_array), else_=sa.false())
     raise AssertionError(condition.operator)  # pragma: no cover - validated
+
+
+def _contains_any(container: ColumnElement[Any], values: list[object]) -> ColumnElement[bool]:
+    """jsonb ``@> ANY`` of literal JSON values (one bound array)."""
+    array = sa.cast(sa.literal([json.dumps(v) for v in values], ARRAY(sa.Text)), ARRAY(JSONB))
+    return container.op("@>", is_comparison=True)(sa.any_(array))
+
+
+def sample_predicate(node: Sample, external_id: ColumnElement[Any]) -> ColumnElement[bool]:
+    """``node`` over the contact's ``external_id``: the same sha256 as :meth:`.Sample.hits`."""
+    salted = sa.literal(f"{node.salted()}:", sa.Text).concat(external_id)
+    digest = sa.func.encode(sa.func.sha256(sa.func.convert_to(salted, "UTF8")), "hex")
+    bits = sa.cast(sa.literal("x", sa.Text).concat(sa.func.substr(digest, 1, 8)), BIT(32))
+    number = sa.cast(bits, sa.BigInteger)
+    return (number % 10_000) < node.threshold
 
 
 _SQL_OPERATORS = {"gt": ">", "gte": ">=", "lt": "<", "lte": "<=", "eq": "="}
@@ -301,8 +335,20 @@ def _predicate(node: Node, counts: dict[EventCondition, ColumnElement[Any]]) -> 
         if node.satisfied_by(0):  # no events row => NULL: count it as 0
             count = sa.func.coalesce(count, 0)
         return _count_predicate(node, count)
+    if isinstance(node, Everyone):
+        return sa.true()
+    if isinstance(node, Sample):
+        return sample_predicate(node, contacts.c.external_id)
     assert isinstance(node, Composite)
     parts = [_predicate(child, counts) for child in node.conditions]
+    return _combine(node, parts)
+
+
+def _combine(node: Composite, parts: list[ColumnElement[bool]]) -> ColumnElement[bool]:
+    if node.operator == "not":
+        # A strict comparison is NULL for a contact without events (see the module doc):
+        # false before it is negated.
+        return sa.not_(sa.func.coalesce(parts[0], sa.false()))
     return sa.and_(*parts) if node.operator == "and" else sa.or_(*parts)
 
 
@@ -402,19 +448,29 @@ def probe_predicate(
     contact_id: ColumnElement[Any] | None = None,
     *,
     properties: ColumnElement[Any] | None = None,
+    external_id: ColumnElement[Any] | None = None,
 ) -> ColumnElement[bool]:
     """``node`` as a correlated predicate: event leaves probe the events of ``contact_id``
-    (default ``contacts.id``) as of ``now``; property leaves read ``properties`` (default
-    ``contacts.properties``, which must then be in the query's FROM). Soft-deleted contacts
-    are not excluded here: callers scope the rows they examine."""
+    (default ``contacts.id``) as of ``now``; property leaves read ``properties`` and samples
+    ``external_id`` (default ``contacts.properties`` / ``contacts.external_id``, which must
+    then be in the query's FROM). Soft-deleted contacts are not excluded here: callers scope
+    the rows they examine."""
     if now.tzinfo is None:
         raise ValueError("now must be timezone-aware")
     contact = contacts.c.id if contact_id is None else contact_id
     bag = contacts.c.properties if properties is None else properties
+    name = contacts.c.external_id if external_id is None else external_id
     if isinstance(node, PropertyCondition):
         return property_predicate(node, bag)
     if isinstance(node, EventCondition):
         return _probe_leaf(node, now, contact)
+    if isinstance(node, Everyone):
+        return sa.true()
+    if isinstance(node, Sample):
+        return sample_predicate(node, name)
     assert isinstance(node, Composite)
-    parts = [probe_predicate(child, now, contact, properties=bag) for child in node.conditions]
-    return sa.and_(*parts) if node.operator == "and" else sa.or_(*parts)
+    parts = [
+        probe_predicate(child, now, contact, properties=bag, external_id=name)
+        for child in node.conditions
+    ]
+    return _combine(node, parts)

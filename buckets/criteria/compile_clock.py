@@ -30,6 +30,7 @@ from buckets.criteria.clock import (
     decisive_count,
     event_state,
     state,
+    static_state,
     threshold,
 )
 from buckets.criteria.compile import (
@@ -41,10 +42,19 @@ from buckets.criteria.compile import (
     contacts,
     leaf_event_scope,
     property_predicate,
+    sample_predicate,
     user_events,
 )
 from buckets.criteria.evaluate import EventCounter, property_matches
-from buckets.criteria.model import Composite, EventCondition, Leaf, Node, PropertyCondition
+from buckets.criteria.model import (
+    Composite,
+    EventCondition,
+    Everyone,
+    Leaf,
+    Node,
+    PropertyCondition,
+    Sample,
+)
 
 # --- per contact ------------------------------------------------------------------------------
 
@@ -57,7 +67,7 @@ def leaf_facts(
     needs: Sequence[str] | None = None,
     properties: bool = True,
 ) -> sa.Select[Any]:
-    """``SELECT id, properties, deleted_at, r0, a0, r1, a1, ...`` for ``contact_ids``
+    """``SELECT id, properties, deleted_at, external_id, r0, a0, r1, a1, ...`` for ``contact_ids``
     (``properties`` NULL unless asked for: only property leaves need them):
     ``r<i>`` the instants of the newest events counting for ``conditions[i]`` as of ``now``
     (at most :func:`~.clock.decisive_count`, newest first; NULL for none), ``a<i>`` its first
@@ -139,7 +149,13 @@ def facts_statement(
     # ``id = ANY``: the contacts are fetched by primary key whatever the table's size (a join
     # alone may be planned as a merge over every contact).
     return (
-        sa.select(contacts.c.id, bag.label("properties"), contacts.c.deleted_at, *columns)
+        sa.select(
+            contacts.c.id,
+            bag.label("properties"),
+            contacts.c.deleted_at,
+            contacts.c.external_id,
+            *columns,
+        )
         .select_from(wanted.join(contacts, contacts.c.id == wanted.c.id))
         .where(contacts.c.id == sa.any_(ids))
     )
@@ -153,15 +169,16 @@ class Facts:
     properties: Mapping[str, Any]
     recent: Mapping[EventCondition, Sequence[datetime]]
     arrivals: Mapping[EventCondition, datetime | None]
+    external_id: str | None = None
 
     @classmethod
-    def of(cls, row: Any, conditions: Sequence[EventCondition], offset: int = 3) -> Facts:
+    def of(cls, row: Any, conditions: Sequence[EventCondition], offset: int = 4) -> Facts:
         recent: dict[EventCondition, Sequence[datetime]] = {}
         arrivals: dict[EventCondition, datetime | None] = {}
         for index, condition in enumerate(conditions):
             recent[condition] = row[offset + 2 * index] or ()
             arrivals[condition] = row[offset + 2 * index + 1]
-        return cls(row.properties or {}, recent, arrivals)
+        return cls(row.properties or {}, recent, arrivals, row.external_id)
 
     @property
     def counter(self) -> EventCounter:
@@ -171,7 +188,11 @@ class Facts:
     def leaf_state(self, leaf: Leaf) -> State:
         if isinstance(leaf, PropertyCondition):
             return State(property_matches(leaf, self.properties), None)
-        return event_state(leaf, self.recent[leaf], self.arrivals[leaf])
+        if isinstance(leaf, EventCondition):
+            return event_state(leaf, self.recent[leaf], self.arrivals[leaf])
+        found = static_state(leaf, self.external_id)
+        assert found is not None
+        return found
 
     def state(self, node: Node) -> State:
         leaf_state: LeafStates = self.leaf_state
@@ -232,7 +253,14 @@ def _state(
         return _SqlState(property_predicate(node, contacts.c.properties), INFINITY)
     if isinstance(node, EventCondition):
         return _event_state(node, columns[node])
+    if isinstance(node, Everyone):
+        return _SqlState(sa.true(), INFINITY)
+    if isinstance(node, Sample):
+        return _SqlState(sample_predicate(node, contacts.c.external_id), INFINITY)
     assert isinstance(node, Composite)
+    if node.operator == "not":  # the same instants, the opposite value
+        inner = _state(node.conditions[0], columns, nested, root=root)
+        return _SqlState(sa.not_(inner.value), inner.next_at)
     children = [_state(child, columns, nested, root=False) for child in node.conditions]
     holds = node.operator == "and"  # the children's value that does not decide alone
     values = [child.value for child in children]

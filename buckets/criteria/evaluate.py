@@ -24,14 +24,17 @@ from typing import Any
 from buckets.criteria.model import (
     Composite,
     EventCondition,
+    Everyone,
     Node,
     PropertyCondition,
+    Sample,
     is_number,
 )
 
 EventCounter = Callable[[EventCondition], int]
 
 _MISSING = object()
+MISSING = _MISSING  # what lookup returns for a missing path
 
 
 def json_kind(value: object) -> str:
@@ -54,9 +57,25 @@ def json_equal(left: object, right: object) -> bool:
     return json_kind(left) == json_kind(right) and left == right
 
 
+def lookup(properties: Mapping[str, Any], path: tuple[str, ...]) -> Any:
+    """The value at ``path`` (keys from the top level down), or :data:`MISSING` when a key is
+    missing or a value on the way is not an object (SPEC §3.4)."""
+    value: Any = properties
+    for key in path:
+        if not isinstance(value, Mapping):
+            return _MISSING
+        value = value.get(key, _MISSING)
+        if value is _MISSING:
+            return _MISSING
+    return value
+
+
 def property_matches(condition: PropertyCondition, properties: Mapping[str, Any]) -> bool:
-    actual = properties.get(condition.property, _MISSING)
+    actual = lookup(properties, condition.path)
     wanted = condition.value
+    if condition.operator in ("in", "not_in"):
+        found = actual is not _MISSING and any(json_equal(actual, one) for one in wanted)
+        return found == (condition.operator == "in")
     match condition.operator:
         case "exists":
             return actual is not _MISSING and actual is not None
@@ -83,16 +102,35 @@ def property_matches(condition: PropertyCondition, properties: Mapping[str, Any]
     raise AssertionError(condition.operator)  # pragma: no cover - validated
 
 
-def evaluate(node: Node, properties: Mapping[str, Any], count_events: EventCounter) -> bool:
-    """Whether a contact with ``properties`` (and events seen by ``count_events``) matches."""
+def evaluate(
+    node: Node,
+    properties: Mapping[str, Any],
+    count_events: EventCounter,
+    *,
+    external_id: str | None = None,
+) -> bool:
+    """Whether a contact with ``properties`` (and events seen by ``count_events``) matches.
+    ``external_id`` is needed by ``sample`` nodes only."""
     if isinstance(node, PropertyCondition):
         return property_matches(node, properties)
     if isinstance(node, EventCondition):
         return node.satisfied_by(count_events(node))
+    if isinstance(node, Everyone):
+        return True
+    if isinstance(node, Sample):
+        if external_id is None:
+            raise ValueError("a sample needs the contact's external_id")
+        return node.hits(external_id)
     assert isinstance(node, Composite)
+    children = (
+        evaluate(child, properties, count_events, external_id=external_id)
+        for child in node.conditions
+    )
+    if node.operator == "not":
+        return not next(children)
     if node.operator == "and":
-        return all(evaluate(child, properties, count_events) for child in node.conditions)
-    return any(evaluate(child, properties, count_events) for child in node.conditions)
+        return all(children)
+    return any(children)
 
 
 @dataclass(frozen=True)

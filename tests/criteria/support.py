@@ -84,13 +84,18 @@ def sql_members(
 
 
 def python_members(
-    node: Node, people: Sequence[Person], ids: Sequence[int], now: datetime
+    node: Node, people: Sequence[Person], ids: Sequence[int], now: datetime, prefix: str = "p"
 ) -> set[int]:
     return {
         contact_id
-        for contact_id, person in zip(ids, people, strict=True)
+        for index, (contact_id, person) in enumerate(zip(ids, people, strict=True))
         if not person.deleted
-        and evaluate(node, person.properties, in_memory_counter(person.events, now))
+        and evaluate(
+            node,
+            person.properties,
+            in_memory_counter(person.events, now),
+            external_id=f"{prefix}{index}",
+        )
     }
 
 
@@ -119,18 +124,22 @@ def counted_members(
     members = set()
     for row in conn.execute(leaf_facts(conditions, now, contact_ids)):
         facts = Facts.of(row, conditions)
-        if row.deleted_at is None and evaluate(node, row.properties, facts.counter):
+        if row.deleted_at is None and evaluate(
+            node, row.properties, facts.counter, external_id=row.external_id
+        ):
             members.add(row.id)
     return members
 
 
 def python_states(
-    node: Node, people: Sequence[Person], ids: Sequence[int], now: datetime
+    node: Node, people: Sequence[Person], ids: Sequence[int], now: datetime, prefix: str = "p"
 ) -> dict[int, State]:
     """The clock of every live contact, from its data in memory."""
     return {
-        contact_id: in_memory_state(node, person.properties, person.events, now)
-        for contact_id, person in zip(ids, people, strict=True)
+        contact_id: in_memory_state(
+            node, person.properties, person.events, now, external_id=f"{prefix}{index}"
+        )
+        for index, (contact_id, person) in enumerate(zip(ids, people, strict=True))
         if not person.deleted
     }
 

@@ -40,9 +40,12 @@ from tests.criteria.support import (
 
 EXAMPLES = int(os.environ.get("BUCKETS_DIFFERENTIAL_EXAMPLES", "400"))
 
-PROPERTY_KEYS = ("plan", "n", "tags", "a.b")
+PROPERTY_KEYS = ("plan", "n", "tags", "a.b", "addr")
+# Paths into nested objects (SPEC §3.4): through objects, arrays ("0" is no index), scalars.
+PROPERTY_PATHS = (("addr", "country"), ("addr", "geo", "lat"), ("tags", "0"), ("n", "x"))
 EVENT_NAMES = ("e1", "e2")
-EVENT_KEYS = ("amount", "kind")
+EVENT_KEYS = ("amount", "kind", "meta")
+EVENT_PATHS = (("meta", "kind"), ("amount", "x"))
 WINDOWS = (timedelta(hours=1), timedelta(days=1), timedelta(days=7))
 US = timedelta(microseconds=1)
 
@@ -50,7 +53,15 @@ US = timedelta(microseconds=1)
 NUMBERS = st.sampled_from([0, 1, 2, 5, -1, 1.0, 0.5, 2.5, 2**63 + 1])
 STRINGS = st.sampled_from(["", "a", "ab", "pro", "5", "1", "A", "bä"])
 SCALARS = st.one_of(st.none(), st.booleans(), NUMBERS, STRINGS)
-JSON_VALUES = st.one_of(SCALARS, st.lists(SCALARS, max_size=3), st.just({"x": 1}))
+NESTED = st.recursive(
+    st.one_of(SCALARS, st.lists(SCALARS, max_size=2)),
+    lambda inner: st.dictionaries(
+        st.sampled_from(["country", "geo", "lat", "kind", "x"]), inner, max_size=3
+    ),
+    max_leaves=4,
+)
+JSON_VALUES = st.one_of(SCALARS, st.lists(SCALARS, max_size=3), st.just({"x": 1}), NESTED)
+LISTS = st.lists(st.one_of(st.booleans(), NUMBERS, STRINGS), min_size=1, max_size=3)
 
 # Event times relative to now: window edges (on, 1us inside, 1us outside), now, the future.
 OFFSETS = st.sampled_from(
@@ -59,19 +70,34 @@ OFFSETS = st.sampled_from(
 )
 
 
-def property_leaf(keys: tuple[str, ...]) -> st.SearchStrategy[dict[str, Any]]:
-    def build(key: str, operator: str, value: Any) -> dict[str, Any]:
+def property_leaf(
+    keys: tuple[str, ...], paths: tuple[tuple[str, ...], ...] = ()
+) -> st.SearchStrategy[dict[str, Any]]:
+    def build(key: Any, operator: str, value: Any) -> dict[str, Any]:
         leaf: dict[str, Any] = {"type": "property", "property": key, "operator": operator}
         if operator not in ("exists", "not_exists"):
             leaf["value"] = value
         return leaf
 
-    keyed = st.sampled_from(keys)
+    keyed: st.SearchStrategy[Any] = st.sampled_from(keys)
+    if paths:
+        keyed = st.one_of(keyed, st.sampled_from([list(path) for path in paths]))
     return st.one_of(
         st.builds(build, keyed, st.sampled_from(["eq", "neq", "contains"]), SCALARS),
         st.builds(build, keyed, st.sampled_from(["gt", "gte", "lt", "lte"]), NUMBERS),
         st.builds(build, keyed, st.sampled_from(["exists", "not_exists"]), st.none()),
+        st.builds(build, keyed, st.sampled_from(["in", "not_in"]), LISTS),
     )
+
+
+STATIC_LEAVES = st.one_of(
+    st.just({"type": "everyone"}),
+    st.builds(
+        lambda percent, salt: {"type": "sample", "percent": percent, "salt": salt},
+        st.sampled_from([0.01, 1, 12.5, 33.33, 50, 99.99]),
+        st.sampled_from(["s", "bucket-a"]),
+    ),
+)
 
 
 @st.composite
@@ -87,23 +113,31 @@ def event_leaf(draw: st.DrawFn) -> dict[str, Any]:
     if within is not None:
         leaf["within"] = within
     if draw(st.booleans()):
-        leaf["where"] = draw(st.lists(property_leaf(EVENT_KEYS), min_size=1, max_size=2))
+        leaf["where"] = draw(
+            st.lists(property_leaf(EVENT_KEYS, EVENT_PATHS), min_size=1, max_size=2)
+        )
     return leaf
 
 
 def composite(children: st.SearchStrategy[dict[str, Any]]) -> st.SearchStrategy[dict[str, Any]]:
-    return st.builds(
-        lambda operator, conditions: {
-            "type": "composite",
-            "operator": operator,
-            "conditions": conditions,
-        },
-        st.sampled_from(["and", "or"]),
-        st.lists(children, min_size=1, max_size=3),
+    return st.one_of(
+        st.builds(
+            lambda operator, conditions: {
+                "type": "composite",
+                "operator": operator,
+                "conditions": conditions,
+            },
+            st.sampled_from(["and", "or"]),
+            st.lists(children, min_size=1, max_size=3),
+        ),
+        st.builds(
+            lambda child: {"type": "composite", "operator": "not", "conditions": [child]},
+            children,
+        ),
     )
 
 
-LEAVES = st.one_of(property_leaf(PROPERTY_KEYS), event_leaf())
+LEAVES = st.one_of(property_leaf(PROPERTY_KEYS, PROPERTY_PATHS), event_leaf(), STATIC_LEAVES)
 # Depth <= 4: up to three composite levels above the leaves.
 TREES = st.one_of(
     LEAVES, composite(LEAVES), composite(composite(LEAVES)), composite(composite(composite(LEAVES)))
@@ -113,7 +147,7 @@ EVENTS = st.builds(
     lambda name, offset, properties: Event(name, NOW - offset, properties),
     st.sampled_from(EVENT_NAMES),
     OFFSETS,
-    st.dictionaries(st.sampled_from(EVENT_KEYS), JSON_VALUES, max_size=2),
+    st.dictionaries(st.sampled_from(EVENT_KEYS), JSON_VALUES, max_size=3),
 )
 PEOPLE = st.lists(
     st.builds(

@@ -5,7 +5,16 @@ No database needed here; the executors are compared by ``test_differential.py``.
 
 from __future__ import annotations
 
-from buckets import b, define_bucket
+import json
+from pathlib import Path
+
+import pytest
+
+from buckets import DefinitionError, b, define_bucket, load_definitions
+from buckets.criteria import evaluate
+from buckets.criteria.evaluate import MISSING, lookup
+from buckets.criteria.model import Sample
+from buckets.registry import Registry
 
 # --- existing definitions keep their hash (pinned before part 2 changed the model) -----------
 
@@ -26,3 +35,224 @@ def test_part_one_fingerprints_are_pinned():
     }
     for fingerprint, criteria in before.items():
         assert define_bucket(id="x", criteria=criteria).fingerprint == fingerprint
+
+
+# --- static nodes and operators: paths, in / not_in, not, everyone, sample ---------------------
+
+SLICE_ONE_FORMS = [
+    (
+        b.prop(["address", "country"]).in_(["DE", "FR"]),
+        {
+            "type": "property",
+            "property": ["address", "country"],
+            "operator": "in",
+            "value": ["DE", "FR"],
+        },
+    ),
+    (
+        b.prop("plan").not_in(["free", 0, True]),
+        {"type": "property", "property": "plan", "operator": "not_in", "value": ["free", 0, True]},
+    ),
+    (
+        b.not_(b.event("purchase").exists()),
+        {
+            "type": "composite",
+            "operator": "not",
+            "conditions": [{"type": "event", "event": "purchase", "check": "exists"}],
+        },
+    ),
+    (b.everyone(), {"type": "everyone"}),
+    (b.sample(12.5), {"type": "sample", "percent": 12.5}),
+    (b.sample(10, salt="ab-test-1"), {"type": "sample", "percent": 10, "salt": "ab-test-1"}),
+    (
+        b.event("order").where(b.prop(["meta", "src"]).eq("app")).exists(),
+        {
+            "type": "event",
+            "event": "order",
+            "check": "exists",
+            "where": [
+                {"type": "property", "property": ["meta", "src"], "operator": "eq", "value": "app"}
+            ],
+        },
+    ),
+]
+
+
+@pytest.mark.parametrize(("built", "literal"), SLICE_ONE_FORMS)
+def test_builder_is_the_literal_form(built, literal):
+    assert built == literal
+    assert (
+        define_bucket(id="x", criteria=built).fingerprint
+        == define_bucket(id="x", criteria=literal).fingerprint
+    )
+
+
+def test_file_forms_load_the_same_buckets(tmp_path: Path):
+    yaml_file = tmp_path / "b.yaml"
+    yaml_file.write_text(
+        """
+buckets:
+  - id: eu
+    criteria:
+      {type: property, property: [address, country], operator: in, value: [DE, FR]}
+  - id: never-bought
+    criteria:
+      type: composite
+      operator: not
+      conditions: [{type: event, event: purchase, check: exists}]
+  - id: holdout
+    criteria: {type: sample, percent: 12.5}
+  - id: all
+    criteria: {type: everyone}
+"""
+    )
+    json_file = tmp_path / "b.json"
+    json_file.write_text(
+        json.dumps(
+            {
+                "buckets": [
+                    {"id": "eu", "criteria": SLICE_ONE_FORMS[0][1]},
+                    {"id": "never-bought", "criteria": SLICE_ONE_FORMS[2][1]},
+                    {"id": "holdout", "criteria": SLICE_ONE_FORMS[4][1]},
+                    {"id": "all", "criteria": {"type": "everyone"}},
+                ]
+            }
+        )
+    )
+    from_yaml = {bucket.id: bucket.fingerprint for bucket in load_definitions(yaml_file)}
+    from_json = {bucket.id: bucket.fingerprint for bucket in load_definitions(json_file)}
+    assert from_yaml == from_json
+    built = {
+        "eu": SLICE_ONE_FORMS[0][0],
+        "never-bought": SLICE_ONE_FORMS[2][0],
+        "holdout": SLICE_ONE_FORMS[4][0],
+        "all": b.everyone(),
+    }
+    assert from_yaml == {k: define_bucket(id=k, criteria=v).fingerprint for k, v in built.items()}
+
+
+def test_fingerprints_of_the_new_forms():
+    # a one-key path is that key: same meaning, same hash
+    assert (
+        define_bucket(id="x", criteria=b.prop(["plan"]).eq("pro")).fingerprint
+        == define_bucket(id="x", criteria=b.prop("plan").eq("pro")).fingerprint
+    )
+    # a path is not the dotted key
+    assert (
+        define_bucket(id="x", criteria=b.prop(["a", "b"]).exists()).fingerprint
+        != define_bucket(id="x", criteria=b.prop("a.b").exists()).fingerprint
+    )
+    # the default salt is the bucket id: written into the tree, so into the hash
+    one = define_bucket(id="one", criteria=b.sample(10))
+    two = define_bucket(id="two", criteria=b.sample(10))
+    assert one.fingerprint != two.fingerprint
+    assert one.fingerprint == define_bucket(id="x", criteria=b.sample(10, salt="one")).fingerprint
+    assert one.criteria == define_bucket(id="one", criteria=b.sample(10, salt="one")).criteria
+
+
+INVALID = [
+    (b.prop("c").in_([]), "x: criteria.value: operator 'in' needs a non-empty list"),
+    (b.prop("c").not_in(["a", None]), "x: criteria.value[1]: null is not allowed in a list"),
+    (b.prop("c").in_("DE"), "x: criteria.value: operator 'in' needs a list, got str"),
+    (b.prop("c").in_([{"a": 1}]), "x: criteria.value[0]: must be a string, number or boolean"),
+    (b.prop("c").in_([[1]]), "x: criteria.value[0]: must be a string, number or boolean"),
+    (b.prop("c").in_([float("nan")]), "x: criteria.value[0]: must be a finite number"),
+    (b.prop("c").in_(list(range(1001))), "x: criteria.value: a list has at most 1,000 values"),
+    (
+        b.all(b.prop("a").exists(), b.prop("c").in_(["a", "b\x00"])),
+        "x: criteria.conditions[1].value[1]: contains a NUL character",
+    ),
+    (b.prop([]).exists(), "x: criteria.property: a path needs at least one key"),
+    (b.prop(["a", ""]).exists(), "x: criteria.property: keys must not be empty"),
+    (b.prop(["k"] * 17).exists(), "x: criteria.property: a path has at most 16 keys"),
+    (
+        {"type": "composite", "operator": "not", "conditions": [b.everyone(), b.everyone()]},
+        "x: criteria.conditions: 'not' takes exactly one condition, got 2",
+    ),
+    (
+        {"type": "composite", "operator": "not", "conditions": []},
+        "x: criteria.conditions: must not be empty",
+    ),
+    ({"type": "everyone", "percent": 3}, "x: criteria.percent: unknown key"),
+    (b.sample(0), "x: criteria.percent: must be between 0 and 100 (exclusive), got 0"),
+    (b.sample(100), "x: criteria.percent: must be between 0 and 100 (exclusive), got 100"),
+    (b.sample(-5), "x: criteria.percent: must be between 0 and 100"),
+    (b.sample(12.345), "x: criteria.percent: at most two decimals, got 12.345"),
+    (b.sample(float("inf")), "x: criteria.percent: must be between 0 and 100"),
+    ({"type": "sample", "percent": "10"}, "x: criteria.percent: must be a number, got str"),
+    ({"type": "sample", "percent": True}, "x: criteria.percent: must be a number, got bool"),
+    ({"type": "sample"}, "x: criteria.percent: required"),
+    (b.sample(10, salt="s" * 201), "x: criteria.salt: at most 200 characters"),
+    (
+        b.event("e").where(b.prop(["m", ""]).eq(1)).exists(),
+        "x: criteria.where[0].property: keys must not be empty",
+    ),
+]
+
+
+@pytest.mark.parametrize(("criteria", "message"), INVALID, ids=[m for _, m in INVALID])
+def test_misuse_is_a_located_error(criteria, message):
+    with pytest.raises(DefinitionError) as raised:
+        define_bucket(id="x", criteria=criteria)
+    assert str(raised.value).startswith(message), str(raised.value)
+    assert raised.value.bucket_id == "x"
+
+
+@pytest.mark.parametrize(
+    ("criteria", "on_creation", "cron_joins"),
+    [
+        (b.event("purchase").not_exists(), True, False),  # never purchased
+        (b.not_(b.event("purchase").exists()), True, False),
+        (b.not_(b.event("used").within("7d").exists()), True, True),  # ages out: cron joins
+        (b.not_(b.event("used").within("7d").less_than(2)), False, False),
+        (b.not_(b.not_(b.event("used").within("7d").not_exists())), True, True),
+        (b.everyone(), True, False),
+        (b.sample(5), True, False),  # depends on the external id
+        (b.all(b.sample(5), b.prop("plan").eq("pro")), False, False),
+        (b.any(b.sample(5), b.prop("plan").eq("pro")), True, False),
+        (b.prop(["address", "country"]).not_in(["DE"]), True, False),
+        (b.prop(["address", "country"]).in_(["DE"]), False, False),
+    ],
+)
+def test_which_buckets_new_contacts_and_the_clock_decide(criteria, on_creation, cron_joins):
+    bucket = define_bucket(id="x", criteria=criteria)
+    assert bucket.matches_new_contacts is on_creation
+    assert bucket.cron_joins is cron_joins
+
+
+def test_paths_index_their_top_level_key():
+    bucket = define_bucket(
+        id="x",
+        criteria=b.all(
+            b.prop(["address", "country"]).in_(["DE"]),
+            b.event("e").where(b.prop(["meta", "k"]).eq(1)).exists(),
+        ),
+    )
+    assert bucket.property_keys == {"address"}  # event ``where`` keys are not contact keys
+    registry = Registry([bucket])
+    assert registry.affected(None, ["address"]) == [bucket]
+    assert registry.affected(None, ["meta"]) == []
+
+
+def test_samples_are_deterministic_and_proportionate():
+    node = Sample(percent=10, salt="s")
+    ids = [f"contact-{i}" for i in range(20_000)]
+    chosen = [i for i in ids if node.hits(i)]
+    assert chosen == [i for i in ids if node.hits(i)]
+    assert 1_800 < len(chosen) < 2_200
+    # nested percentages: 5% is a subset of 10% with the same salt (the split is one slot)
+    assert {i for i in ids if Sample(percent=5, salt="s").hits(i)} <= set(chosen)
+    # the salt decides: another salt, another sample
+    assert {i for i in ids if Sample(percent=10, salt="t").hits(i)} != set(chosen)
+    assert Sample(percent=0.29, salt="s").threshold == 29  # exact, not 28.999...
+
+
+def test_path_lookup_treats_non_objects_as_missing():
+    data = {"address": {"country": "DE", "geo": [1, 2]}, "tags": ["a"], "n": 1}
+    assert lookup(data, ("address", "country")) == "DE"
+    assert lookup(data, ("address", "geo", "0")) is MISSING  # arrays are not indexed
+    assert lookup(data, ("tags", "0")) is MISSING
+    assert lookup(data, ("n", "x")) is MISSING
+    assert lookup(data, ("missing", "x")) is MISSING
+    eu = define_bucket(id="x", criteria=b.prop(["address", "country"]).not_in(["FR"]))
+    assert evaluate(eu.criteria, {"address": "FR"}, lambda _: 0)  # missing: not in
