@@ -49,6 +49,7 @@ import yaml
 from buckets.criteria.clock import threshold
 from buckets.criteria.durations import duration_seconds, parse_duration
 from buckets.criteria.model import (
+    Aggregate,
     Composite,
     CriteriaError,
     EventCondition,
@@ -293,6 +294,8 @@ def clock_joinable(leaf: Leaf) -> bool:
     """Time alone can turn the leaf from false to true (SPEC §6.2)."""
     if not isinstance(leaf, EventCondition) or leaf.within is None:
         return False
+    if leaf.is_aggregate:  # values leaving the window move a windowed aggregate either way
+        return True
     return leaf.check == "not_exists" or (
         leaf.check == "count" and leaf.operator in CLOCK_JOINABLE_COUNT_OPERATORS
     )
@@ -309,7 +312,7 @@ def clock_can_join(node: Node, negated: bool = False) -> bool:
         return isinstance(node, EventCondition) and clock_joinable(node)
     if not isinstance(node, EventCondition) or node.within is None:
         return False
-    return threshold(node)[0] in ("at_least", "eq")
+    return node.is_aggregate or threshold(node)[0] in ("at_least", "eq")
 
 
 def empty_contact_values(node: Node) -> set[bool]:
@@ -320,7 +323,7 @@ def empty_contact_values(node: Node) -> set[bool]:
 
         return {property_matches(node, {})}
     if isinstance(node, EventCondition):
-        return {node.satisfied_by(0)}
+        return {node.holds(Aggregate() if node.is_aggregate else 0)}
     if isinstance(node, Everyone):
         return {True}
     if isinstance(node, Sample):
@@ -365,9 +368,11 @@ def canonical_criteria(node: Node) -> dict[str, Any]:
             out["value"] = list(node.value) if isinstance(node.value, tuple) else node.value
         return out
     out = {"type": "event", "event": node.event, "check": node.check}
-    if node.check == "count":
+    if node.check == "count" or node.is_aggregate:
         out["operator"] = node.operator
         out["value"] = node.value
+    if node.is_aggregate:
+        out["property"] = node.property if isinstance(node.property, str) else list(node.aggregated)
     if node.within is not None:
         out["within"] = duration_seconds(node.within)
     if node.where is not None:

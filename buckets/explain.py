@@ -33,8 +33,15 @@ from buckets.contacts import UnknownContactError
 from buckets.criteria import Event, evaluate, in_memory_counter
 from buckets.criteria.clock import exact_flip, in_memory_leaf_states, in_memory_state
 from buckets.criteria.durations import format_duration
-from buckets.criteria.evaluate import MISSING, event_counts, lookup, property_matches
+from buckets.criteria.evaluate import (
+    MISSING,
+    aggregate_of,
+    event_counts,
+    lookup,
+    property_matches,
+)
 from buckets.criteria.model import (
+    Aggregate,
     Composite,
     EventCondition,
     Everyone,
@@ -144,6 +151,9 @@ def describe(node: Node) -> str:
             text += f" within {format_duration(node.within)}"
         if node.check == "count":
             return f"{text} count {node.operator} {node.value}"
+        if node.is_aggregate:
+            key = node.property if isinstance(node.property, str) else list(node.aggregated)
+            return f"{text} {node.check} {key!r} {node.operator} {node.value}"
         return f"{text} {node.check}"
     assert isinstance(node, Composite)
     return f"{node.operator} of {len(node.conditions)}"
@@ -268,15 +278,29 @@ def _leaf(
         return Leaf(path, describe(node), found(node).value, detail=detail)
     assert isinstance(node, EventCondition)
     count = sum(1 for event in events if event_counts(node, event, now))
+    detail = _aggregate_detail(node, aggregate_of(node, events, now)) if node.is_aggregate else None
     window = (now - node.within, now) if node.within is not None else None
     return Leaf(
         path,
         describe(node),
-        node.satisfied_by(count),
+        found(node).value,
         count=count,
         window=window,
+        detail=detail,
         next_at=found(node).next_at,
     )
+
+
+def _aggregate_detail(node: EventCondition, found: Aggregate) -> str:
+    if found.numbers == 0:
+        value = "0" if node.check == "sum" else "none"
+    elif node.check == "sum":
+        value = str(found.total)
+    elif node.check == "avg":
+        value = f"{found.total / found.numbers} (sum {found.total})"
+    else:
+        value = str(found.low if node.check == "min" else found.high)
+    return f"{node.check} {value} over {found.numbers} numeric value(s)"
 
 
 def _next_change(

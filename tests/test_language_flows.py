@@ -91,3 +91,35 @@ def test_explain_shows_paths_samples_and_each_leafs_next_change(make_runtime):
     assert window["path"] == "criteria.conditions[2].conditions[0]"
     assert (window["value"], window["count"]) == (True, 1)
     assert window["next_at"] == (T0 + D + TICK).isoformat()
+
+
+SPENDERS = define_bucket(
+    id="spenders", criteria=b.event("order.completed").within("30d").sum("amount").gte(100)
+)
+
+
+def test_a_windowed_sum_joins_on_ingest_and_decays_through_the_queue(make_runtime):
+    rt = make_runtime(SPENDERS)
+
+    def order(amount: Any, at: Any) -> None:
+        ingest_event("u", "order.completed", {"amount": amount}, now=at, runtime=rt)
+
+    order(60, T0)
+    order("50", T0 + D)  # not a number: ignored
+    assert active(rt, "spenders") == set()
+    order(40.5, T0 + 2 * D)
+    assert active(rt, "spenders") == {"u"}
+    ship(rt, T0 + 2 * D)
+    instant = T0 + 30 * D + TICK  # the 60 leaves the window: 40.5 < 100
+    assert entries(rt, "spenders")[("spenders", "u")] == instant
+    found = explain("spenders", "u", now=T0 + 3 * D, runtime=rt).to_dict()
+    [leaf] = found["leaves"]
+    assert leaf["detail"] == "sum 100.5 over 2 numeric value(s)"
+    assert leaf["next_at"] == instant.isoformat()
+    assert tick(rt, instant - TICK)["spenders"].passes_ran == "no"
+    assert active(rt, "spenders") == {"u"}
+    at = tick(rt, instant)["spenders"]
+    assert (at.passes_ran, at.due) == ("no", 1)
+    assert active(rt, "spenders") == set()
+    [left] = transitions(rt, "spenders")[-1:]
+    assert (left.kind, left.occurred_at, left.reason) == ("left", instant, "criteria")

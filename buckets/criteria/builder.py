@@ -89,8 +89,16 @@ class EventBuilder:
         """Count only events whose own properties satisfy every condition."""
         return EventBuilder(self._name, self._within, self._where + conditions)
 
-    def _leaf(self, check: str, operator: str | None = None, value: Any = None) -> Criteria:
+    def _leaf(
+        self,
+        check: str,
+        operator: str | None = None,
+        value: Any = None,
+        key: str | list[str] | None = None,
+    ) -> Criteria:
         leaf: Criteria = {"type": "event", "event": self._name, "check": check}
+        if key is not None:
+            leaf["property"] = key
         if operator is not None:
             leaf["operator"] = operator
             leaf["value"] = value
@@ -124,6 +132,45 @@ class EventBuilder:
 
     def exactly(self, value: int) -> Criteria:
         return self.count("eq", value)
+
+    def sum(self, key: str | list[str]) -> AggregateBuilder:
+        """The sum of the events' numeric ``key`` (a key or a path): ``.sum("amount").gte(100)``."""
+        return AggregateBuilder(self, "sum", key)
+
+    def avg(self, key: str | list[str]) -> AggregateBuilder:
+        return AggregateBuilder(self, "avg", key)
+
+    def min(self, key: str | list[str]) -> AggregateBuilder:
+        return AggregateBuilder(self, "min", key)
+
+    def max(self, key: str | list[str]) -> AggregateBuilder:
+        return AggregateBuilder(self, "max", key)
+
+
+class AggregateBuilder:
+    """The comparison of an aggregate: ``b.event("order").within("30d").sum("amount").gte(100)``."""
+
+    def __init__(self, events: EventBuilder, check: str, key: str | list[str]) -> None:
+        self._events, self._check = events, check
+        self._key = list(key) if isinstance(key, list | tuple) else key
+
+    def _compare(self, operator: str, value: Any) -> Criteria:
+        return self._events._leaf(self._check, operator, value, self._key)
+
+    def gt(self, value: Any) -> Criteria:
+        return self._compare("gt", value)
+
+    def gte(self, value: Any) -> Criteria:
+        return self._compare("gte", value)
+
+    def lt(self, value: Any) -> Criteria:
+        return self._compare("lt", value)
+
+    def lte(self, value: Any) -> Criteria:
+        return self._compare("lte", value)
+
+    def eq(self, value: Any) -> Criteria:
+        return self._compare("eq", value)
 
 
 class CriteriaBuilder:

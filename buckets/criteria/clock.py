@@ -34,8 +34,15 @@ from dataclasses import dataclass
 from datetime import datetime, timedelta
 from typing import Any
 
-from buckets.criteria.evaluate import Event, event_counts, property_matches
+from buckets.criteria.evaluate import (
+    Event,
+    aggregate_of,
+    aggregated_value,
+    event_counts,
+    property_matches,
+)
 from buckets.criteria.model import (
+    Aggregate,
     Composite,
     EventCondition,
     Everyone,
@@ -76,8 +83,7 @@ def decisive_count(condition: EventCondition) -> int:
     newest counting events also decide when it changes."""
     if condition.check != "count":
         return 1
-    assert condition.value is not None
-    return condition.value + 1
+    return condition.count_value + 1
 
 
 def threshold(condition: EventCondition) -> tuple[str, int]:
@@ -86,8 +92,7 @@ def threshold(condition: EventCondition) -> tuple[str, int]:
         return "at_least", 1
     if condition.check == "not_exists":
         return "below", 1
-    assert condition.value is not None
-    value = condition.value
+    value = condition.count_value
     match condition.operator:
         case "gte":
             return "at_least", value
@@ -120,6 +125,21 @@ def event_state(
     return State(value, earliest(arrival, departs(n) if value else departs(n + 1)))
 
 
+def aggregate_state(
+    condition: EventCondition,
+    found: Aggregate,
+    oldest: datetime | None,
+    arrival: datetime | None,
+) -> State:
+    """An aggregate leaf's state: its value may change when a numeric value stops counting
+    (the oldest counting one departs first, one microsecond after ``occurred_at + within``)
+    or starts to (the next future-stamped event with a numeric value arrives)."""
+    departs = None
+    if condition.within is not None and oldest is not None:
+        departs = oldest + condition.within + TICK
+    return State(found.satisfies(condition), earliest(arrival, departs))
+
+
 LeafStates = Callable[[Leaf], State]
 
 
@@ -148,7 +168,8 @@ def counting(condition: EventCondition, events: Iterable[Event], now: datetime) 
 
 
 def arrival(condition: EventCondition, events: Iterable[Event], now: datetime) -> datetime | None:
-    """The first event matching ``condition`` (name, ``where``) stamped after ``now``."""
+    """The first event matching ``condition`` (name, ``where``; for an aggregate, with a
+    numeric value) stamped after ``now``."""
     return earliest(
         *(
             e.occurred_at
@@ -156,8 +177,21 @@ def arrival(condition: EventCondition, events: Iterable[Event], now: datetime) -
             if e.name == condition.event
             and e.occurred_at > now
             and all(property_matches(w, e.properties) for w in condition.where or ())
+            and (not condition.is_aggregate or aggregated_value(condition, e) is not None)
         )
     )
+
+
+def oldest_number(
+    condition: EventCondition, events: Iterable[Event], now: datetime
+) -> datetime | None:
+    """The oldest event counting for the aggregate ``condition`` whose value is a number."""
+    found = [
+        e.occurred_at
+        for e in events
+        if event_counts(condition, e, now) and aggregated_value(condition, e) is not None
+    ]
+    return min(found) if found else None
 
 
 def static_state(leaf: Leaf, external_id: str | None) -> State | None:
@@ -180,6 +214,13 @@ def in_memory_leaf_states(
     def leaf_state(leaf: Leaf) -> State:
         if isinstance(leaf, PropertyCondition):
             return State(property_matches(leaf, properties), None)
+        if isinstance(leaf, EventCondition) and leaf.is_aggregate:
+            return aggregate_state(
+                leaf,
+                aggregate_of(leaf, events, now),
+                oldest_number(leaf, events, now),
+                arrival(leaf, events, now),
+            )
         if isinstance(leaf, EventCondition):
             return event_state(leaf, counting(leaf, events, now), arrival(leaf, events, now))
         found = static_state(leaf, external_id)

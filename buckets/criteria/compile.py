@@ -154,6 +154,48 @@ class LeafColumns:
     count: ColumnElement[Any]
     newest: dict[int, ColumnElement[Any]]  # rank (1 = newest) -> occurred_at of that event
     arrival: ColumnElement[Any] | None  # the first matching event stamped after now
+    # aggregate conditions: over the counting events whose value is a number
+    numbers: ColumnElement[Any] | None = None  # how many
+    total: ColumnElement[Any] | None = None  # their sum
+    low: ColumnElement[Any] | None = None
+    high: ColumnElement[Any] | None = None
+    oldest: ColumnElement[Any] | None = None  # the oldest one's occurred_at (clock)
+
+
+def event_number(condition: EventCondition) -> tuple[ColumnElement[Any], ColumnElement[bool]]:
+    """The aggregated value of an event as ``numeric`` (NULL unless a number) and whether it
+    is a number (SPEC §3.4: other values, booleans included, are ignored)."""
+    parent: ColumnElement[Any] = user_events.c.properties
+    path = condition.aggregated
+    for key in path[:-1]:
+        parent = parent.op("->")(sa.literal(key, sa.Text))
+    last = sa.literal(path[-1], sa.Text)
+    is_number = sa.func.jsonb_typeof(parent.op("->")(last)) == "number"
+    number = sa.case((is_number, sa.cast(parent.op("->>")(last), sa.Numeric)), else_=sa.null())
+    return number, is_number
+
+
+def aggregate_predicate(condition: EventCondition, found: LeafColumns) -> ColumnElement[bool]:
+    """An aggregate condition over its columns (NULL where it is false for want of values)."""
+    assert condition.operator is not None
+    assert condition.value is not None
+    wanted = _numeric(condition.value)
+    operator = _SQL_OPERATORS[condition.operator]
+    match condition.check:
+        case "sum":
+            assert found.total is not None
+            return sa.func.coalesce(found.total, 0).op(operator)(wanted)
+        case "avg":
+            assert found.total is not None
+            assert found.numbers is not None
+            return sa.and_(found.numbers > 0, found.total.op(operator)(wanted * found.numbers))
+        case "min":
+            assert found.low is not None
+            return found.low.op(operator)(wanted)
+        case "max":
+            assert found.high is not None
+            return found.high.op(operator)(wanted)
+    raise AssertionError(condition.check)  # pragma: no cover - validated
 
 
 @dataclass(frozen=True)
@@ -219,9 +261,8 @@ def compile_criteria(
         )
         from_clause = from_clause.outerjoin(aggregate, aggregate.c.contact_id == contacts.c.id)
         columns.update(found)
-    counts = {condition: leaf.count for condition, leaf in columns.items()}
     scope = _scope(contacts.c.id, contact_ids, id_range)
-    return CompiledCriteria(from_clause, _predicate(node, counts), tuple(scope), columns)
+    return CompiledCriteria(from_clause, _predicate(node, columns), tuple(scope), columns)
 
 
 def member_select(
@@ -238,7 +279,7 @@ def member_select(
 def newest_ranks(condition: EventCondition) -> tuple[int, ...]:
     """Which of the newest counting events decide when ``condition`` changes (see
     :func:`.clock.event_state`); none without a window (events never stop counting)."""
-    if condition.within is None:
+    if condition.within is None or condition.is_aggregate:
         return ()
     kind, n = threshold(condition)
     ranks = (n, n + 1) if kind == "eq" else (n,)
@@ -277,6 +318,7 @@ def _aggregate(
 
     selected: list[Any] = []
     names: dict[EventCondition, tuple[str, dict[int, str], str | None]] = {}
+    extra: dict[EventCondition, dict[str, str]] = {}  # aggregates: field -> label
     for position, condition in enumerate(conditions):
         matching: list[ColumnElement[bool]] = []  # name, where (beyond the shared scope)
         if condition.where is not None and shared_where is None:
@@ -289,26 +331,10 @@ def _aggregate(
         if condition.within is not None and condition.within != widest:
             counting.append(occurred >= sa.literal(now - condition.within, TIMESTAMP))
 
-        def filtered(aggregate: Any, where: list[ColumnElement[bool]]) -> Any:
-            return aggregate.filter(sa.and_(*where)) if where else aggregate
-
-        selected.append(filtered(sa.func.count(), counting).label(f"n{position}"))
-        newest: dict[int, str] = {}
-        arrival: str | None = None
-        if clock:
-            for rank in newest_ranks(condition):
-                label = f"r{position}_{rank}"
-                if rank == 1:
-                    value = filtered(sa.func.max(occurred), counting)
-                else:
-                    ordered = aggregate_order_by(occurred, occurred.desc())
-                    value = filtered(sa.func.array_agg(ordered, type_=ARRAY(TIMESTAMP)), counting)
-                    value = value[rank]
-                selected.append(value.label(label))
-                newest[rank] = label
-            arrival = f"a{position}"
-            first = filtered(sa.func.min(occurred), [*matching, occurred > at])
-            selected.append(first.label(arrival))
+        columns, newest, arrival, extra[condition] = _condition_columns(
+            condition, position, matching, counting, at, clock=clock
+        )
+        selected.extend(columns)
         names[condition] = (f"n{position}", newest, arrival)
     subquery = (
         sa.select(user_events.c.contact_id, *selected)
@@ -321,17 +347,81 @@ def _aggregate(
             subquery.c[count],
             {rank: subquery.c[label] for rank, label in newest.items()},
             subquery.c[arrival] if arrival is not None else None,
+            **{name_: subquery.c[label] for name_, label in extra.get(condition, {}).items()},
         )
         for condition, (count, newest, arrival) in names.items()
     }
     return subquery, found
 
 
-def _predicate(node: Node, counts: dict[EventCondition, ColumnElement[Any]]) -> ColumnElement[bool]:
+def _filtered(aggregate: Any, where: list[ColumnElement[bool]]) -> Any:
+    return aggregate.filter(sa.and_(*where)) if where else aggregate
+
+
+def _condition_columns(
+    condition: EventCondition,
+    position: int,
+    matching: list[ColumnElement[bool]],
+    counting: list[ColumnElement[bool]],
+    at: ColumnElement[Any],
+    *,
+    clock: bool,
+) -> tuple[list[Any], dict[int, str], str | None, dict[str, str]]:
+    """One condition's columns in its name's aggregate: the count, an aggregate's functions,
+    and with ``clock`` the newest counting events' instants and the next arrival."""
+    occurred = user_events.c.occurred_at
+    selected: list[Any] = [_filtered(sa.func.count(), counting).label(f"n{position}")]
+    newest: dict[int, str] = {}
+    arrival: str | None = None
+    extra: dict[str, str] = {}
+    if condition.is_aggregate:
+        number, is_number = event_number(condition)
+        matching = [*matching, is_number]  # arrivals: only numbers change an aggregate
+        for field_, column in _aggregate_columns(condition, number, clock=clock).items():
+            label = f"{field_}{position}"
+            selected.append(_filtered(column, [*counting, is_number]).label(label))
+            extra[field_] = label
+    if clock:
+        for rank in newest_ranks(condition):
+            label = f"r{position}_{rank}"
+            if rank == 1:
+                value = _filtered(sa.func.max(occurred), counting)
+            else:
+                ordered = aggregate_order_by(occurred, occurred.desc())
+                value = _filtered(sa.func.array_agg(ordered, type_=ARRAY(TIMESTAMP)), counting)
+                value = value[rank]
+            selected.append(value.label(label))
+            newest[rank] = label
+        arrival = f"a{position}"
+        first = _filtered(sa.func.min(occurred), [*matching, occurred > at])
+        selected.append(first.label(arrival))
+    return selected, newest, arrival, extra
+
+
+def _aggregate_columns(
+    condition: EventCondition, number: ColumnElement[Any], *, clock: bool
+) -> dict[str, Any]:
+    """The aggregate functions (over the counting numbers) an aggregate condition reads."""
+    occurred = user_events.c.occurred_at
+    functions = {
+        "numbers": sa.func.count(),
+        "total": sa.func.sum(number),
+        "low": sa.func.min(number),
+        "high": sa.func.max(number),
+        "oldest": sa.func.min(occurred),
+    }
+    keep = {"sum": ["total"], "avg": ["total", "numbers"], "min": ["low"], "max": ["high"]}
+    fields = keep[condition.check] + (["oldest"] if clock else [])
+    return {field_: functions[field_] for field_ in fields}
+
+
+def _predicate(node: Node, columns: dict[EventCondition, LeafColumns]) -> ColumnElement[bool]:
     if isinstance(node, PropertyCondition):
         return property_predicate(node, contacts.c.properties)
+    if isinstance(node, EventCondition) and node.is_aggregate:
+        return aggregate_predicate(node, columns[node])
     if isinstance(node, EventCondition):
-        count = counts[node]
+        count = columns[node].count
         if node.satisfied_by(0):  # no events row => NULL: count it as 0
             count = sa.func.coalesce(count, 0)
         return _count_predicate(node, count)
@@ -340,7 +430,7 @@ def _predicate(node: Node, counts: dict[EventCondition, ColumnElement[Any]]) -> 
     if isinstance(node, Sample):
         return sample_predicate(node, contacts.c.external_id)
     assert isinstance(node, Composite)
-    parts = [_predicate(child, counts) for child in node.conditions]
+    parts = [_predicate(child, columns) for child in node.conditions]
     return _combine(node, parts)
 
 
@@ -416,15 +506,41 @@ def _reached(
     return sa.exists(probe)
 
 
+def _probe_aggregate(
+    condition: EventCondition, now: datetime, contact_id: ColumnElement[Any]
+) -> ColumnElement[bool]:
+    """An aggregate over the contact's counting events: one grouped-away row (an aggregate
+    without ``GROUP BY`` always has one) kept by ``HAVING`` when the condition holds."""
+    number, is_number = event_number(condition)
+    scope = [*leaf_event_scope(condition, now, contact_id), is_number]
+    found = LeafColumns(
+        sa.func.count(),
+        {},
+        None,
+        numbers=sa.func.count(),
+        total=sa.func.sum(number),
+        low=sa.func.min(number),
+        high=sa.func.max(number),
+    )
+    probe = (
+        sa.select(sa.literal(1))
+        .where(*scope)
+        .having(aggregate_predicate(condition, found))
+        .correlate_except(user_events)
+    )
+    return sa.exists(probe)
+
+
 def _probe_leaf(
     condition: EventCondition, now: datetime, contact_id: ColumnElement[Any]
 ) -> ColumnElement[bool]:
+    if condition.is_aggregate:
+        return _probe_aggregate(condition, now, contact_id)
     if condition.check == "exists":
         return _reached(condition, 1, now, contact_id)
     if condition.check == "not_exists":
         return sa.not_(_reached(condition, 1, now, contact_id))
-    assert condition.value is not None
-    value = condition.value
+    value = condition.count_value
     match condition.operator:
         case "gt":
             return _reached(condition, value + 1, now, contact_id)

@@ -14,19 +14,22 @@
 from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from datetime import datetime
+from decimal import Decimal
 from functools import lru_cache
 from typing import Any
 
 import sqlalchemy as sa
 from sqlalchemy.dialects.postgresql import ARRAY, aggregate_order_by
+from sqlalchemy.dialects.postgresql import array as pg_array
 from sqlalchemy.sql.elements import ColumnElement
 
 from buckets.criteria.clock import (
     TICK,
     LeafStates,
     State,
+    aggregate_state,
     decisive_count,
     event_state,
     state,
@@ -38,8 +41,10 @@ from buckets.criteria.compile import (
     IdRange,
     LeafColumns,
     _count_predicate,
+    aggregate_predicate,
     compile_criteria,
     contacts,
+    event_number,
     leaf_event_scope,
     property_predicate,
     sample_predicate,
@@ -47,6 +52,7 @@ from buckets.criteria.compile import (
 )
 from buckets.criteria.evaluate import EventCounter, property_matches
 from buckets.criteria.model import (
+    Aggregate,
     Composite,
     EventCondition,
     Everyone,
@@ -110,6 +116,10 @@ def facts_statement(
     wanted = sa.func.unnest(*given).table_valued(*names).render_derived("wanted")
     columns: list[Any] = []
     for index, condition in enumerate(conditions):
+        asked = sa.func.substr(wanted.c.needs, index + 1, 1) == "1" if needs else None
+        if condition.is_aggregate:
+            columns += _aggregate_facts(condition, index, now, asked)
+            continue
         # Explicit correlation: auto-correlation does not reach through the derived table.
         newest = (
             sa.select(occurred)
@@ -135,8 +145,7 @@ def facts_statement(
             .correlate_except(user_events)
             .scalar_subquery()
         )
-        if needs:
-            asked = sa.func.substr(wanted.c.needs, index + 1, 1) == "1"
+        if asked is not None:
             recent = sa.case((asked, recent), else_=sa.null())
             arrival = sa.case((asked, arrival), else_=sa.null())
         columns += [recent.label(f"r{index}"), arrival.label(f"a{index}")]
@@ -161,6 +170,35 @@ def facts_statement(
     )
 
 
+def _aggregate_facts(
+    condition: EventCondition, index: int, now: ColumnElement[Any], asked: Any
+) -> list[Any]:
+    """An aggregate leaf's facts: the oldest counting numeric value's instant (``r``), the
+    next numeric arrival (``a``) and ``[count, sum, min, max]`` of the numbers (``g``)."""
+    occurred = user_events.c.occurred_at
+    number, is_number = event_number(condition)
+    counting = [*leaf_event_scope(condition, now, contacts.c.id), is_number]
+    future = [*leaf_event_scope(condition, now, contacts.c.id, future=True), is_number]
+
+    def scalar(column: Any, where: list[Any]) -> Any:
+        found = sa.select(column).where(*where).correlate_except(user_events).scalar_subquery()
+        return found if asked is None else sa.case((asked, found), else_=sa.null())
+
+    values = pg_array(
+        [
+            sa.cast(sa.func.count(), sa.Numeric),
+            sa.func.coalesce(sa.func.sum(number), 0),
+            sa.func.min(number),
+            sa.func.max(number),
+        ]
+    )
+    return [
+        scalar(sa.func.min(occurred), counting).label(f"r{index}"),
+        scalar(sa.func.min(occurred), future).label(f"a{index}"),
+        scalar(values, counting).label(f"g{index}"),
+    ]
+
+
 @dataclass(frozen=True)
 class Facts:
     """One contact's row of :func:`leaf_facts`: its properties and, per event leaf asked
@@ -170,24 +208,46 @@ class Facts:
     recent: Mapping[EventCondition, Sequence[datetime]]
     arrivals: Mapping[EventCondition, datetime | None]
     external_id: str | None = None
+    aggregates: Mapping[EventCondition, Aggregate] = field(default_factory=dict)
+    oldest: Mapping[EventCondition, datetime | None] = field(default_factory=dict)
 
     @classmethod
     def of(cls, row: Any, conditions: Sequence[EventCondition], offset: int = 4) -> Facts:
         recent: dict[EventCondition, Sequence[datetime]] = {}
         arrivals: dict[EventCondition, datetime | None] = {}
-        for index, condition in enumerate(conditions):
-            recent[condition] = row[offset + 2 * index] or ()
-            arrivals[condition] = row[offset + 2 * index + 1]
-        return cls(row.properties or {}, recent, arrivals, row.external_id)
+        aggregates: dict[EventCondition, Aggregate] = {}
+        oldest: dict[EventCondition, datetime | None] = {}
+        at = offset
+        for condition in conditions:
+            if condition.is_aggregate:
+                oldest[condition], arrivals[condition] = row[at], row[at + 1]
+                numbers, total, low, high = row[at + 2] or (0, 0, None, None)
+                aggregates[condition] = Aggregate(int(numbers), Decimal(total), low, high)
+                at += 3
+                continue
+            recent[condition] = row[at] or ()
+            arrivals[condition] = row[at + 1]
+            at += 2
+        return cls(row.properties or {}, recent, arrivals, row.external_id, aggregates, oldest)
 
     @property
     def counter(self) -> EventCounter:
-        """The evaluator's counter (counts capped at what decides each leaf)."""
-        return lambda condition: len(self.recent[condition])
+        """The evaluator's counter (counts capped at what decides each leaf; aggregates)."""
+
+        def count(condition: EventCondition) -> int | Aggregate:
+            if condition.is_aggregate:
+                return self.aggregates[condition]
+            return len(self.recent[condition])
+
+        return count
 
     def leaf_state(self, leaf: Leaf) -> State:
         if isinstance(leaf, PropertyCondition):
             return State(property_matches(leaf, self.properties), None)
+        if isinstance(leaf, EventCondition) and leaf.is_aggregate:
+            return aggregate_state(
+                leaf, self.aggregates[leaf], self.oldest[leaf], self.arrivals[leaf]
+            )
         if isinstance(leaf, EventCondition):
             return event_state(leaf, self.recent[leaf], self.arrivals[leaf])
         found = static_state(leaf, self.external_id)
@@ -289,7 +349,20 @@ def _state(
     return _SqlState(lateral.c.v, lateral.c.n)
 
 
+def _aggregate_state(condition: EventCondition, found: LeafColumns) -> _SqlState:
+    """:func:`.clock.aggregate_state` in SQL."""
+    value = sa.func.coalesce(aggregate_predicate(condition, found), sa.false())
+    departs: ColumnElement[Any] = INFINITY
+    if condition.within is not None and found.oldest is not None:
+        instant = found.oldest + sa.literal(condition.within + TICK, sa.Interval)
+        departs = sa.func.coalesce(instant, INFINITY)
+    arrival = sa.func.coalesce(found.arrival, INFINITY) if found.arrival is not None else INFINITY
+    return _SqlState(value, sa.func.least(arrival, departs))
+
+
 def _event_state(condition: EventCondition, found: LeafColumns) -> _SqlState:
+    if condition.is_aggregate:
+        return _aggregate_state(condition, found)
     count = sa.func.coalesce(found.count, 0)
     value = _count_predicate(condition, count)
     kind, n = threshold(condition)

@@ -22,6 +22,7 @@ from datetime import datetime
 from typing import Any
 
 from buckets.criteria.model import (
+    Aggregate,
     Composite,
     EventCondition,
     Everyone,
@@ -31,7 +32,7 @@ from buckets.criteria.model import (
     is_number,
 )
 
-EventCounter = Callable[[EventCondition], int]
+EventCounter = Callable[[EventCondition], "int | Aggregate"]
 
 _MISSING = object()
 MISSING = _MISSING  # what lookup returns for a missing path
@@ -114,7 +115,7 @@ def evaluate(
     if isinstance(node, PropertyCondition):
         return property_matches(node, properties)
     if isinstance(node, EventCondition):
-        return node.satisfied_by(count_events(node))
+        return node.holds(count_events(node))
     if isinstance(node, Everyone):
         return True
     if isinstance(node, Sample):
@@ -151,6 +152,18 @@ def event_counts(condition: EventCondition, event: Event, now: datetime) -> bool
     return all(property_matches(where, event.properties) for where in condition.where or ())
 
 
+def aggregated_value(condition: EventCondition, event: Event) -> Any:
+    """The number an aggregate reads from ``event`` (None when it is not a number: ignored)."""
+    value = lookup(event.properties, condition.aggregated)
+    return value if is_number(value) else None
+
+
+def aggregate_of(condition: EventCondition, events: Iterable[Event], now: datetime) -> Aggregate:
+    """The aggregate of ``condition`` over the events that count as of ``now``."""
+    values = (aggregated_value(condition, e) for e in events if event_counts(condition, e, now))
+    return Aggregate.of([value for value in values if value is not None])
+
+
 def counts_counter(counts: Mapping[EventCondition, int]) -> EventCounter:
     """A counter over counts fetched beforehand (e.g. by :func:`~.compile.leaf_counts`)."""
     return counts.__getitem__
@@ -160,7 +173,9 @@ def in_memory_counter(events: Iterable[Event], now: datetime) -> EventCounter:
     """A counter over a contact's events held in memory."""
     history = tuple(events)
 
-    def count(condition: EventCondition) -> int:
+    def count(condition: EventCondition) -> int | Aggregate:
+        if condition.is_aggregate:
+            return aggregate_of(condition, history, now)
         return sum(1 for event in history if event_counts(condition, event, now))
 
     return count

@@ -39,7 +39,7 @@ import math
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from datetime import timedelta
-from decimal import Decimal
+from decimal import MAX_EMAX, MAX_PREC, MIN_EMIN, Context, Decimal
 from typing import Annotated, Any, Literal, TypeAlias
 
 from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, ValidationError, model_validator
@@ -51,7 +51,8 @@ PropertyOperator = Literal[
     "eq", "neq", "gt", "gte", "lt", "lte", "contains", "exists", "not_exists", "in", "not_in"
 ]
 CountOperator = Literal["gt", "gte", "lt", "lte", "eq"]
-EventCheck = Literal["exists", "not_exists", "count"]
+EventCheck = Literal["exists", "not_exists", "count", "sum", "avg", "min", "max"]
+AGGREGATE_CHECKS = frozenset({"sum", "avg", "min", "max"})
 
 VALUELESS_OPERATORS = frozenset({"exists", "not_exists"})
 NUMERIC_OPERATORS = frozenset({"gt", "gte", "lt", "lte"})
@@ -219,15 +220,17 @@ class PropertyCondition(_Node):
 
 
 class EventCondition(_Node):
-    """A condition on how many of the contact's events match (SPEC §3.1)."""
+    """A condition on the contact's events of one name (SPEC §3.1, §3.4): how many count, or
+    an aggregate of a numeric property over them."""
 
     type: Literal["event"] = "event"
     event: str = Field(min_length=1)
     check: EventCheck
     operator: CountOperator | None = None
-    value: int | None = None
+    value: Any = None  # count: an integer; aggregates: a number (checked below)
     within: Duration | None = None
     where: tuple[PropertyCondition, ...] | None = None
+    property: Annotated[str | tuple[str, ...] | None, BeforeValidator(_path_form)] = None
 
     @model_validator(mode="after")
     def _count_fields_fit_check(self) -> EventCondition:
@@ -237,25 +240,61 @@ class EventCondition(_Node):
                 "event", f"event names starting with {RESERVED_EVENT_PREFIX!r} are reserved"
             )
         if self.check == "count":
-            if self.operator is None:
-                raise _FieldError("operator", "check 'count' needs one of gt, gte, lt, lte, eq")
-            if self.value is None:
-                raise _FieldError("value", "check 'count' needs an integer value >= 0")
-            if self.value < 0:
-                raise _FieldError("value", f"count value must be >= 0, got {self.value}")
-            if self.value > MAX_COUNT:
-                raise _FieldError("value", f"count value must be at most {MAX_COUNT:,}")
-            if self.operator == "lt" and self.value == 0:
-                raise _FieldError("value", "count lt 0 can never be true")
+            self._check_count()
+        elif self.check in AGGREGATE_CHECKS:
+            self._check_aggregate()
         elif self.operator is not None or self.value is not None:
             field = "operator" if self.operator is not None else "value"
             raise _FieldError(field, f"check {self.check!r} takes no operator or value")
+        if self.property is not None and self.check not in AGGREGATE_CHECKS:
+            raise _FieldError("property", f"check {self.check!r} takes no property")
         if self.where is not None and not self.where:
             raise _FieldError("where", "must list at least one condition (or be left out)")
         return self
 
+    def _check_count(self) -> None:
+        if self.operator is None:
+            raise _FieldError("operator", "check 'count' needs one of gt, gte, lt, lte, eq")
+        if not isinstance(self.value, int) or isinstance(self.value, bool):
+            raise _FieldError("value", "check 'count' needs an integer value >= 0")
+        if self.value < 0:
+            raise _FieldError("value", f"count value must be >= 0, got {self.value}")
+        if self.value > MAX_COUNT:
+            raise _FieldError("value", f"count value must be at most {MAX_COUNT:,}")
+        if self.operator == "lt" and self.value == 0:
+            raise _FieldError("value", "count lt 0 can never be true")
+
+    def _check_aggregate(self) -> None:
+        if self.property is None:
+            raise _FieldError("property", f"check {self.check!r} needs the property to aggregate")
+        _check_path(self.aggregated)
+        if self.operator is None:
+            raise _FieldError("operator", f"check {self.check!r} needs one of gt, gte, lt, lte, eq")
+        if self.value is None:
+            raise _FieldError("value", f"check {self.check!r} needs a number")
+        if not is_number(self.value):
+            raise _FieldError("value", f"check {self.check!r} needs a number, got {self.value!r}")
+        _check_scalar("value", self.value)
+
+    @builtins.property  # ``property`` is a field here
+    def aggregated(self) -> tuple[str, ...]:
+        """The path of the event property an aggregate reads."""
+        found = self.property
+        assert found is not None
+        return (found,) if isinstance(found, str) else found
+
+    @builtins.property
+    def count_value(self) -> int:
+        """The ``value`` of a ``count`` check (an integer, validated)."""
+        assert isinstance(self.value, int)
+        return self.value
+
+    @builtins.property
+    def is_aggregate(self) -> bool:
+        return self.check in AGGREGATE_CHECKS
+
     def satisfied_by(self, count: int) -> bool:
-        """Whether ``count`` matching events satisfy this condition."""
+        """Whether ``count`` matching events satisfy this (counting) condition."""
         if self.check == "exists":
             return count > 0
         if self.check == "not_exists":
@@ -264,19 +303,76 @@ class EventCondition(_Node):
         assert self.value is not None
         return compare_count(count, self.operator, self.value)
 
+    def holds(self, found: int | Aggregate) -> bool:
+        """Whether what the events give (a count, or an aggregate) satisfies the condition."""
+        if isinstance(found, Aggregate):
+            return found.satisfies(self)
+        return self.satisfied_by(found)
 
-def compare_count(count: int, operator: str, value: int) -> bool:
+
+# Exact decimal arithmetic (PostgreSQL ``numeric``): enough digits for any JSON number.
+EXACT = Context(prec=MAX_PREC, Emax=MAX_EMAX, Emin=MIN_EMIN)
+
+
+def exact(number: int | float | Decimal) -> Decimal:
+    """The exact decimal of a JSON number (a float by its shortest repr, as JSON writes it)."""
+    if isinstance(number, Decimal):
+        return number
+    return Decimal(repr(number)) if isinstance(number, float) else Decimal(number)
+
+
+@dataclass(frozen=True)
+class Aggregate:
+    """What an aggregate condition reads from the events that count: how many numeric values,
+    their exact sum, minimum and maximum (None without values)."""
+
+    numbers: int = 0
+    total: Decimal = Decimal(0)
+    low: Decimal | None = None
+    high: Decimal | None = None
+
+    @classmethod
+    def of(cls, values: Sequence[int | float | Decimal]) -> Aggregate:
+        found = [exact(value) for value in values]
+        if not found:
+            return cls()
+        total = Decimal(0)
+        for value in found:
+            total = EXACT.add(total, value)
+        return cls(len(found), total, min(found), max(found))
+
+    def satisfies(self, condition: EventCondition) -> bool:
+        """SPEC §3.4: ``sum`` of nothing is 0; ``avg`` / ``min`` / ``max`` of nothing fail;
+        ``avg <op> v`` is decided as ``sum <op> v * count`` (no rounding)."""
+        assert condition.operator is not None
+        assert condition.value is not None
+        wanted = exact(condition.value)
+        operator = condition.operator
+        match condition.check:
+            case "sum":
+                return compare_count(self.total, operator, wanted)
+            case "avg":
+                scaled = EXACT.multiply(wanted, Decimal(self.numbers))
+                return self.numbers > 0 and compare_count(self.total, operator, scaled)
+            case "min":
+                return self.low is not None and compare_count(self.low, operator, wanted)
+            case "max":
+                return self.high is not None and compare_count(self.high, operator, wanted)
+        raise AssertionError(condition.check)  # pragma: no cover - validated
+
+
+def compare_count(count: Any, operator: str, value: Any) -> bool:
     match operator:
         case "gt":
-            return count > value
+            return bool(count > value)
         case "gte":
-            return count >= value
+            return bool(count >= value)
         case "lt":
-            return count < value
+            return bool(count < value)
         case "lte":
-            return count <= value
+            return bool(count <= value)
         case "eq":
-            return count == value
+            return bool(count == value)
     raise AssertionError(operator)  # pragma: no cover - validated
 
 

@@ -38,8 +38,12 @@ OFFSETS = st.sampled_from(
 @st.composite
 def clock_leaf(draw: st.DrawFn) -> dict[str, Any]:
     leaf: dict[str, Any] = {"type": "event", "event": draw(st.sampled_from(NAMES))}
-    check = draw(st.sampled_from(["exists", "not_exists", "count", "count"]))
+    check = draw(st.sampled_from(["exists", "not_exists", "count", "count", "sum", "avg", "max"]))
     leaf["check"] = check
+    if check in ("sum", "avg", "max"):  # windowed aggregates decay (SPEC §6.7)
+        leaf["property"] = "k"
+        leaf["operator"] = draw(st.sampled_from(["gt", "gte", "lt", "lte", "eq"]))
+        leaf["value"] = draw(st.sampled_from([0, 1, 1.5, 2, 3]))
     if check == "count":
         operator = draw(st.sampled_from(["gt", "gte", "lt", "lte", "eq"]))
         leaf["operator"] = operator
@@ -56,9 +60,9 @@ def composite(children: st.SearchStrategy[dict[str, Any]]) -> st.SearchStrategy[
         lambda operator, conditions: {
             "type": "composite",
             "operator": operator,
-            "conditions": conditions,
+            "conditions": conditions[:1] if operator == "not" else conditions,
         },
-        st.sampled_from(["and", "or"]),
+        st.sampled_from(["and", "or", "not"]),
         st.lists(children, min_size=1, max_size=3),
     )
 
@@ -70,7 +74,7 @@ EVENTS = st.lists(
         lambda name, offset, kind: Event(name, NOW - offset, {"k": kind}),
         st.sampled_from(NAMES),
         OFFSETS,
-        st.sampled_from([1, 2]),
+        st.sampled_from([1, 2, 0.5, "x"]),  # "x": not a number, ignored by aggregates
     ),
     max_size=6,
 )

@@ -61,6 +61,10 @@ NESTED = st.recursive(
     max_leaves=4,
 )
 JSON_VALUES = st.one_of(SCALARS, st.lists(SCALARS, max_size=3), st.just({"x": 1}), NESTED)
+# Aggregated values: sums that are exact only in decimal (0.1 + 0.2 = 0.3), averages between
+# integers, a huge integer, next to the non-numbers of JSON_VALUES (ignored by aggregates).
+AMOUNTS = st.sampled_from([0, 1, 2, 3, 1.5, 2.5, -1, 0.1, 0.2, 0.3, 2**63 + 1])
+AGGREGATED = ("amount", ["meta", "x"], ["amount", "x"])
 LISTS = st.lists(st.one_of(st.booleans(), NUMBERS, STRINGS), min_size=1, max_size=3)
 
 # Event times relative to now: window edges (on, 1us inside, 1us outside), now, the future.
@@ -103,16 +107,20 @@ STATIC_LEAVES = st.one_of(
 @st.composite
 def event_leaf(draw: st.DrawFn) -> dict[str, Any]:
     leaf: dict[str, Any] = {"type": "event", "event": draw(st.sampled_from(EVENT_NAMES))}
-    check = draw(st.sampled_from(["exists", "not_exists", "count"]))
+    check = draw(st.sampled_from(["exists", "not_exists", "count", "sum", "avg", "min", "max"]))
     leaf["check"] = check
+    if check in ("sum", "avg", "min", "max"):
+        leaf["property"] = draw(st.sampled_from(AGGREGATED))
+        leaf["operator"] = draw(st.sampled_from(["gt", "gte", "lt", "lte", "eq"]))
+        leaf["value"] = draw(AMOUNTS)
     if check == "count":
         operator = draw(st.sampled_from(["gt", "gte", "lt", "lte", "eq"]))
         leaf["operator"] = operator
         leaf["value"] = draw(st.integers(min_value=1 if operator == "lt" else 0, max_value=3))
-    within = draw(st.one_of(st.none(), st.sampled_from(WINDOWS)))
+    within = draw(st.sampled_from((None, *WINDOWS)))
     if within is not None:
         leaf["within"] = within
-    if draw(st.booleans()):
+    if draw(st.integers(0, 2)) == 0:
         leaf["where"] = draw(
             st.lists(property_leaf(EVENT_KEYS, EVENT_PATHS), min_size=1, max_size=2)
         )
@@ -137,17 +145,30 @@ def composite(children: st.SearchStrategy[dict[str, Any]]) -> st.SearchStrategy[
     )
 
 
-LEAVES = st.one_of(property_leaf(PROPERTY_KEYS, PROPERTY_PATHS), event_leaf(), STATIC_LEAVES)
+# Event leaves twice as likely as the others: they carry the clock.
+LEAVES = st.one_of(
+    property_leaf(PROPERTY_KEYS, PROPERTY_PATHS), event_leaf(), event_leaf(), STATIC_LEAVES
+)
 # Depth <= 4: up to three composite levels above the leaves.
 TREES = st.one_of(
-    LEAVES, composite(LEAVES), composite(composite(LEAVES)), composite(composite(composite(LEAVES)))
+    LEAVES,
+    composite(LEAVES),
+    composite(composite(LEAVES)),
+    composite(composite(composite(LEAVES))),
+    # event leaves alone: the clock's edges (departures, arrivals, equal timestamps) more often
+    composite(event_leaf()),
+    composite(composite(event_leaf())),
 )
 
 EVENTS = st.builds(
     lambda name, offset, properties: Event(name, NOW - offset, properties),
     st.sampled_from(EVENT_NAMES),
     OFFSETS,
-    st.dictionaries(st.sampled_from(EVENT_KEYS), JSON_VALUES, max_size=3),
+    st.dictionaries(
+        st.sampled_from(EVENT_KEYS),
+        st.one_of(JSON_VALUES, AMOUNTS, st.fixed_dictionaries({"x": AMOUNTS})),
+        max_size=3,
+    ),
 )
 PEOPLE = st.lists(
     st.builds(

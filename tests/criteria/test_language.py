@@ -6,12 +6,14 @@ No database needed here; the executors are compared by ``test_differential.py``.
 from __future__ import annotations
 
 import json
+from datetime import UTC, datetime
 from pathlib import Path
+from typing import Any
 
 import pytest
 
 from buckets import DefinitionError, b, define_bucket, load_definitions
-from buckets.criteria import evaluate
+from buckets.criteria import Event, evaluate, in_memory_counter
 from buckets.criteria.evaluate import MISSING, lookup
 from buckets.criteria.model import Sample
 from buckets.registry import Registry
@@ -256,3 +258,117 @@ def test_path_lookup_treats_non_objects_as_missing():
     assert lookup(data, ("missing", "x")) is MISSING
     eu = define_bucket(id="x", criteria=b.prop(["address", "country"]).not_in(["FR"]))
     assert evaluate(eu.criteria, {"address": "FR"}, lambda _: 0)  # missing: not in
+
+
+# --- aggregates over events ------------------------------------------------------------------
+
+SPENT = b.event("order.completed").within("30d").sum("amount").gte(100)
+
+
+def test_aggregate_builder_is_the_literal_form():
+    assert SPENT == {
+        "type": "event",
+        "event": "order.completed",
+        "check": "sum",
+        "property": "amount",
+        "operator": "gte",
+        "value": 100,
+        "within": "30d",
+    }
+    assert b.event("o").avg(["totals", "net"]).lt(2.5) == {
+        "type": "event",
+        "event": "o",
+        "check": "avg",
+        "property": ["totals", "net"],
+        "operator": "lt",
+        "value": 2.5,
+    }
+    assert b.event("o").min("a").eq(0)["check"] == "min"
+    assert b.event("o").max("a").gt(0)["check"] == "max"
+    assert (
+        define_bucket(id="x", criteria=SPENT).fingerprint
+        == load_definitions_text(
+            "criteria: {type: event, event: order.completed, check: sum, property: amount,"
+            " operator: gte, value: 100, within: 30d}"
+        ).fingerprint
+    )
+
+
+def load_definitions_text(criteria_line: str) -> Any:
+    import tempfile
+
+    with tempfile.TemporaryDirectory() as folder:
+        path = Path(folder) / "one.yaml"
+        path.write_text(f"buckets:\n  - id: x\n    {criteria_line}\n")
+        [bucket] = load_definitions(path)
+    return bucket
+
+
+AGGREGATE_ERRORS = [
+    (
+        {"type": "event", "event": "o", "check": "sum", "operator": "gte", "value": 1},
+        "x: criteria.property: check 'sum' needs the property to aggregate",
+    ),
+    (
+        {"type": "event", "event": "o", "check": "avg", "property": "a", "value": 1},
+        "x: criteria.operator: check 'avg' needs one of gt, gte, lt, lte, eq",
+    ),
+    (
+        {"type": "event", "event": "o", "check": "min", "property": "a", "operator": "eq"},
+        "x: criteria.value: check 'min' needs a number",
+    ),
+    (
+        b.event("o").max("a").gt("100"),
+        "x: criteria.value: check 'max' needs a number, got '100'",
+    ),
+    (b.event("o").max("a").gt(True), "x: criteria.value: check 'max' needs a number, got True"),
+    (b.event("o").sum("a").gt(float("inf")), "x: criteria.value: must be a finite number"),
+    (b.event("o").sum([]).gt(1), "x: criteria.property: a path needs at least one key"),
+    (
+        {"type": "event", "event": "o", "check": "exists", "property": "a"},
+        "x: criteria.property: check 'exists' takes no property",
+    ),
+    (
+        {"type": "event", "event": "o", "check": "count", "operator": "gt", "value": 1.5},
+        "x: criteria.value: check 'count' needs an integer value >= 0",
+    ),
+]
+
+
+@pytest.mark.parametrize(
+    ("criteria", "message"), AGGREGATE_ERRORS, ids=[m for _, m in AGGREGATE_ERRORS]
+)
+def test_aggregate_misuse_is_a_located_error(criteria, message):
+    with pytest.raises(DefinitionError) as raised:
+        define_bucket(id="x", criteria=criteria)
+    assert str(raised.value).startswith(message), str(raised.value)
+
+
+def test_aggregates_compute_exactly_and_ignore_non_numbers():
+    at = datetime(2026, 1, 1, tzinfo=UTC)
+    amounts = [0.1, 0.2, True, "5", None, {"x": 1}, [3]]
+    events = [Event("o", at, {"amount": amount}) for amount in amounts]
+    counter = in_memory_counter(events, at)
+
+    def holds(criteria: Any) -> bool:
+        return evaluate(define_bucket(id="x", criteria=criteria).criteria, {}, counter)
+
+    assert holds(b.event("o").sum("amount").eq(0.3))  # exact: not 0.30000000000000004
+    assert holds(b.event("o").avg("amount").eq(0.15))
+    assert holds(b.event("o").min("amount").eq(0.1))
+    assert holds(b.event("o").max("amount").eq(0.2))
+    nothing = in_memory_counter([Event("o", at, {"amount": "12"})], at)
+    assert evaluate(
+        define_bucket(id="x", criteria=b.event("o").sum("amount").eq(0)).criteria, {}, nothing
+    )
+    for check in ("avg", "min", "max"):  # of no values: false, whatever the comparison
+        for operator in ("gt", "gte", "lt", "lte", "eq"):
+            criteria = {
+                "type": "event",
+                "event": "o",
+                "check": check,
+                "property": "amount",
+                "operator": operator,
+                "value": 0,
+            }
+            assert not evaluate(define_bucket(id="x", criteria=criteria).criteria, {}, nothing)
