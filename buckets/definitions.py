@@ -49,6 +49,7 @@ import yaml
 from buckets.criteria.clock import threshold
 from buckets.criteria.durations import duration_seconds, parse_duration
 from buckets.criteria.model import (
+    CLOCK_OPERATORS,
     Aggregate,
     Composite,
     CriteriaError,
@@ -135,9 +136,12 @@ class Bucket:
 
     @cached_property
     def time_based(self) -> bool:
-        """The criteria contain a ``within`` window."""
+        """The criteria contain a ``within`` window, or compare a property with now
+        (``within_past`` / ``within_next``)."""
         return any(
-            isinstance(leaf, EventCondition) and leaf.within for leaf in leaves(self.criteria)
+            (isinstance(leaf, EventCondition) and leaf.within)
+            or (isinstance(leaf, PropertyCondition) and leaf.operator in CLOCK_OPERATORS)
+            for leaf in leaves(self.criteria)
         )
 
     @cached_property
@@ -291,7 +295,9 @@ def _valid_id(value: object) -> str:
 
 
 def clock_joinable(leaf: Leaf) -> bool:
-    """Time alone can turn the leaf from false to true (SPEC §6.2)."""
+    """Time alone can turn the leaf from false to true (SPEC §6.2, §6.7)."""
+    if isinstance(leaf, PropertyCondition):  # an instant coming into the window
+        return leaf.operator in CLOCK_OPERATORS
     if not isinstance(leaf, EventCondition) or leaf.within is None:
         return False
     if leaf.is_aggregate:  # values leaving the window move a windowed aggregate either way
@@ -309,7 +315,9 @@ def clock_can_join(node: Node, negated: bool = False) -> bool:
         flip = negated != (node.operator == "not")
         return any(clock_can_join(child, flip) for child in node.conditions)
     if not negated:
-        return isinstance(node, EventCondition) and clock_joinable(node)
+        return isinstance(node, EventCondition | PropertyCondition) and clock_joinable(node)
+    if isinstance(node, PropertyCondition):  # an instant leaving the window
+        return node.operator in CLOCK_OPERATORS
     if not isinstance(node, EventCondition) or node.within is None:
         return False
     return node.is_aggregate or threshold(node)[0] in ("at_least", "eq")
@@ -364,7 +372,9 @@ def canonical_criteria(node: Node) -> dict[str, Any]:
             "property": node.property if isinstance(node.property, str) else list(node.path),
             "operator": node.operator,
         }
-        if node.operator not in ("exists", "not_exists"):
+        if node.operator in CLOCK_OPERATORS:
+            out["value"] = duration_seconds(node.value)
+        elif node.operator not in ("exists", "not_exists"):
             out["value"] = list(node.value) if isinstance(node.value, tuple) else node.value
         return out
     out = {"type": "event", "event": node.event, "check": node.check}

@@ -22,7 +22,7 @@ from __future__ import annotations
 
 import hashlib
 from dataclasses import dataclass, field
-from datetime import datetime
+from datetime import datetime, timedelta
 from typing import Any
 
 import sqlalchemy as sa
@@ -40,7 +40,10 @@ from buckets.criteria.evaluate import (
     lookup,
     property_matches,
 )
+from buckets.criteria.instants import parse_instant
 from buckets.criteria.model import (
+    CLOCK_OPERATORS,
+    INSTANT_OPERATORS,
     Aggregate,
     Composite,
     EventCondition,
@@ -137,6 +140,8 @@ def describe(node: Node) -> str:
         value = "" if node.operator in ("exists", "not_exists") else f" {node.value!r}"
         if isinstance(node.value, tuple):
             value = f" {list(node.value)!r}"
+        if isinstance(node.value, timedelta):
+            value = f" {format_duration(node.value)}"
         key = node.property if isinstance(node.property, str) else list(node.path)
         return f"property {key!r} {node.operator}{value}"
     if isinstance(node, Everyone):
@@ -203,7 +208,11 @@ def explain(
         queue_complete = due.complete(conn, bucket)
     properties = contact.properties
     matches = contact.deleted_at is None and evaluate(
-        bucket.criteria, properties, in_memory_counter(events, now), external_id=external_id
+        bucket.criteria,
+        properties,
+        in_memory_counter(events, now),
+        external_id=external_id,
+        now=now,
     )
     paths: list[tuple[str, Node]] = []
     _leaves(bucket.criteria, "criteria", paths)
@@ -265,12 +274,17 @@ def _leaf(
     found = in_memory_leaf_states(properties, events, now, external_id)
     if isinstance(node, PropertyCondition):
         actual = lookup(properties, node.path)
+        detail = None
+        if node.operator in INSTANT_OPERATORS or node.operator in CLOCK_OPERATORS:
+            instant = parse_instant(actual)
+            detail = f"instant {instant.isoformat()}" if instant else "not an instant"
         return Leaf(
             path,
             describe(node),
-            property_matches(node, properties),
+            property_matches(node, properties, now),
             property_present=actual is not MISSING,
             property_value=None if actual is MISSING else actual,
+            detail=detail,
             next_at=found(node).next_at,
         )
     if isinstance(node, Everyone | Sample):

@@ -3,7 +3,7 @@ on a real PostgreSQL."""
 
 from __future__ import annotations
 
-from datetime import timedelta
+from datetime import UTC, datetime, timedelta
 from typing import Any
 
 from buckets import b, define_bucket, ingest_event
@@ -123,3 +123,44 @@ def test_a_windowed_sum_joins_on_ingest_and_decays_through_the_queue(make_runtim
     assert active(rt, "spenders") == set()
     [left] = transitions(rt, "spenders")[-1:]
     assert (left.kind, left.occurred_at, left.reason) == ("left", instant, "criteria")
+
+
+TRIAL_ENDING = define_bucket(id="trial-ending", criteria=b.prop("trial_ends_at").within_next("3d"))
+
+
+def test_trial_ending_joins_and_leaves_through_the_queue_at_its_instants(make_runtime):
+    rt = make_runtime(TRIAL_ENDING)
+    ends = T0 + 10 * D
+    ingest_event(
+        "u",
+        "signup",
+        {},
+        contact_properties={"trial_ends_at": ends.isoformat().replace("+00:00", "Z")},
+        now=T0,
+        runtime=rt,
+    )
+    ingest_event(
+        "v", "signup", {}, contact_properties={"trial_ends_at": "2026-11-08"}, now=T0, runtime=rt
+    )  # a date: midnight UTC, 6.5 days ahead
+    assert active(rt, "trial-ending") == set()
+    ship(rt, T0 + timedelta(hours=1))
+    joins_at = ends - 3 * D
+    assert entries(rt, "trial-ending")[("trial-ending", "u")] == joins_at
+    # the date-only value is midnight UTC: joined three days before it
+    assert entries(rt, "trial-ending")[("trial-ending", "v")] == datetime(2026, 11, 5, tzinfo=UTC)
+    found = explain("trial-ending", "u", now=T0 + D, runtime=rt).to_dict()
+    [leaf] = found["leaves"]
+    assert (leaf["value"], leaf["detail"]) == (False, f"instant {ends.isoformat()}")
+    assert leaf["next_at"] == joins_at.isoformat()
+    assert tick(rt, joins_at - TICK)["trial-ending"].passes_ran == "no"
+    assert active(rt, "trial-ending") == set()
+    at = tick(rt, joins_at)["trial-ending"]
+    assert (at.passes_ran, at.due) == ("no", 1)
+    assert active(rt, "trial-ending") == {"u"}
+    tick(rt, ends)
+    assert active(rt, "trial-ending") == {"u"}  # the end itself is within the next 3 days
+    tick(rt, ends + TICK)
+    assert active(rt, "trial-ending") == set()
+    kinds = [(t.kind, t.occurred_at) for t in transitions(rt, "trial-ending") if t.kind]
+    assert ("entered", joins_at) in kinds
+    assert ("left", ends + TICK) in kinds

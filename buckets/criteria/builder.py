@@ -67,6 +67,21 @@ class PropertyBuilder:
         """Equal to none of ``values`` (a missing key counts as none)."""
         return self._leaf("not_in", list(values) if isinstance(values, tuple) else values)
 
+    def before(self, instant: Any) -> Criteria:
+        """An instant earlier than ``instant`` (``"2026-03-01T09:00:00Z"``, ``"2026-03-01"``)."""
+        return self._leaf("before", instant)
+
+    def after(self, instant: Any) -> Criteria:
+        return self._leaf("after", instant)
+
+    def within_past(self, duration: Any) -> Criteria:
+        """An instant in ``[now - duration, now]``."""
+        return self._leaf("within_past", duration)
+
+    def within_next(self, duration: Any) -> Criteria:
+        """An instant in ``[now, now + duration]``: ``b.prop("trial_ends").within_next("3d")``."""
+        return self._leaf("within_next", duration)
+
 
 class EventBuilder:
     """Conditions on a contact's events of one name; ``within`` and ``where`` narrow them."""

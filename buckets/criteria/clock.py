@@ -39,9 +39,12 @@ from buckets.criteria.evaluate import (
     aggregate_of,
     aggregated_value,
     event_counts,
+    lookup,
     property_matches,
 )
+from buckets.criteria.instants import parse_instant
 from buckets.criteria.model import (
+    CLOCK_OPERATORS,
     Aggregate,
     Composite,
     EventCondition,
@@ -140,6 +143,30 @@ def aggregate_state(
     return State(found.satisfies(condition), earliest(arrival, departs))
 
 
+def property_state(
+    leaf: PropertyCondition, properties: Mapping[str, Any], now: datetime | None
+) -> State:
+    """A property leaf's state. Only ``within_past`` / ``within_next`` move with the clock:
+    an instant ``t`` is within the past ``d`` from ``now = t`` until one microsecond after
+    ``t + d``, and within the next ``d`` from ``now = t - d`` until one microsecond after
+    ``t`` (bounds inclusive)."""
+    value = property_matches(leaf, properties, now)
+    if leaf.operator not in CLOCK_OPERATORS:
+        return State(value, None)
+    instant = parse_instant(lookup(properties, leaf.path))
+    if instant is None:
+        return State(value, None)
+    assert now is not None  # property_matches needed it already
+    span: timedelta = leaf.value
+    if leaf.operator == "within_past":
+        if instant > now:
+            return State(value, instant)
+        return State(value, instant + span + TICK if instant >= now - span else None)
+    if instant > now + span:
+        return State(value, instant - span)
+    return State(value, instant + TICK if instant >= now else None)
+
+
 LeafStates = Callable[[Leaf], State]
 
 
@@ -213,7 +240,7 @@ def in_memory_leaf_states(
 ) -> LeafStates:
     def leaf_state(leaf: Leaf) -> State:
         if isinstance(leaf, PropertyCondition):
-            return State(property_matches(leaf, properties), None)
+            return property_state(leaf, properties, now)
         if isinstance(leaf, EventCondition) and leaf.is_aggregate:
             return aggregate_state(
                 leaf,

@@ -43,7 +43,10 @@ from sqlalchemy.dialects.postgresql import ARRAY, BIT, JSONB, aggregate_order_by
 from sqlalchemy.sql.elements import ColumnElement
 
 from buckets.criteria.clock import threshold
+from buckets.criteria.instants import instant_sql, parse_instant
 from buckets.criteria.model import (
+    CLOCK_OPERATORS,
+    INSTANT_OPERATORS,
     Composite,
     EventCondition,
     Everyone,
@@ -78,20 +81,61 @@ def _nested(path: tuple[str, ...], value: object) -> object:
     return value
 
 
-def property_predicate(
-    condition: PropertyCondition, column: ColumnElement[Any]
+def shifted(now: datetime | ColumnElement[Any], by: timedelta) -> ColumnElement[Any]:
+    """``now + by``: a bound instant, or arithmetic on a bound parameter."""
+    if isinstance(now, datetime):
+        return sa.literal(now + by, TIMESTAMP)
+    return now + sa.literal(by, sa.Interval)
+
+
+def instant_predicate(
+    condition: PropertyCondition,
+    value: ColumnElement[Any],
+    text: ColumnElement[Any],
+    now: datetime | ColumnElement[Any] | None,
 ) -> ColumnElement[bool]:
-    """``condition`` over the jsonb object ``column`` (contacts.properties or an event's).
-    A path reads nested objects with ``->`` and text keys, which is NULL through anything but
-    an object (an array is not indexed by ``"0"``): missing, as the spec says."""
+    """``before`` / ``after`` / ``within_past`` / ``within_next``: false (never NULL) unless the
+    value is an instant (:func:`.instants.instant_sql`)."""
+    instant = instant_sql(value, text)
+    compared: ColumnElement[bool]
+    if condition.operator in ("before", "after"):
+        wanted = sa.literal(parse_instant(condition.value), TIMESTAMP)
+        compared = instant < wanted if condition.operator == "before" else instant > wanted
+    else:
+        if now is None:
+            raise ValueError(f"operator {condition.operator!r} needs the decision's now")
+        span: timedelta = condition.value
+        if condition.operator == "within_past":
+            compared = instant.between(shifted(now, -span), shifted(now, timedelta(0)))
+        else:
+            compared = instant.between(shifted(now, timedelta(0)), shifted(now, span))
+    return sa.func.coalesce(compared, sa.false())
+
+
+def property_value(
+    condition: PropertyCondition, column: ColumnElement[Any]
+) -> tuple[ColumnElement[Any], ColumnElement[Any]]:
+    """The jsonb value at the condition's path, and its text (``->>``)."""
     parent = column
     for key in condition.path[:-1]:
         parent = parent.op("->")(sa.literal(key, sa.Text))
     last = sa.literal(condition.path[-1], sa.Text)
-    value = parent.op("->")(last)
-    text = parent.op("->>")(last)
+    return parent.op("->")(last), parent.op("->>")(last)
+
+
+def property_predicate(
+    condition: PropertyCondition,
+    column: ColumnElement[Any],
+    now: datetime | ColumnElement[Any] | None = None,
+) -> ColumnElement[bool]:
+    """``condition`` over the jsonb object ``column`` (contacts.properties or an event's).
+    A path reads nested objects with ``->`` and text keys, which is NULL through anything but
+    an object (an array is not indexed by ``"0"``): missing, as the spec says."""
+    value, text = property_value(condition, column)
     kind = sa.func.jsonb_typeof(value)
     wanted = condition.value
+    if condition.operator in INSTANT_OPERATORS or condition.operator in CLOCK_OPERATORS:
+        return instant_predicate(condition, value, text, now)
     match condition.operator:
         case "exists":
             return sa.func.coalesce(kind, sa.literal("null")) != "null"
@@ -262,7 +306,7 @@ def compile_criteria(
         from_clause = from_clause.outerjoin(aggregate, aggregate.c.contact_id == contacts.c.id)
         columns.update(found)
     scope = _scope(contacts.c.id, contact_ids, id_range)
-    return CompiledCriteria(from_clause, _predicate(node, columns), tuple(scope), columns)
+    return CompiledCriteria(from_clause, _predicate(node, columns, now), tuple(scope), columns)
 
 
 def member_select(
@@ -415,9 +459,11 @@ def _aggregate_columns(
     return {field_: functions[field_] for field_ in fields}
 
 
-def _predicate(node: Node, columns: dict[EventCondition, LeafColumns]) -> ColumnElement[bool]:
+def _predicate(
+    node: Node, columns: dict[EventCondition, LeafColumns], now: datetime
+) -> ColumnElement[bool]:
     if isinstance(node, PropertyCondition):
-        return property_predicate(node, contacts.c.properties)
+        return property_predicate(node, contacts.c.properties, now)
     if isinstance(node, EventCondition) and node.is_aggregate:
         return aggregate_predicate(node, columns[node])
     if isinstance(node, EventCondition):
@@ -430,7 +476,7 @@ def _predicate(node: Node, columns: dict[EventCondition, LeafColumns]) -> Column
     if isinstance(node, Sample):
         return sample_predicate(node, contacts.c.external_id)
     assert isinstance(node, Composite)
-    parts = [_predicate(child, columns) for child in node.conditions]
+    parts = [_predicate(child, columns, now) for child in node.conditions]
     return _combine(node, parts)
 
 
@@ -577,7 +623,7 @@ def probe_predicate(
     bag = contacts.c.properties if properties is None else properties
     name = contacts.c.external_id if external_id is None else external_id
     if isinstance(node, PropertyCondition):
-        return property_predicate(node, bag)
+        return property_predicate(node, bag, now)
     if isinstance(node, EventCondition):
         return _probe_leaf(node, now, contact)
     if isinstance(node, Everyone):

@@ -15,7 +15,7 @@ from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
-from datetime import datetime
+from datetime import datetime, timedelta
 from decimal import Decimal
 from functools import lru_cache
 from typing import Any
@@ -32,6 +32,7 @@ from buckets.criteria.clock import (
     aggregate_state,
     decisive_count,
     event_state,
+    property_state,
     state,
     static_state,
     threshold,
@@ -47,11 +48,15 @@ from buckets.criteria.compile import (
     event_number,
     leaf_event_scope,
     property_predicate,
+    property_value,
     sample_predicate,
+    shifted,
     user_events,
 )
-from buckets.criteria.evaluate import EventCounter, property_matches
+from buckets.criteria.evaluate import EventCounter
+from buckets.criteria.instants import instant_sql
 from buckets.criteria.model import (
+    CLOCK_OPERATORS,
     Aggregate,
     Composite,
     EventCondition,
@@ -210,9 +215,17 @@ class Facts:
     external_id: str | None = None
     aggregates: Mapping[EventCondition, Aggregate] = field(default_factory=dict)
     oldest: Mapping[EventCondition, datetime | None] = field(default_factory=dict)
+    now: datetime | None = None  # the facts' instant (property leaves that compare with it)
 
     @classmethod
-    def of(cls, row: Any, conditions: Sequence[EventCondition], offset: int = 4) -> Facts:
+    def of(
+        cls,
+        row: Any,
+        conditions: Sequence[EventCondition],
+        offset: int = 4,
+        *,
+        now: datetime | None = None,
+    ) -> Facts:
         recent: dict[EventCondition, Sequence[datetime]] = {}
         arrivals: dict[EventCondition, datetime | None] = {}
         aggregates: dict[EventCondition, Aggregate] = {}
@@ -228,7 +241,7 @@ class Facts:
             recent[condition] = row[at] or ()
             arrivals[condition] = row[at + 1]
             at += 2
-        return cls(row.properties or {}, recent, arrivals, row.external_id, aggregates, oldest)
+        return cls(row.properties or {}, recent, arrivals, row.external_id, aggregates, oldest, now)
 
     @property
     def counter(self) -> EventCounter:
@@ -243,7 +256,7 @@ class Facts:
 
     def leaf_state(self, leaf: Leaf) -> State:
         if isinstance(leaf, PropertyCondition):
-            return State(property_matches(leaf, self.properties), None)
+            return property_state(leaf, self.properties, self.now)
         if isinstance(leaf, EventCondition) and leaf.is_aggregate:
             return aggregate_state(
                 leaf, self.aggregates[leaf], self.oldest[leaf], self.arrivals[leaf]
@@ -282,7 +295,7 @@ def clock_select(
     the clock alone never changes its answer)."""
     compiled = compile_criteria(node, now, contact_ids=contact_ids, id_range=id_range, clock=True)
     nested: list[Any] = []
-    found = _state(node, compiled.columns, nested)
+    found = _state(node, compiled.columns, nested, now)
     next_at = sa.func.nullif(found.next_at, INFINITY)
     from_clause = compiled.from_clause
     for lateral in nested:  # children before parents: each reads the ones before it
@@ -298,10 +311,33 @@ def clock_select(
     )
 
 
+def _property_state(node: PropertyCondition, now: datetime) -> _SqlState:
+    """:func:`.clock.property_state` in SQL."""
+    value = property_predicate(node, contacts.c.properties, now)
+    if node.operator not in CLOCK_OPERATORS:
+        return _SqlState(value, INFINITY)
+    instant = instant_sql(*property_value(node, contacts.c.properties))
+    span = node.value
+    if node.operator == "within_past":
+        nxt = sa.case(
+            (instant > shifted(now, timedelta(0)), instant),
+            (instant >= shifted(now, -span), instant + sa.literal(span + TICK, sa.Interval)),
+            else_=INFINITY,
+        )
+    else:
+        nxt = sa.case(
+            (instant > shifted(now, span), instant - sa.literal(span, sa.Interval)),
+            (instant >= shifted(now, timedelta(0)), instant + sa.literal(TICK, sa.Interval)),
+            else_=INFINITY,
+        )
+    return _SqlState(value, nxt)
+
+
 def _state(
     node: Node,
     columns: Mapping[EventCondition, LeafColumns],
     nested: list[Any],
+    now: datetime,
     *,
     root: bool = True,
 ) -> _SqlState:
@@ -310,7 +346,7 @@ def _state(
     parent uses each child's value and next change several times, and inlining them would
     double the expression at every level of nesting."""
     if isinstance(node, PropertyCondition):
-        return _SqlState(property_predicate(node, contacts.c.properties), INFINITY)
+        return _property_state(node, now)
     if isinstance(node, EventCondition):
         return _event_state(node, columns[node])
     if isinstance(node, Everyone):
@@ -319,9 +355,9 @@ def _state(
         return _SqlState(sample_predicate(node, contacts.c.external_id), INFINITY)
     assert isinstance(node, Composite)
     if node.operator == "not":  # the same instants, the opposite value
-        inner = _state(node.conditions[0], columns, nested, root=root)
+        inner = _state(node.conditions[0], columns, nested, now, root=root)
         return _SqlState(sa.not_(inner.value), inner.next_at)
-    children = [_state(child, columns, nested, root=False) for child in node.conditions]
+    children = [_state(child, columns, nested, now, root=False) for child in node.conditions]
     holds = node.operator == "and"  # the children's value that does not decide alone
     values = [child.value for child in children]
     value = sa.and_(*values) if holds else sa.or_(*values)

@@ -18,10 +18,14 @@ from __future__ import annotations
 
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
-from datetime import datetime
+from datetime import datetime, timedelta
 from typing import Any
 
+from buckets.criteria.instants import parse_instant
 from buckets.criteria.model import (
+    CLOCK_OPERATORS,
+    INSTANT_OPERATORS,
+    LIST_OPERATORS,
     Aggregate,
     Composite,
     EventCondition,
@@ -71,12 +75,44 @@ def lookup(properties: Mapping[str, Any], path: tuple[str, ...]) -> Any:
     return value
 
 
-def property_matches(condition: PropertyCondition, properties: Mapping[str, Any]) -> bool:
+_PART_TWO = LIST_OPERATORS | INSTANT_OPERATORS | CLOCK_OPERATORS
+
+
+def listed(condition: PropertyCondition, actual: Any, now: datetime | None = None) -> bool:
+    """``in`` / ``not_in``: ``eq`` to one of the values / not (a missing key is in none)."""
+    found = actual is not _MISSING and any(json_equal(actual, one) for one in condition.value)
+    return found == (condition.operator == "in")
+
+
+def instant_matches(condition: PropertyCondition, actual: Any, now: datetime | None) -> bool:
+    """``before`` / ``after`` / ``within_past`` / ``within_next`` (SPEC §3.4): the value must
+    be an instant; bounds inclusive."""
+    instant = parse_instant(actual)
+    if instant is None:
+        return False
+    match condition.operator:
+        case "before" | "after":
+            wanted = parse_instant(condition.value)
+            assert wanted is not None  # validated
+            return instant < wanted if condition.operator == "before" else instant > wanted
+    if now is None:
+        raise ValueError(f"operator {condition.operator!r} needs the decision's now")
+    span: timedelta = condition.value
+    if condition.operator == "within_past":
+        return now - span <= instant <= now
+    return now <= instant <= now + span
+
+
+def property_matches(
+    condition: PropertyCondition, properties: Mapping[str, Any], now: datetime | None = None
+) -> bool:
+    """Whether ``properties`` satisfy ``condition`` as of ``now`` (only ``within_past`` /
+    ``within_next`` read it)."""
     actual = lookup(properties, condition.path)
     wanted = condition.value
-    if condition.operator in ("in", "not_in"):
-        found = actual is not _MISSING and any(json_equal(actual, one) for one in wanted)
-        return found == (condition.operator == "in")
+    if condition.operator in _PART_TWO:
+        match = listed if condition.operator in LIST_OPERATORS else instant_matches
+        return match(condition, actual, now)
     match condition.operator:
         case "exists":
             return actual is not _MISSING and actual is not None
@@ -109,11 +145,13 @@ def evaluate(
     count_events: EventCounter,
     *,
     external_id: str | None = None,
+    now: datetime | None = None,
 ) -> bool:
     """Whether a contact with ``properties`` (and events seen by ``count_events``) matches.
-    ``external_id`` is needed by ``sample`` nodes only."""
+    ``external_id`` is needed by ``sample`` nodes, ``now`` by ``within_past`` /
+    ``within_next`` only."""
     if isinstance(node, PropertyCondition):
-        return property_matches(node, properties)
+        return property_matches(node, properties, now)
     if isinstance(node, EventCondition):
         return node.holds(count_events(node))
     if isinstance(node, Everyone):
@@ -124,7 +162,7 @@ def evaluate(
         return node.hits(external_id)
     assert isinstance(node, Composite)
     children = (
-        evaluate(child, properties, count_events, external_id=external_id)
+        evaluate(child, properties, count_events, external_id=external_id, now=now)
         for child in node.conditions
     )
     if node.operator == "not":

@@ -45,10 +45,25 @@ from typing import Annotated, Any, Literal, TypeAlias
 from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, ValidationError, model_validator
 
 from buckets.criteria.durations import parse_duration
+from buckets.criteria.instants import parse_instant
 from buckets.inputs import text_problem
 
 PropertyOperator = Literal[
-    "eq", "neq", "gt", "gte", "lt", "lte", "contains", "exists", "not_exists", "in", "not_in"
+    "eq",
+    "neq",
+    "gt",
+    "gte",
+    "lt",
+    "lte",
+    "contains",
+    "exists",
+    "not_exists",
+    "in",
+    "not_in",
+    "before",
+    "after",
+    "within_past",
+    "within_next",
 ]
 CountOperator = Literal["gt", "gte", "lt", "lte", "eq"]
 EventCheck = Literal["exists", "not_exists", "count", "sum", "avg", "min", "max"]
@@ -57,6 +72,9 @@ AGGREGATE_CHECKS = frozenset({"sum", "avg", "min", "max"})
 VALUELESS_OPERATORS = frozenset({"exists", "not_exists"})
 NUMERIC_OPERATORS = frozenset({"gt", "gte", "lt", "lte"})
 LIST_OPERATORS = frozenset({"in", "not_in"})
+INSTANT_OPERATORS = frozenset({"before", "after"})  # compare with a fixed instant
+CLOCK_OPERATORS = frozenset({"within_past", "within_next"})  # compare with now: the clock moves
+INSTANT_EXAMPLE = "an instant with an offset (2026-03-01T09:00:00Z) or a date (2026-03-01)"
 MAX_LIST = 1_000  # values of an ``in`` / ``not_in`` list
 MAX_PATH = 16  # keys of a property path
 MAX_SALT = 200  # characters of a sample's salt
@@ -117,9 +135,18 @@ def _path_form(value: object) -> object:
 
 
 def _list_form(data: Any) -> Any:
-    listed = isinstance(data, Mapping) and isinstance(data.get("value"), list)
-    if listed and data.get("operator") in LIST_OPERATORS:
+    """Lists become tuples (hashable); the durations of ``within_past`` / ``within_next`` are
+    parsed (a located error when they are not durations)."""
+    if not isinstance(data, Mapping):
+        return data
+    operator = data.get("operator")
+    if operator in LIST_OPERATORS and isinstance(data.get("value"), list):
         return {**data, "value": tuple(data["value"])}
+    if operator in CLOCK_OPERATORS and "value" in data and data["value"] is not None:
+        try:
+            return {**data, "value": parse_duration(data["value"])}
+        except ValueError as exc:
+            raise _FieldError("value", str(exc)) from None
     return data
 
 
@@ -204,6 +231,16 @@ class PropertyCondition(_Node):
         elif self.operator in LIST_OPERATORS:
             _check_list(self.operator, value)
             return self
+        elif self.operator in INSTANT_OPERATORS:
+            if parse_instant(value) is None:
+                raise _FieldError(
+                    "value", f"operator {self.operator!r} needs {INSTANT_EXAMPLE}, got {value!r}"
+                )
+            return self
+        elif self.operator in CLOCK_OPERATORS:
+            if not isinstance(value, timedelta):
+                raise _FieldError("value", f"operator {self.operator!r} needs a duration")
+            return self
         elif self.operator in NUMERIC_OPERATORS:
             if not is_number(value):
                 raise _FieldError(
@@ -250,6 +287,13 @@ class EventCondition(_Node):
             raise _FieldError("property", f"check {self.check!r} takes no property")
         if self.where is not None and not self.where:
             raise _FieldError("where", "must list at least one condition (or be left out)")
+        for index, where in enumerate(self.where or ()):
+            if where.operator in CLOCK_OPERATORS:
+                raise _FieldError(
+                    f"where[{index}].operator",
+                    f"{where.operator!r} compares with now and is not allowed in where"
+                    " (an event's properties are read as of each decision; use before/after)",
+                )
         return self
 
     def _check_count(self) -> None:

@@ -95,6 +95,7 @@ def python_members(
             person.properties,
             in_memory_counter(person.events, now),
             external_id=f"{prefix}{index}",
+            now=now,
         )
     }
 
@@ -123,9 +124,9 @@ def counted_members(
     conditions = conditions_of(node)
     members = set()
     for row in conn.execute(leaf_facts(conditions, now, contact_ids)):
-        facts = Facts.of(row, conditions)
+        facts = Facts.of(row, conditions, now=now)
         if row.deleted_at is None and evaluate(
-            node, row.properties, facts.counter, external_id=row.external_id
+            node, row.properties, facts.counter, external_id=row.external_id, now=now
         ):
             members.add(row.id)
     return members
@@ -150,7 +151,7 @@ def facts_states(
     """The clock from :func:`leaf_facts` (per-contact probes), combined in Python."""
     conditions = conditions_of(node)
     return {
-        row.id: Facts.of(row, conditions).state(node)
+        row.id: Facts.of(row, conditions, now=now).state(node)
         for row in conn.execute(leaf_facts(conditions, now, contact_ids))
         if row.deleted_at is None
     }

@@ -6,7 +6,7 @@ No database needed here; the executors are compared by ``test_differential.py``.
 from __future__ import annotations
 
 import json
-from datetime import UTC, datetime
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
 
@@ -15,6 +15,7 @@ import pytest
 from buckets import DefinitionError, b, define_bucket, load_definitions
 from buckets.criteria import Event, evaluate, in_memory_counter
 from buckets.criteria.evaluate import MISSING, lookup
+from buckets.criteria.instants import parse_instant
 from buckets.criteria.model import Sample
 from buckets.registry import Registry
 
@@ -372,3 +373,108 @@ def test_aggregates_compute_exactly_and_ignore_non_numbers():
                 "value": 0,
             }
             assert not evaluate(define_bucket(id="x", criteria=criteria).criteria, {}, nothing)
+
+
+# --- instants in properties ------------------------------------------------------------------
+
+
+def test_instant_builder_is_the_literal_form():
+    assert b.prop("trial_ends_at").within_next("3d") == {
+        "type": "property",
+        "property": "trial_ends_at",
+        "operator": "within_next",
+        "value": "3d",
+    }
+    assert b.prop(["sub", "renews"]).within_past("7d")["operator"] == "within_past"
+    assert b.prop("signed_up").before("2026-01-01")["value"] == "2026-01-01"
+    assert b.prop("signed_up").after("2026-01-01T09:00:00+01:00")["operator"] == "after"
+    three_days = define_bucket(id="x", criteria=b.prop("t").within_next("3d"))
+    assert (
+        three_days.fingerprint
+        == define_bucket(id="x", criteria=b.prop("t").within_next(timedelta(hours=72))).fingerprint
+        == load_definitions_text(
+            "criteria: {type: property, property: t, operator: within_next, value: 72h}"
+        ).fingerprint
+    )
+    assert three_days.time_based
+    assert three_days.cron_joins
+    assert not define_bucket(id="x", criteria=b.prop("t").before("2026-01-01")).time_based
+
+
+@pytest.mark.parametrize(
+    ("text", "expected"),
+    [
+        ("2026-03-01", datetime(2026, 3, 1, tzinfo=UTC)),
+        ("2026-03-01T09:00Z", datetime(2026, 3, 1, 9, tzinfo=UTC)),
+        ("2026-03-01T09:00:00.5+05:30", datetime(2026, 3, 1, 3, 30, 0, 500_000, tzinfo=UTC)),
+        ("2024-02-29T23:59:59.999999-23:59", datetime(2024, 3, 1, 23, 58, 59, 999_999, tzinfo=UTC)),
+        ("2026-03-01T09:00", None),  # no offset
+        ("2026-03-01T09Z", None),
+        ("2026-02-29", None),  # no such day
+        ("2026-04-31", None),
+        ("0000-01-01", None),
+        ("2026-03-01T24:00Z", None),
+        ("2026-03-01T23:59:60Z", None),
+        ("2026-03-01T09:00+24:00", None),
+        ("2026-03-01T09:00+05:60", None),
+        ("2026-03-01T09:00:00.1234567Z", None),
+        ("\uff12026-03-01", None),  # not ASCII digits
+        ("2026-03-01Z", None),
+        ("2026-03-01T09:00:00Z\n", None),
+        (" 2026-03-01", None),
+        (20260301, None),
+        (None, None),
+    ],
+)
+def test_what_is_an_instant(text, expected):
+    assert parse_instant(text) == expected
+
+
+INSTANT_ERRORS = [
+    (
+        b.prop("t").before("2026-03-01T09:00"),
+        "x: criteria.value: operator 'before' needs an instant with an offset",
+    ),
+    (b.prop("t").after("2026-02-30"), "x: criteria.value: operator 'after' needs an instant"),
+    (b.prop("t").after(20260301), "x: criteria.value: operator 'after' needs an instant"),
+    (b.prop("t").within_next("0d"), "x: criteria.value: duration must be positive"),
+    (b.prop("t").within_past(3), "x: criteria.value: "),
+    (
+        {"type": "property", "property": "t", "operator": "within_next"},
+        "x: criteria.value: operator 'within_next' needs a value",
+    ),
+    (
+        b.all(b.prop("a").exists(), b.event("e").where(b.prop("t").within_next("1d")).exists()),
+        "x: criteria.conditions[1].where[0].operator: 'within_next' compares with now",
+    ),
+]
+
+
+@pytest.mark.parametrize(
+    ("criteria", "message"), INSTANT_ERRORS, ids=[m for _, m in INSTANT_ERRORS]
+)
+def test_instant_misuse_is_a_located_error(criteria, message):
+    with pytest.raises(DefinitionError) as raised:
+        define_bucket(id="x", criteria=criteria)
+    assert str(raised.value).startswith(message), str(raised.value)
+
+
+def test_instant_operators_at_their_bounds():
+    now = datetime(2026, 3, 1, 12, tzinfo=UTC)
+    day = timedelta(days=1)
+    tick = timedelta(microseconds=1)
+
+    def holds(criteria: Any, instant: datetime) -> bool:
+        node = define_bucket(id="x", criteria=criteria).criteria
+        return evaluate(node, {"t": instant.isoformat()}, lambda _: 0, now=now)
+
+    assert holds(b.prop("t").within_next("1d"), now)
+    assert holds(b.prop("t").within_next("1d"), now + day)
+    assert not holds(b.prop("t").within_next("1d"), now + day + tick)
+    assert not holds(b.prop("t").within_next("1d"), now - tick)
+    assert holds(b.prop("t").within_past("1d"), now - day)
+    assert not holds(b.prop("t").within_past("1d"), now - day - tick)
+    assert not holds(b.prop("t").within_past("1d"), now + tick)
+    assert holds(b.prop("t").before("2026-03-01T12:00:00.000001Z"), now)
+    assert not holds(b.prop("t").before("2026-03-01T12:00Z"), now)
+    assert holds(b.prop("t").after("2026-03-01T13:00+01:01"), now)  # 11:59 UTC
