@@ -67,7 +67,9 @@ def matching_non_members(
 # a join over every contact, which is what stale estimates pick and what costs a full scan of
 # contacts per chunk for a handful of leavers).
 member_contact = (
-    sa.select(contacts.c.revision, contacts.c.deleted_at, contacts.c.properties)
+    sa.select(
+        contacts.c.revision, contacts.c.deleted_at, contacts.c.properties, contacts.c.external_id
+    )
     .where(contacts.c.id == memberships.c.contact_id)
     .offset(sa.literal_column("0"))
     .lateral("member_contact")
@@ -94,7 +96,11 @@ def failing(bucket: Bucket, now: datetime) -> ColumnElement[bool]:
 def holding(bucket: Bucket, now: datetime) -> ColumnElement[bool]:
     """A member's criteria hold as of ``now`` (per-member probes)."""
     return probe_predicate(
-        bucket.criteria, now, memberships.c.contact_id, properties=member_contact.c.properties
+        bucket.criteria,
+        now,
+        memberships.c.contact_id,
+        properties=member_contact.c.properties,
+        external_id=member_contact.c.external_id,
     )
 
 

@@ -193,7 +193,8 @@ def decide(
     for ask in asks:
         row = found.get(ask.contact_id)
         if row is not None:
-            _plan(plan, ask, row, Facts.of(row, conditions), now, clock=clock, blocked=blocked)
+            facts_ = Facts.of(row, conditions, now=now)
+            _plan(plan, ask, row, facts_, now, clock=clock, blocked=blocked)
     outcome = _apply(conn, plan, involved.values(), now, source=source, rows=rows)
     outcome.as_of = now
     if record and plan.unrecorded:  # no row records these decisions: the contact does

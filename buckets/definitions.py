@@ -10,11 +10,13 @@ Decisions where the spec is silent:
   characters (it appears in transition names and idempotency keys, which use ``:``).
 * ``entry_period`` is accepted only with ``entry_limit="once_per_period"`` (elsewhere it would
   be silently meaningless).
-* A leaf is *negative* when a contact with no properties and no events satisfies it and the
-  clock alone cannot make it true: property ``neq`` / ``not_exists``, and event conditions
-  satisfied by zero events without a window (``not_exists``, ``count lt 3``, ``count gte 0``).
-  Windowed ``not_exists`` / ``count lt|lte|eq`` are clock-joinable, hence positive (SPEC §3.3,
-  §6.2). A bucket needs at least one positive leaf.
+* All-negative criteria are allowed (SPEC §3.4 replaced the positive-leaf rule): a bucket that
+  a contact with no data may match (``never purchased``, ``everyone``, a ``sample``) is decided
+  for every contact when it is created (:attr:`Bucket.matches_new_contacts`), by backfills, and
+  by the cron where the clock can join (:attr:`Bucket.cron_joins`).
+* A ``sample`` without ``salt`` is salted with the bucket id, written into the tree here: the
+  fingerprint then says which contacts the sample holds (two buckets with the same percent and
+  no salt hold different contacts, and have different hashes).
 * ``name`` and ``description`` must be text PostgreSQL can store (no NUL, no lone surrogates):
   they are stored with the deployed definition.
 
@@ -44,16 +46,22 @@ from typing import Any, Literal
 
 import yaml
 
+from buckets.criteria.clock import threshold
 from buckets.criteria.durations import duration_seconds, parse_duration
 from buckets.criteria.model import (
+    CLOCK_OPERATORS,
+    Aggregate,
     Composite,
     CriteriaError,
     EventCondition,
+    Everyone,
     Leaf,
     Node,
     PropertyCondition,
+    Sample,
     leaves,
     parse_criteria,
+    resolve_salts,
 )
 from buckets.errors import BucketsError
 from buckets.inputs import InputError, load_yaml, loads_json, shorten, text_problem
@@ -128,9 +136,12 @@ class Bucket:
 
     @cached_property
     def time_based(self) -> bool:
-        """The criteria contain a ``within`` window."""
+        """The criteria contain a ``within`` window, or compare a property with now
+        (``within_past`` / ``within_next``)."""
         return any(
-            isinstance(leaf, EventCondition) and leaf.within for leaf in leaves(self.criteria)
+            (isinstance(leaf, EventCondition) and leaf.within)
+            or (isinstance(leaf, PropertyCondition) and leaf.operator in CLOCK_OPERATORS)
+            for leaf in leaves(self.criteria)
         )
 
     @cached_property
@@ -144,7 +155,7 @@ class Bucket:
         and the criteria have a clock-joinable leaf."""
         if self.reconcile_joins is not None:
             return self.reconcile_joins
-        return any(clock_joinable(leaf) for leaf in leaves(self.criteria))
+        return clock_can_join(self.criteria)
 
     @cached_property
     def clocked(self) -> bool:
@@ -155,12 +166,11 @@ class Bucket:
 
     @cached_property
     def matches_new_contacts(self) -> bool:
-        """A contact with no properties and no events matches (``count lt 2``, ``not_exists``,
-        ``neq``): such buckets are decided for every contact when it is created, whatever its
-        first event (nothing else would ever ask)."""
-        from buckets.criteria.evaluate import evaluate
-
-        return evaluate(self.criteria, {}, lambda condition: 0)
+        """A contact with no properties and no events may match (``count lt 2``,
+        ``not_exists``, ``neq``, ``everyone``, a ``sample``, which depends on the external id):
+        such buckets are decided for every contact when it is created, whatever its first
+        event (nothing else would ever ask)."""
+        return True in empty_contact_values(self.criteria)
 
     @cached_property
     def event_names(self) -> frozenset[str]:
@@ -171,9 +181,10 @@ class Bucket:
 
     @cached_property
     def property_keys(self) -> frozenset[str]:
-        """Contact property keys the criteria mention (not event ``where`` keys)."""
+        """Top-level contact property keys the criteria read (a path indexes its first key; not
+        event ``where`` keys)."""
         return frozenset(
-            leaf.property for leaf in leaves(self.criteria) if isinstance(leaf, PropertyCondition)
+            leaf.top_key for leaf in leaves(self.criteria) if isinstance(leaf, PropertyCondition)
         )
 
     def to_dict(self) -> dict[str, Any]:
@@ -252,15 +263,9 @@ def define_bucket(
         raise fail("max_dwell", "must be at least min_dwell")
 
     try:
-        tree = parse_criteria(criteria, "criteria")
+        tree = resolve_salts(parse_criteria(criteria, "criteria"), bucket_id)
     except CriteriaError as exc:
         raise fail(exc.path, exc.message) from None
-    if not any(not is_negative(leaf) for leaf in leaves(tree)):
-        raise fail(
-            "criteria",
-            "needs at least one positive condition (every condition here is satisfied by a"
-            " contact with no data: neq, not_exists, or an unwindowed event absence/count)",
-        )
 
     return Bucket(
         id=bucket_id,
@@ -290,42 +295,94 @@ def _valid_id(value: object) -> str:
 
 
 def clock_joinable(leaf: Leaf) -> bool:
-    """Time alone can turn the leaf from false to true (SPEC §6.2)."""
+    """Time alone can turn the leaf from false to true (SPEC §6.2, §6.7)."""
+    if isinstance(leaf, PropertyCondition):  # an instant coming into the window
+        return leaf.operator in CLOCK_OPERATORS
     if not isinstance(leaf, EventCondition) or leaf.within is None:
         return False
+    if leaf.is_aggregate:  # values leaving the window move a windowed aggregate either way
+        return True
     return leaf.check == "not_exists" or (
         leaf.check == "count" and leaf.operator in CLOCK_JOINABLE_COUNT_OPERATORS
     )
 
 
-def is_negative(leaf: Leaf) -> bool:
-    """Satisfied by a contact with no data, and not clock-joinable (see the module doc)."""
-    if isinstance(leaf, PropertyCondition):
-        return leaf.operator in ("neq", "not_exists")
-    return leaf.satisfied_by(0) and not clock_joinable(leaf)
+def clock_can_join(node: Node, negated: bool = False) -> bool:
+    """Time alone can turn some leaf of ``node`` the way that may make the criteria true
+    (SPEC §6.7): a clock-joinable leaf, or under ``not`` a leaf time can make false (a
+    windowed ``exists`` / ``count gt|gte|eq`` whose events age out)."""
+    if isinstance(node, Composite):
+        flip = negated != (node.operator == "not")
+        return any(clock_can_join(child, flip) for child in node.conditions)
+    if not negated:
+        return isinstance(node, EventCondition | PropertyCondition) and clock_joinable(node)
+    if isinstance(node, PropertyCondition):  # an instant leaving the window
+        return node.operator in CLOCK_OPERATORS
+    if not isinstance(node, EventCondition) or node.within is None:
+        return False
+    return node.is_aggregate or threshold(node)[0] in ("at_least", "eq")
+
+
+def empty_contact_values(node: Node) -> set[bool]:
+    """The values ``node`` may take for a contact with no properties and no events (a
+    ``sample`` may take both: it depends on the external id)."""
+    if isinstance(node, PropertyCondition):
+        from buckets.criteria.evaluate import property_matches
+
+        return {property_matches(node, {})}
+    if isinstance(node, EventCondition):
+        return {node.holds(Aggregate() if node.is_aggregate else 0)}
+    if isinstance(node, Everyone):
+        return {True}
+    if isinstance(node, Sample):
+        return {True, False}
+    children = [empty_contact_values(child) for child in node.conditions]
+    if node.operator == "not":
+        return {not value for value in children[0]}
+    found: set[bool] = set()
+    if node.operator == "and":
+        if all(True in values for values in children):
+            found.add(True)
+        if any(False in values for values in children):
+            found.add(False)
+    else:
+        if any(True in values for values in children):
+            found.add(True)
+        if all(False in values for values in children):
+            found.add(False)
+    return found
 
 
 def canonical_criteria(node: Node) -> dict[str, Any]:
-    """The literal form with only the keys that carry meaning; durations in seconds."""
+    """The literal form with only the keys that carry meaning; durations in seconds. (Part 1
+    nodes keep exactly their part 1 form: their fingerprints do not change.)"""
     if isinstance(node, Composite):
         return {
             "type": "composite",
             "operator": node.operator,
             "conditions": [canonical_criteria(child) for child in node.conditions],
         }
+    if isinstance(node, Everyone):
+        return {"type": "everyone"}
+    if isinstance(node, Sample):
+        return {"type": "sample", "percent": node.percent, "salt": node.salted()}
     if isinstance(node, PropertyCondition):
         out: dict[str, Any] = {
             "type": "property",
-            "property": node.property,
+            "property": node.property if isinstance(node.property, str) else list(node.path),
             "operator": node.operator,
         }
-        if node.operator not in ("exists", "not_exists"):
-            out["value"] = node.value
+        if node.operator in CLOCK_OPERATORS:
+            out["value"] = duration_seconds(node.value)
+        elif node.operator not in ("exists", "not_exists"):
+            out["value"] = list(node.value) if isinstance(node.value, tuple) else node.value
         return out
     out = {"type": "event", "event": node.event, "check": node.check}
-    if node.check == "count":
+    if node.check == "count" or node.is_aggregate:
         out["operator"] = node.operator
         out["value"] = node.value
+    if node.is_aggregate:
+        out["property"] = node.property if isinstance(node.property, str) else list(node.aggregated)
     if node.within is not None:
         out["within"] = duration_seconds(node.within)
     if node.where is not None:

@@ -20,8 +20,9 @@ the queue's entries come from (:func:`buckets.criteria.clock.exact_flip`).
 
 from __future__ import annotations
 
+import hashlib
 from dataclasses import dataclass, field
-from datetime import datetime
+from datetime import datetime, timedelta
 from typing import Any
 
 import sqlalchemy as sa
@@ -30,16 +31,31 @@ from sqlalchemy.engine import Connection
 from buckets import due
 from buckets.contacts import UnknownContactError
 from buckets.criteria import Event, evaluate, in_memory_counter
-from buckets.criteria.clock import exact_flip, in_memory_state
+from buckets.criteria.clock import exact_flip, in_memory_leaf_states, in_memory_state
 from buckets.criteria.durations import format_duration
-from buckets.criteria.evaluate import event_counts, property_matches
-from buckets.criteria.model import Composite, EventCondition, Node, PropertyCondition
+from buckets.criteria.evaluate import (
+    MISSING,
+    aggregate_of,
+    event_counts,
+    lookup,
+    property_matches,
+)
+from buckets.criteria.instants import parse_instant
+from buckets.criteria.model import (
+    CLOCK_OPERATORS,
+    INSTANT_OPERATORS,
+    Aggregate,
+    Composite,
+    EventCondition,
+    Everyone,
+    Node,
+    PropertyCondition,
+    Sample,
+)
 from buckets.definitions import Bucket
 from buckets.models import bucket_memberships, contacts, user_events
 from buckets.registry import read_overrides
 from buckets.runtime import Runtime, get_runtime
-
-_MISSING = object()
 
 
 @dataclass
@@ -51,6 +67,8 @@ class Leaf:
     window: tuple[datetime, datetime] | None = None
     property_value: Any = None  # property leaves: the contact's value
     property_present: bool | None = None
+    detail: str | None = None  # what decided the leaf, where a value or a count does not say
+    next_at: datetime | None = None  # the first instant the clock alone may change the leaf
 
     def to_dict(self) -> dict[str, Any]:
         out: dict[str, Any] = {
@@ -65,6 +83,10 @@ class Leaf:
         if self.property_present is not None:
             out["present"] = self.property_present
             out["actual"] = self.property_value
+        if self.detail is not None:
+            out["detail"] = self.detail
+        if self.next_at is not None:
+            out["next_at"] = self.next_at.isoformat()
         return out
 
 
@@ -116,7 +138,16 @@ def describe(node: Node) -> str:
     """A one-line reading of a leaf."""
     if isinstance(node, PropertyCondition):
         value = "" if node.operator in ("exists", "not_exists") else f" {node.value!r}"
-        return f"property {node.property!r} {node.operator}{value}"
+        if isinstance(node.value, tuple):
+            value = f" {list(node.value)!r}"
+        if isinstance(node.value, timedelta):
+            value = f" {format_duration(node.value)}"
+        key = node.property if isinstance(node.property, str) else list(node.path)
+        return f"property {key!r} {node.operator}{value}"
+    if isinstance(node, Everyone):
+        return "everyone"
+    if isinstance(node, Sample):
+        return f"sample {node.percent}% (salt {node.salt!r})"
     if isinstance(node, EventCondition):
         text = f"event {node.event!r}"
         if node.where:
@@ -125,7 +156,11 @@ def describe(node: Node) -> str:
             text += f" within {format_duration(node.within)}"
         if node.check == "count":
             return f"{text} count {node.operator} {node.value}"
+        if node.is_aggregate:
+            key = node.property if isinstance(node.property, str) else list(node.aggregated)
+            return f"{text} {node.check} {key!r} {node.operator} {node.value}"
         return f"{text} {node.check}"
+    assert isinstance(node, Composite)
     return f"{node.operator} of {len(node.conditions)}"
 
 
@@ -135,6 +170,12 @@ def _leaves(node: Node, path: str, out: list[tuple[str, Node]]) -> None:
             _leaves(child, f"{path}.conditions[{index}]", out)
     else:
         out.append((path, node))
+
+
+def _sample_detail(node: Sample, external_id: str) -> str:
+    digest = hashlib.sha256(f"{node.salted()}:{external_id}".encode()).hexdigest()
+    bucket = int(digest[:8], 16) % 10_000
+    return f"sample slot {bucket} of 10000, in when below {node.threshold}"
 
 
 def explain(
@@ -167,7 +208,11 @@ def explain(
         queue_complete = due.complete(conn, bucket)
     properties = contact.properties
     matches = contact.deleted_at is None and evaluate(
-        bucket.criteria, properties, in_memory_counter(events, now)
+        bucket.criteria,
+        properties,
+        in_memory_counter(events, now),
+        external_id=external_id,
+        now=now,
     )
     paths: list[tuple[str, Node]] = []
     _leaves(bucket.criteria, "criteria", paths)
@@ -192,10 +237,13 @@ def explain(
         member=row is not None,
         matches=matches,
         membership=membership,
-        leaves=[_leaf(path, node, properties, events, now) for path, node in paths],
+        leaves=[
+            _leaf(path, node, properties, events, now, external_id=external_id)
+            for path, node in paths
+        ],
         next_change=None
         if contact.deleted_at is not None
-        else _next_change(bucket, properties, events, now, row=row),
+        else _next_change(bucket, properties, events, now, external_id, row=row),
         queued_at=queued_at,
         queue_complete=queue_complete,
     )
@@ -215,30 +263,73 @@ def _events(conn: Connection, contact_id: int, bucket: Bucket) -> list[Event]:
 
 
 def _leaf(
-    path: str, node: Node, properties: dict[str, Any], events: list[Event], now: datetime
+    path: str,
+    node: Node,
+    properties: dict[str, Any],
+    events: list[Event],
+    now: datetime,
+    *,
+    external_id: str,
 ) -> Leaf:
+    found = in_memory_leaf_states(properties, events, now, external_id)
     if isinstance(node, PropertyCondition):
-        actual = properties.get(node.property, _MISSING)
+        actual = lookup(properties, node.path)
+        detail = None
+        if node.operator in INSTANT_OPERATORS or node.operator in CLOCK_OPERATORS:
+            instant = parse_instant(actual)
+            detail = f"instant {instant.isoformat()}" if instant else "not an instant"
         return Leaf(
             path,
             describe(node),
-            property_matches(node, properties),
-            property_present=actual is not _MISSING,
-            property_value=None if actual is _MISSING else actual,
+            property_matches(node, properties, now),
+            property_present=actual is not MISSING,
+            property_value=None if actual is MISSING else actual,
+            detail=detail,
+            next_at=found(node).next_at,
         )
+    if isinstance(node, Everyone | Sample):
+        detail = _sample_detail(node, external_id) if isinstance(node, Sample) else None
+        return Leaf(path, describe(node), found(node).value, detail=detail)
     assert isinstance(node, EventCondition)
     count = sum(1 for event in events if event_counts(node, event, now))
+    detail = _aggregate_detail(node, aggregate_of(node, events, now)) if node.is_aggregate else None
     window = (now - node.within, now) if node.within is not None else None
-    return Leaf(path, describe(node), node.satisfied_by(count), count=count, window=window)
+    return Leaf(
+        path,
+        describe(node),
+        found(node).value,
+        count=count,
+        window=window,
+        detail=detail,
+        next_at=found(node).next_at,
+    )
+
+
+def _aggregate_detail(node: EventCondition, found: Aggregate) -> str:
+    if found.numbers == 0:
+        value = "0" if node.check == "sum" else "none"
+    elif node.check == "sum":
+        value = str(found.total)
+    elif node.check == "avg":
+        value = f"{found.total / found.numbers} (sum {found.total})"
+    else:
+        value = str(found.low if node.check == "min" else found.high)
+    return f"{node.check} {value} over {found.numbers} numeric value(s)"
 
 
 def _next_change(
-    bucket: Bucket, properties: dict[str, Any], events: list[Event], now: datetime, *, row: Any
+    bucket: Bucket,
+    properties: dict[str, Any],
+    events: list[Event],
+    now: datetime,
+    external_id: str,
+    *,
+    row: Any,
 ) -> Change | None:
     candidates: list[Change] = []
-    flip = exact_flip(bucket.criteria, properties, events, now)
+    flip = exact_flip(bucket.criteria, properties, events, now, external_id)
     if flip is not None:
-        matches = in_memory_state(bucket.criteria, properties, events, now).value
+        matches = in_memory_state(bucket.criteria, properties, events, now, external_id).value
         detail = "the criteria stop matching" if matches else "the criteria start matching"
         candidates.append(Change(flip, "criteria", detail))
     if row is not None and row.max_dwell_at is not None and row.max_dwell_at > now:

@@ -19,13 +19,15 @@ Criteria = dict[str, Any]
 
 
 class PropertyBuilder:
-    """Conditions on one property key: ``b.prop("plan").eq("pro")``."""
+    """Conditions on one property key, or a path of keys into nested objects:
+    ``b.prop("plan").eq("pro")``, ``b.prop(["address", "country"]).in_(["DE", "FR"])``."""
 
-    def __init__(self, key: str) -> None:
-        self._key = key
+    def __init__(self, key: str | list[str]) -> None:
+        self._key = list(key) if isinstance(key, list | tuple) else key
 
     def _leaf(self, operator: str, *value: Any) -> Criteria:
-        leaf: Criteria = {"type": "property", "property": self._key, "operator": operator}
+        key = list(self._key) if isinstance(self._key, list) else self._key
+        leaf: Criteria = {"type": "property", "property": key, "operator": operator}
         if value:
             leaf["value"] = value[0]
         return leaf
@@ -57,6 +59,29 @@ class PropertyBuilder:
     def not_exists(self) -> Criteria:
         return self._leaf("not_exists")
 
+    def in_(self, values: Any) -> Criteria:
+        """Equal to one of ``values`` (a list of scalars)."""
+        return self._leaf("in", list(values) if isinstance(values, tuple) else values)
+
+    def not_in(self, values: Any) -> Criteria:
+        """Equal to none of ``values`` (a missing key counts as none)."""
+        return self._leaf("not_in", list(values) if isinstance(values, tuple) else values)
+
+    def before(self, instant: Any) -> Criteria:
+        """An instant earlier than ``instant`` (``"2026-03-01T09:00:00Z"``, ``"2026-03-01"``)."""
+        return self._leaf("before", instant)
+
+    def after(self, instant: Any) -> Criteria:
+        return self._leaf("after", instant)
+
+    def within_past(self, duration: Any) -> Criteria:
+        """An instant in ``[now - duration, now]``."""
+        return self._leaf("within_past", duration)
+
+    def within_next(self, duration: Any) -> Criteria:
+        """An instant in ``[now, now + duration]``: ``b.prop("trial_ends").within_next("3d")``."""
+        return self._leaf("within_next", duration)
+
 
 class EventBuilder:
     """Conditions on a contact's events of one name; ``within`` and ``where`` narrow them."""
@@ -79,8 +104,16 @@ class EventBuilder:
         """Count only events whose own properties satisfy every condition."""
         return EventBuilder(self._name, self._within, self._where + conditions)
 
-    def _leaf(self, check: str, operator: str | None = None, value: Any = None) -> Criteria:
+    def _leaf(
+        self,
+        check: str,
+        operator: str | None = None,
+        value: Any = None,
+        key: str | list[str] | None = None,
+    ) -> Criteria:
         leaf: Criteria = {"type": "event", "event": self._name, "check": check}
+        if key is not None:
+            leaf["property"] = key
         if operator is not None:
             leaf["operator"] = operator
             leaf["value"] = value
@@ -115,11 +148,51 @@ class EventBuilder:
     def exactly(self, value: int) -> Criteria:
         return self.count("eq", value)
 
+    def sum(self, key: str | list[str]) -> AggregateBuilder:
+        """The sum of the events' numeric ``key`` (a key or a path): ``.sum("amount").gte(100)``."""
+        return AggregateBuilder(self, "sum", key)
+
+    def avg(self, key: str | list[str]) -> AggregateBuilder:
+        return AggregateBuilder(self, "avg", key)
+
+    def min(self, key: str | list[str]) -> AggregateBuilder:
+        return AggregateBuilder(self, "min", key)
+
+    def max(self, key: str | list[str]) -> AggregateBuilder:
+        return AggregateBuilder(self, "max", key)
+
+
+class AggregateBuilder:
+    """The comparison of an aggregate: ``b.event("order").within("30d").sum("amount").gte(100)``."""
+
+    def __init__(self, events: EventBuilder, check: str, key: str | list[str]) -> None:
+        self._events, self._check = events, check
+        self._key = list(key) if isinstance(key, list | tuple) else key
+
+    def _compare(self, operator: str, value: Any) -> Criteria:
+        return self._events._leaf(self._check, operator, value, self._key)
+
+    def gt(self, value: Any) -> Criteria:
+        return self._compare("gt", value)
+
+    def gte(self, value: Any) -> Criteria:
+        return self._compare("gte", value)
+
+    def lt(self, value: Any) -> Criteria:
+        return self._compare("lt", value)
+
+    def lte(self, value: Any) -> Criteria:
+        return self._compare("lte", value)
+
+    def eq(self, value: Any) -> Criteria:
+        return self._compare("eq", value)
+
 
 class CriteriaBuilder:
     """The ``b`` entry point."""
 
-    def prop(self, key: str) -> PropertyBuilder:
+    def prop(self, key: str | list[str]) -> PropertyBuilder:
+        """A top-level key (``"a.b"`` is one key), or a list of keys: a nested path."""
         return PropertyBuilder(key)
 
     def event(self, name: str) -> EventBuilder:
@@ -130,6 +203,19 @@ class CriteriaBuilder:
 
     def any(self, *conditions: Criteria) -> Criteria:
         return {"type": "composite", "operator": "or", "conditions": list(conditions)}
+
+    def not_(self, condition: Criteria) -> Criteria:
+        return {"type": "composite", "operator": "not", "conditions": [condition]}
+
+    def everyone(self) -> Criteria:
+        return {"type": "everyone"}
+
+    def sample(self, percent: float, salt: str | None = None) -> Criteria:
+        """A stable ``percent`` of contacts (salted with the bucket id unless ``salt``)."""
+        node: Criteria = {"type": "sample", "percent": percent}
+        if salt is not None:
+            node["salt"] = salt
+        return node
 
 
 b = CriteriaBuilder()

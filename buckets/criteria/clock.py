@@ -34,8 +34,26 @@ from dataclasses import dataclass
 from datetime import datetime, timedelta
 from typing import Any
 
-from buckets.criteria.evaluate import Event, event_counts, property_matches
-from buckets.criteria.model import Composite, EventCondition, Leaf, Node, PropertyCondition
+from buckets.criteria.evaluate import (
+    Event,
+    aggregate_of,
+    aggregated_value,
+    event_counts,
+    lookup,
+    property_matches,
+)
+from buckets.criteria.instants import parse_instant
+from buckets.criteria.model import (
+    CLOCK_OPERATORS,
+    Aggregate,
+    Composite,
+    EventCondition,
+    Everyone,
+    Leaf,
+    Node,
+    PropertyCondition,
+    Sample,
+)
 
 TICK = timedelta(microseconds=1)  # the resolution of timestamps (Python and PostgreSQL)
 EXACT_FLIP_STEPS = 10_000  # lower bounds walked by exact_flip before it gives up
@@ -68,8 +86,7 @@ def decisive_count(condition: EventCondition) -> int:
     newest counting events also decide when it changes."""
     if condition.check != "count":
         return 1
-    assert condition.value is not None
-    return condition.value + 1
+    return condition.count_value + 1
 
 
 def threshold(condition: EventCondition) -> tuple[str, int]:
@@ -78,8 +95,7 @@ def threshold(condition: EventCondition) -> tuple[str, int]:
         return "at_least", 1
     if condition.check == "not_exists":
         return "below", 1
-    assert condition.value is not None
-    value = condition.value
+    value = condition.count_value
     match condition.operator:
         case "gte":
             return "at_least", value
@@ -112,14 +128,55 @@ def event_state(
     return State(value, earliest(arrival, departs(n) if value else departs(n + 1)))
 
 
+def aggregate_state(
+    condition: EventCondition,
+    found: Aggregate,
+    oldest: datetime | None,
+    arrival: datetime | None,
+) -> State:
+    """An aggregate leaf's state: its value may change when a numeric value stops counting
+    (the oldest counting one departs first, one microsecond after ``occurred_at + within``)
+    or starts to (the next future-stamped event with a numeric value arrives)."""
+    departs = None
+    if condition.within is not None and oldest is not None:
+        departs = oldest + condition.within + TICK
+    return State(found.satisfies(condition), earliest(arrival, departs))
+
+
+def property_state(
+    leaf: PropertyCondition, properties: Mapping[str, Any], now: datetime | None
+) -> State:
+    """A property leaf's state. Only ``within_past`` / ``within_next`` move with the clock:
+    an instant ``t`` is within the past ``d`` from ``now = t`` until one microsecond after
+    ``t + d``, and within the next ``d`` from ``now = t - d`` until one microsecond after
+    ``t`` (bounds inclusive)."""
+    value = property_matches(leaf, properties, now)
+    if leaf.operator not in CLOCK_OPERATORS:
+        return State(value, None)
+    instant = parse_instant(lookup(properties, leaf.path))
+    if instant is None:
+        return State(value, None)
+    assert now is not None  # property_matches needed it already
+    span: timedelta = leaf.value
+    if leaf.operator == "within_past":
+        if instant > now:
+            return State(value, instant)
+        return State(value, instant + span + TICK if instant >= now - span else None)
+    if instant > now + span:
+        return State(value, instant - span)
+    return State(value, instant + TICK if instant >= now else None)
+
+
 LeafStates = Callable[[Leaf], State]
 
 
 def state(node: Node, leaf_state: LeafStates) -> State:
     """The node's state from its leaves' states (see the module docstring)."""
-    if isinstance(node, PropertyCondition | EventCondition):
+    if not isinstance(node, Composite):
         return leaf_state(node)
-    assert isinstance(node, Composite)
+    if node.operator == "not":  # the same instants, the opposite value
+        inner = state(node.conditions[0], leaf_state)
+        return State(not inner.value, inner.next_at)
     children = [state(child, leaf_state) for child in node.conditions]
     holds = node.operator == "and"  # the children's value that does not decide alone
     value = all(c.value for c in children) if holds else any(c.value for c in children)
@@ -138,7 +195,8 @@ def counting(condition: EventCondition, events: Iterable[Event], now: datetime) 
 
 
 def arrival(condition: EventCondition, events: Iterable[Event], now: datetime) -> datetime | None:
-    """The first event matching ``condition`` (name, ``where``) stamped after ``now``."""
+    """The first event matching ``condition`` (name, ``where``; for an aggregate, with a
+    numeric value) stamped after ``now``."""
     return earliest(
         *(
             e.occurred_at
@@ -146,39 +204,85 @@ def arrival(condition: EventCondition, events: Iterable[Event], now: datetime) -
             if e.name == condition.event
             and e.occurred_at > now
             and all(property_matches(w, e.properties) for w in condition.where or ())
+            and (not condition.is_aggregate or aggregated_value(condition, e) is not None)
         )
     )
 
 
+def oldest_number(
+    condition: EventCondition, events: Iterable[Event], now: datetime
+) -> datetime | None:
+    """The oldest event counting for the aggregate ``condition`` whose value is a number."""
+    found = [
+        e.occurred_at
+        for e in events
+        if event_counts(condition, e, now) and aggregated_value(condition, e) is not None
+    ]
+    return min(found) if found else None
+
+
+def static_state(leaf: Leaf, external_id: str | None) -> State | None:
+    """The state of a leaf no clock moves (``everyone``, ``sample``); None for the others."""
+    if isinstance(leaf, Everyone):
+        return State(True, None)
+    if isinstance(leaf, Sample):
+        if external_id is None:
+            raise ValueError("a sample needs the contact's external_id")
+        return State(leaf.hits(external_id), None)
+    return None
+
+
 def in_memory_leaf_states(
-    properties: Mapping[str, Any], events: Sequence[Event], now: datetime
+    properties: Mapping[str, Any],
+    events: Sequence[Event],
+    now: datetime,
+    external_id: str | None = None,
 ) -> LeafStates:
     def leaf_state(leaf: Leaf) -> State:
         if isinstance(leaf, PropertyCondition):
-            return State(property_matches(leaf, properties), None)
-        return event_state(leaf, counting(leaf, events, now), arrival(leaf, events, now))
+            return property_state(leaf, properties, now)
+        if isinstance(leaf, EventCondition) and leaf.is_aggregate:
+            return aggregate_state(
+                leaf,
+                aggregate_of(leaf, events, now),
+                oldest_number(leaf, events, now),
+                arrival(leaf, events, now),
+            )
+        if isinstance(leaf, EventCondition):
+            return event_state(leaf, counting(leaf, events, now), arrival(leaf, events, now))
+        found = static_state(leaf, external_id)
+        assert found is not None
+        return found
 
     return leaf_state
 
 
 def in_memory_state(
-    node: Node, properties: Mapping[str, Any], events: Sequence[Event], now: datetime
+    node: Node,
+    properties: Mapping[str, Any],
+    events: Sequence[Event],
+    now: datetime,
+    external_id: str | None = None,
 ) -> State:
     """:func:`state` of a contact whose properties and events are in memory."""
-    return state(node, in_memory_leaf_states(properties, events, now))
+    return state(node, in_memory_leaf_states(properties, events, now, external_id))
 
 
 def exact_flip(
-    node: Node, properties: Mapping[str, Any], events: Sequence[Event], now: datetime
+    node: Node,
+    properties: Mapping[str, Any],
+    events: Sequence[Event],
+    now: datetime,
+    external_id: str | None = None,
 ) -> datetime | None:
     """The first instant after ``now`` at which the answer really differs (None: never, or
     not within :data:`EXACT_FLIP_STEPS` lower bounds)."""
-    current = in_memory_state(node, properties, events, now)
+    current = in_memory_state(node, properties, events, now, external_id)
     at = current.next_at
     for _ in range(EXACT_FLIP_STEPS):
         if at is None:
             return None
-        there = in_memory_state(node, properties, events, at)
+        there = in_memory_state(node, properties, events, at, external_id)
         if there.value != current.value:
             return at
         at = there.next_at

@@ -39,15 +39,20 @@ from decimal import Decimal
 from typing import Any
 
 import sqlalchemy as sa
-from sqlalchemy.dialects.postgresql import ARRAY, JSONB, aggregate_order_by
+from sqlalchemy.dialects.postgresql import ARRAY, BIT, JSONB, aggregate_order_by
 from sqlalchemy.sql.elements import ColumnElement
 
 from buckets.criteria.clock import threshold
+from buckets.criteria.instants import instant_sql, parse_instant
 from buckets.criteria.model import (
+    CLOCK_OPERATORS,
+    INSTANT_OPERATORS,
     Composite,
     EventCondition,
+    Everyone,
     Node,
     PropertyCondition,
+    Sample,
     leaves,
 )
 from buckets.models import Contact, UserEvent
@@ -69,15 +74,68 @@ def _numeric(value: int | float) -> ColumnElement[Any]:
     return sa.literal(Decimal(repr(value)) if isinstance(value, float) else value, sa.Numeric)
 
 
-def property_predicate(
-    condition: PropertyCondition, column: ColumnElement[Any]
+def _nested(path: tuple[str, ...], value: object) -> object:
+    """``{k1: {k2: ... value}}``: what containment of ``value`` at ``path`` looks for."""
+    for key in reversed(path):
+        value = {key: value}
+    return value
+
+
+def shifted(now: datetime | ColumnElement[Any], by: timedelta) -> ColumnElement[Any]:
+    """``now + by``: a bound instant, or arithmetic on a bound parameter."""
+    if isinstance(now, datetime):
+        return sa.literal(now + by, TIMESTAMP)
+    return now + sa.literal(by, sa.Interval)
+
+
+def instant_predicate(
+    condition: PropertyCondition,
+    value: ColumnElement[Any],
+    text: ColumnElement[Any],
+    now: datetime | ColumnElement[Any] | None,
 ) -> ColumnElement[bool]:
-    """``condition`` over the jsonb object ``column`` (contacts.properties or an event's)."""
-    key = sa.literal(condition.property, sa.Text)
-    value = column.op("->")(key)
-    text = column.op("->>")(key)
+    """``before`` / ``after`` / ``within_past`` / ``within_next``: false (never NULL) unless the
+    value is an instant (:func:`.instants.instant_sql`)."""
+    instant = instant_sql(value, text)
+    compared: ColumnElement[bool]
+    if condition.operator in ("before", "after"):
+        wanted = sa.literal(parse_instant(condition.value), TIMESTAMP)
+        compared = instant < wanted if condition.operator == "before" else instant > wanted
+    else:
+        if now is None:
+            raise ValueError(f"operator {condition.operator!r} needs the decision's now")
+        span: timedelta = condition.value
+        if condition.operator == "within_past":
+            compared = instant.between(shifted(now, -span), shifted(now, timedelta(0)))
+        else:
+            compared = instant.between(shifted(now, timedelta(0)), shifted(now, span))
+    return sa.func.coalesce(compared, sa.false())
+
+
+def property_value(
+    condition: PropertyCondition, column: ColumnElement[Any]
+) -> tuple[ColumnElement[Any], ColumnElement[Any]]:
+    """The jsonb value at the condition's path, and its text (``->>``)."""
+    parent = column
+    for key in condition.path[:-1]:
+        parent = parent.op("->")(sa.literal(key, sa.Text))
+    last = sa.literal(condition.path[-1], sa.Text)
+    return parent.op("->")(last), parent.op("->>")(last)
+
+
+def property_predicate(
+    condition: PropertyCondition,
+    column: ColumnElement[Any],
+    now: datetime | ColumnElement[Any] | None = None,
+) -> ColumnElement[bool]:
+    """``condition`` over the jsonb object ``column`` (contacts.properties or an event's).
+    A path reads nested objects with ``->`` and text keys, which is NULL through anything but
+    an object (an array is not indexed by ``"0"``): missing, as the spec says."""
+    value, text = property_value(condition, column)
     kind = sa.func.jsonb_typeof(value)
     wanted = condition.value
+    if condition.operator in INSTANT_OPERATORS or condition.operator in CLOCK_OPERATORS:
+        return instant_predicate(condition, value, text, now)
     match condition.operator:
         case "exists":
             return sa.func.coalesce(kind, sa.literal("null")) != "null"
@@ -86,9 +144,14 @@ def property_predicate(
         case "eq":
             # Containment of {key: scalar} is type-strict equality (1 = 1.0, true <> 1, a
             # missing key never matches) and needs no extraction: ~3x faster than `->` =.
-            return _contains(column, {condition.property: wanted})
+            # Nested objects contain nested objects only: {a: [{b: 1}]} does not hold {a: {b: 1}}.
+            return _contains(column, _nested(condition.path, wanted))
         case "neq":
-            return sa.not_(_contains(column, {condition.property: wanted}))
+            return sa.not_(_contains(column, _nested(condition.path, wanted)))
+        case "in":
+            return _contains_any(column, [_nested(condition.path, one) for one in wanted])
+        case "not_in":
+            return sa.not_(_contains_any(column, [_nested(condition.path, one) for one in wanted]))
         case "gt" | "gte" | "lt" | "lte":
             number = sa.cast(text, sa.Numeric)
             compared = number.op(_SQL_OPERATORS[condition.operator])(_numeric(wanted))
@@ -103,6 +166,21 @@ def property_predicate(
                 )
             return sa.case((kind == "array", in_array), else_=sa.false())
     raise AssertionError(condition.operator)  # pragma: no cover - validated
+
+
+def _contains_any(container: ColumnElement[Any], values: list[object]) -> ColumnElement[bool]:
+    """jsonb ``@> ANY`` of literal JSON values (one bound array)."""
+    array = sa.cast(sa.literal([json.dumps(v) for v in values], ARRAY(sa.Text)), ARRAY(JSONB))
+    return container.op("@>", is_comparison=True)(sa.any_(array))
+
+
+def sample_predicate(node: Sample, external_id: ColumnElement[Any]) -> ColumnElement[bool]:
+    """``node`` over the contact's ``external_id``: the same sha256 as :meth:`.Sample.hits`."""
+    salted = sa.literal(f"{node.salted()}:", sa.Text).concat(external_id)
+    digest = sa.func.encode(sa.func.sha256(sa.func.convert_to(salted, "UTF8")), "hex")
+    bits = sa.cast(sa.literal("x", sa.Text).concat(sa.func.substr(digest, 1, 8)), BIT(32))
+    number = sa.cast(bits, sa.BigInteger)
+    return (number % 10_000) < node.threshold
 
 
 _SQL_OPERATORS = {"gt": ">", "gte": ">=", "lt": "<", "lte": "<=", "eq": "="}
@@ -120,6 +198,48 @@ class LeafColumns:
     count: ColumnElement[Any]
     newest: dict[int, ColumnElement[Any]]  # rank (1 = newest) -> occurred_at of that event
     arrival: ColumnElement[Any] | None  # the first matching event stamped after now
+    # aggregate conditions: over the counting events whose value is a number
+    numbers: ColumnElement[Any] | None = None  # how many
+    total: ColumnElement[Any] | None = None  # their sum
+    low: ColumnElement[Any] | None = None
+    high: ColumnElement[Any] | None = None
+    oldest: ColumnElement[Any] | None = None  # the oldest one's occurred_at (clock)
+
+
+def event_number(condition: EventCondition) -> tuple[ColumnElement[Any], ColumnElement[bool]]:
+    """The aggregated value of an event as ``numeric`` (NULL unless a number) and whether it
+    is a number (SPEC §3.4: other values, booleans included, are ignored)."""
+    parent: ColumnElement[Any] = user_events.c.properties
+    path = condition.aggregated
+    for key in path[:-1]:
+        parent = parent.op("->")(sa.literal(key, sa.Text))
+    last = sa.literal(path[-1], sa.Text)
+    is_number = sa.func.jsonb_typeof(parent.op("->")(last)) == "number"
+    number = sa.case((is_number, sa.cast(parent.op("->>")(last), sa.Numeric)), else_=sa.null())
+    return number, is_number
+
+
+def aggregate_predicate(condition: EventCondition, found: LeafColumns) -> ColumnElement[bool]:
+    """An aggregate condition over its columns (NULL where it is false for want of values)."""
+    assert condition.operator is not None
+    assert condition.value is not None
+    wanted = _numeric(condition.value)
+    operator = _SQL_OPERATORS[condition.operator]
+    match condition.check:
+        case "sum":
+            assert found.total is not None
+            return sa.func.coalesce(found.total, 0).op(operator)(wanted)
+        case "avg":
+            assert found.total is not None
+            assert found.numbers is not None
+            return sa.and_(found.numbers > 0, found.total.op(operator)(wanted * found.numbers))
+        case "min":
+            assert found.low is not None
+            return found.low.op(operator)(wanted)
+        case "max":
+            assert found.high is not None
+            return found.high.op(operator)(wanted)
+    raise AssertionError(condition.check)  # pragma: no cover - validated
 
 
 @dataclass(frozen=True)
@@ -185,9 +305,8 @@ def compile_criteria(
         )
         from_clause = from_clause.outerjoin(aggregate, aggregate.c.contact_id == contacts.c.id)
         columns.update(found)
-    counts = {condition: leaf.count for condition, leaf in columns.items()}
     scope = _scope(contacts.c.id, contact_ids, id_range)
-    return CompiledCriteria(from_clause, _predicate(node, counts), tuple(scope), columns)
+    return CompiledCriteria(from_clause, _predicate(node, columns, now), tuple(scope), columns)
 
 
 def member_select(
@@ -204,7 +323,7 @@ def member_select(
 def newest_ranks(condition: EventCondition) -> tuple[int, ...]:
     """Which of the newest counting events decide when ``condition`` changes (see
     :func:`.clock.event_state`); none without a window (events never stop counting)."""
-    if condition.within is None:
+    if condition.within is None or condition.is_aggregate:
         return ()
     kind, n = threshold(condition)
     ranks = (n, n + 1) if kind == "eq" else (n,)
@@ -243,6 +362,7 @@ def _aggregate(
 
     selected: list[Any] = []
     names: dict[EventCondition, tuple[str, dict[int, str], str | None]] = {}
+    extra: dict[EventCondition, dict[str, str]] = {}  # aggregates: field -> label
     for position, condition in enumerate(conditions):
         matching: list[ColumnElement[bool]] = []  # name, where (beyond the shared scope)
         if condition.where is not None and shared_where is None:
@@ -255,26 +375,10 @@ def _aggregate(
         if condition.within is not None and condition.within != widest:
             counting.append(occurred >= sa.literal(now - condition.within, TIMESTAMP))
 
-        def filtered(aggregate: Any, where: list[ColumnElement[bool]]) -> Any:
-            return aggregate.filter(sa.and_(*where)) if where else aggregate
-
-        selected.append(filtered(sa.func.count(), counting).label(f"n{position}"))
-        newest: dict[int, str] = {}
-        arrival: str | None = None
-        if clock:
-            for rank in newest_ranks(condition):
-                label = f"r{position}_{rank}"
-                if rank == 1:
-                    value = filtered(sa.func.max(occurred), counting)
-                else:
-                    ordered = aggregate_order_by(occurred, occurred.desc())
-                    value = filtered(sa.func.array_agg(ordered, type_=ARRAY(TIMESTAMP)), counting)
-                    value = value[rank]
-                selected.append(value.label(label))
-                newest[rank] = label
-            arrival = f"a{position}"
-            first = filtered(sa.func.min(occurred), [*matching, occurred > at])
-            selected.append(first.label(arrival))
+        columns, newest, arrival, extra[condition] = _condition_columns(
+            condition, position, matching, counting, at, clock=clock
+        )
+        selected.extend(columns)
         names[condition] = (f"n{position}", newest, arrival)
     subquery = (
         sa.select(user_events.c.contact_id, *selected)
@@ -287,22 +391,100 @@ def _aggregate(
             subquery.c[count],
             {rank: subquery.c[label] for rank, label in newest.items()},
             subquery.c[arrival] if arrival is not None else None,
+            **{name_: subquery.c[label] for name_, label in extra.get(condition, {}).items()},
         )
         for condition, (count, newest, arrival) in names.items()
     }
     return subquery, found
 
 
-def _predicate(node: Node, counts: dict[EventCondition, ColumnElement[Any]]) -> ColumnElement[bool]:
+def _filtered(aggregate: Any, where: list[ColumnElement[bool]]) -> Any:
+    return aggregate.filter(sa.and_(*where)) if where else aggregate
+
+
+def _condition_columns(
+    condition: EventCondition,
+    position: int,
+    matching: list[ColumnElement[bool]],
+    counting: list[ColumnElement[bool]],
+    at: ColumnElement[Any],
+    *,
+    clock: bool,
+) -> tuple[list[Any], dict[int, str], str | None, dict[str, str]]:
+    """One condition's columns in its name's aggregate: the count, an aggregate's functions,
+    and with ``clock`` the newest counting events' instants and the next arrival."""
+    occurred = user_events.c.occurred_at
+    selected: list[Any] = [_filtered(sa.func.count(), counting).label(f"n{position}")]
+    newest: dict[int, str] = {}
+    arrival: str | None = None
+    extra: dict[str, str] = {}
+    if condition.is_aggregate:
+        number, is_number = event_number(condition)
+        matching = [*matching, is_number]  # arrivals: only numbers change an aggregate
+        for field_, column in _aggregate_columns(condition, number, clock=clock).items():
+            label = f"{field_}{position}"
+            selected.append(_filtered(column, [*counting, is_number]).label(label))
+            extra[field_] = label
+    if clock:
+        for rank in newest_ranks(condition):
+            label = f"r{position}_{rank}"
+            if rank == 1:
+                value = _filtered(sa.func.max(occurred), counting)
+            else:
+                ordered = aggregate_order_by(occurred, occurred.desc())
+                value = _filtered(sa.func.array_agg(ordered, type_=ARRAY(TIMESTAMP)), counting)
+                value = value[rank]
+            selected.append(value.label(label))
+            newest[rank] = label
+        arrival = f"a{position}"
+        first = _filtered(sa.func.min(occurred), [*matching, occurred > at])
+        selected.append(first.label(arrival))
+    return selected, newest, arrival, extra
+
+
+def _aggregate_columns(
+    condition: EventCondition, number: ColumnElement[Any], *, clock: bool
+) -> dict[str, Any]:
+    """The aggregate functions (over the counting numbers) an aggregate condition reads."""
+    occurred = user_events.c.occurred_at
+    functions = {
+        "numbers": sa.func.count(),
+        "total": sa.func.sum(number),
+        "low": sa.func.min(number),
+        "high": sa.func.max(number),
+        "oldest": sa.func.min(occurred),
+    }
+    keep = {"sum": ["total"], "avg": ["total", "numbers"], "min": ["low"], "max": ["high"]}
+    fields = keep[condition.check] + (["oldest"] if clock else [])
+    return {field_: functions[field_] for field_ in fields}
+
+
+def _predicate(
+    node: Node, columns: dict[EventCondition, LeafColumns], now: datetime
+) -> ColumnElement[bool]:
     if isinstance(node, PropertyCondition):
-        return property_predicate(node, contacts.c.properties)
+        return property_predicate(node, contacts.c.properties, now)
+    if isinstance(node, EventCondition) and node.is_aggregate:
+        return aggregate_predicate(node, columns[node])
     if isinstance(node, EventCondition):
-        count = counts[node]
+        count = columns[node].count
         if node.satisfied_by(0):  # no events row => NULL: count it as 0
             count = sa.func.coalesce(count, 0)
         return _count_predicate(node, count)
+    if isinstance(node, Everyone):
+        return sa.true()
+    if isinstance(node, Sample):
+        return sample_predicate(node, contacts.c.external_id)
     assert isinstance(node, Composite)
-    parts = [_predicate(child, counts) for child in node.conditions]
+    parts = [_predicate(child, columns, now) for child in node.conditions]
+    return _combine(node, parts)
+
+
+def _combine(node: Composite, parts: list[ColumnElement[bool]]) -> ColumnElement[bool]:
+    if node.operator == "not":
+        # A strict comparison is NULL for a contact without events (see the module doc):
+        # false before it is negated.
+        return sa.not_(sa.func.coalesce(parts[0], sa.false()))
     return sa.and_(*parts) if node.operator == "and" else sa.or_(*parts)
 
 
@@ -370,15 +552,41 @@ def _reached(
     return sa.exists(probe)
 
 
+def _probe_aggregate(
+    condition: EventCondition, now: datetime, contact_id: ColumnElement[Any]
+) -> ColumnElement[bool]:
+    """An aggregate over the contact's counting events: one grouped-away row (an aggregate
+    without ``GROUP BY`` always has one) kept by ``HAVING`` when the condition holds."""
+    number, is_number = event_number(condition)
+    scope = [*leaf_event_scope(condition, now, contact_id), is_number]
+    found = LeafColumns(
+        sa.func.count(),
+        {},
+        None,
+        numbers=sa.func.count(),
+        total=sa.func.sum(number),
+        low=sa.func.min(number),
+        high=sa.func.max(number),
+    )
+    probe = (
+        sa.select(sa.literal(1))
+        .where(*scope)
+        .having(aggregate_predicate(condition, found))
+        .correlate_except(user_events)
+    )
+    return sa.exists(probe)
+
+
 def _probe_leaf(
     condition: EventCondition, now: datetime, contact_id: ColumnElement[Any]
 ) -> ColumnElement[bool]:
+    if condition.is_aggregate:
+        return _probe_aggregate(condition, now, contact_id)
     if condition.check == "exists":
         return _reached(condition, 1, now, contact_id)
     if condition.check == "not_exists":
         return sa.not_(_reached(condition, 1, now, contact_id))
-    assert condition.value is not None
-    value = condition.value
+    value = condition.count_value
     match condition.operator:
         case "gt":
             return _reached(condition, value + 1, now, contact_id)
@@ -402,19 +610,29 @@ def probe_predicate(
     contact_id: ColumnElement[Any] | None = None,
     *,
     properties: ColumnElement[Any] | None = None,
+    external_id: ColumnElement[Any] | None = None,
 ) -> ColumnElement[bool]:
     """``node`` as a correlated predicate: event leaves probe the events of ``contact_id``
-    (default ``contacts.id``) as of ``now``; property leaves read ``properties`` (default
-    ``contacts.properties``, which must then be in the query's FROM). Soft-deleted contacts
-    are not excluded here: callers scope the rows they examine."""
+    (default ``contacts.id``) as of ``now``; property leaves read ``properties`` and samples
+    ``external_id`` (default ``contacts.properties`` / ``contacts.external_id``, which must
+    then be in the query's FROM). Soft-deleted contacts are not excluded here: callers scope
+    the rows they examine."""
     if now.tzinfo is None:
         raise ValueError("now must be timezone-aware")
     contact = contacts.c.id if contact_id is None else contact_id
     bag = contacts.c.properties if properties is None else properties
+    name = contacts.c.external_id if external_id is None else external_id
     if isinstance(node, PropertyCondition):
-        return property_predicate(node, bag)
+        return property_predicate(node, bag, now)
     if isinstance(node, EventCondition):
         return _probe_leaf(node, now, contact)
+    if isinstance(node, Everyone):
+        return sa.true()
+    if isinstance(node, Sample):
+        return sample_predicate(node, name)
     assert isinstance(node, Composite)
-    parts = [probe_predicate(child, now, contact, properties=bag) for child in node.conditions]
-    return sa.and_(*parts) if node.operator == "and" else sa.or_(*parts)
+    parts = [
+        probe_predicate(child, now, contact, properties=bag, external_id=name)
+        for child in node.conditions
+    ]
+    return _combine(node, parts)

@@ -14,22 +14,27 @@
 from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass
-from datetime import datetime
+from dataclasses import dataclass, field
+from datetime import datetime, timedelta
+from decimal import Decimal
 from functools import lru_cache
 from typing import Any
 
 import sqlalchemy as sa
 from sqlalchemy.dialects.postgresql import ARRAY, aggregate_order_by
+from sqlalchemy.dialects.postgresql import array as pg_array
 from sqlalchemy.sql.elements import ColumnElement
 
 from buckets.criteria.clock import (
     TICK,
     LeafStates,
     State,
+    aggregate_state,
     decisive_count,
     event_state,
+    property_state,
     state,
+    static_state,
     threshold,
 )
 from buckets.criteria.compile import (
@@ -37,14 +42,30 @@ from buckets.criteria.compile import (
     IdRange,
     LeafColumns,
     _count_predicate,
+    aggregate_predicate,
     compile_criteria,
     contacts,
+    event_number,
     leaf_event_scope,
     property_predicate,
+    property_value,
+    sample_predicate,
+    shifted,
     user_events,
 )
-from buckets.criteria.evaluate import EventCounter, property_matches
-from buckets.criteria.model import Composite, EventCondition, Leaf, Node, PropertyCondition
+from buckets.criteria.evaluate import EventCounter
+from buckets.criteria.instants import instant_sql
+from buckets.criteria.model import (
+    CLOCK_OPERATORS,
+    Aggregate,
+    Composite,
+    EventCondition,
+    Everyone,
+    Leaf,
+    Node,
+    PropertyCondition,
+    Sample,
+)
 
 # --- per contact ------------------------------------------------------------------------------
 
@@ -57,7 +78,7 @@ def leaf_facts(
     needs: Sequence[str] | None = None,
     properties: bool = True,
 ) -> sa.Select[Any]:
-    """``SELECT id, properties, deleted_at, r0, a0, r1, a1, ...`` for ``contact_ids``
+    """``SELECT id, properties, deleted_at, external_id, r0, a0, r1, a1, ...`` for ``contact_ids``
     (``properties`` NULL unless asked for: only property leaves need them):
     ``r<i>`` the instants of the newest events counting for ``conditions[i]`` as of ``now``
     (at most :func:`~.clock.decisive_count`, newest first; NULL for none), ``a<i>`` its first
@@ -100,6 +121,10 @@ def facts_statement(
     wanted = sa.func.unnest(*given).table_valued(*names).render_derived("wanted")
     columns: list[Any] = []
     for index, condition in enumerate(conditions):
+        asked = sa.func.substr(wanted.c.needs, index + 1, 1) == "1" if needs else None
+        if condition.is_aggregate:
+            columns += _aggregate_facts(condition, index, now, asked)
+            continue
         # Explicit correlation: auto-correlation does not reach through the derived table.
         newest = (
             sa.select(occurred)
@@ -125,8 +150,7 @@ def facts_statement(
             .correlate_except(user_events)
             .scalar_subquery()
         )
-        if needs:
-            asked = sa.func.substr(wanted.c.needs, index + 1, 1) == "1"
+        if asked is not None:
             recent = sa.case((asked, recent), else_=sa.null())
             arrival = sa.case((asked, arrival), else_=sa.null())
         columns += [recent.label(f"r{index}"), arrival.label(f"a{index}")]
@@ -139,10 +163,45 @@ def facts_statement(
     # ``id = ANY``: the contacts are fetched by primary key whatever the table's size (a join
     # alone may be planned as a merge over every contact).
     return (
-        sa.select(contacts.c.id, bag.label("properties"), contacts.c.deleted_at, *columns)
+        sa.select(
+            contacts.c.id,
+            bag.label("properties"),
+            contacts.c.deleted_at,
+            contacts.c.external_id,
+            *columns,
+        )
         .select_from(wanted.join(contacts, contacts.c.id == wanted.c.id))
         .where(contacts.c.id == sa.any_(ids))
     )
+
+
+def _aggregate_facts(
+    condition: EventCondition, index: int, now: ColumnElement[Any], asked: Any
+) -> list[Any]:
+    """An aggregate leaf's facts: the oldest counting numeric value's instant (``r``), the
+    next numeric arrival (``a``) and ``[count, sum, min, max]`` of the numbers (``g``)."""
+    occurred = user_events.c.occurred_at
+    number, is_number = event_number(condition)
+    counting = [*leaf_event_scope(condition, now, contacts.c.id), is_number]
+    future = [*leaf_event_scope(condition, now, contacts.c.id, future=True), is_number]
+
+    def scalar(column: Any, where: list[Any]) -> Any:
+        found = sa.select(column).where(*where).correlate_except(user_events).scalar_subquery()
+        return found if asked is None else sa.case((asked, found), else_=sa.null())
+
+    values = pg_array(
+        [
+            sa.cast(sa.func.count(), sa.Numeric),
+            sa.func.coalesce(sa.func.sum(number), 0),
+            sa.func.min(number),
+            sa.func.max(number),
+        ]
+    )
+    return [
+        scalar(sa.func.min(occurred), counting).label(f"r{index}"),
+        scalar(sa.func.min(occurred), future).label(f"a{index}"),
+        scalar(values, counting).label(f"g{index}"),
+    ]
 
 
 @dataclass(frozen=True)
@@ -153,25 +212,60 @@ class Facts:
     properties: Mapping[str, Any]
     recent: Mapping[EventCondition, Sequence[datetime]]
     arrivals: Mapping[EventCondition, datetime | None]
+    external_id: str | None = None
+    aggregates: Mapping[EventCondition, Aggregate] = field(default_factory=dict)
+    oldest: Mapping[EventCondition, datetime | None] = field(default_factory=dict)
+    now: datetime | None = None  # the facts' instant (property leaves that compare with it)
 
     @classmethod
-    def of(cls, row: Any, conditions: Sequence[EventCondition], offset: int = 3) -> Facts:
+    def of(
+        cls,
+        row: Any,
+        conditions: Sequence[EventCondition],
+        offset: int = 4,
+        *,
+        now: datetime | None = None,
+    ) -> Facts:
         recent: dict[EventCondition, Sequence[datetime]] = {}
         arrivals: dict[EventCondition, datetime | None] = {}
-        for index, condition in enumerate(conditions):
-            recent[condition] = row[offset + 2 * index] or ()
-            arrivals[condition] = row[offset + 2 * index + 1]
-        return cls(row.properties or {}, recent, arrivals)
+        aggregates: dict[EventCondition, Aggregate] = {}
+        oldest: dict[EventCondition, datetime | None] = {}
+        at = offset
+        for condition in conditions:
+            if condition.is_aggregate:
+                oldest[condition], arrivals[condition] = row[at], row[at + 1]
+                numbers, total, low, high = row[at + 2] or (0, 0, None, None)
+                aggregates[condition] = Aggregate(int(numbers), Decimal(total), low, high)
+                at += 3
+                continue
+            recent[condition] = row[at] or ()
+            arrivals[condition] = row[at + 1]
+            at += 2
+        return cls(row.properties or {}, recent, arrivals, row.external_id, aggregates, oldest, now)
 
     @property
     def counter(self) -> EventCounter:
-        """The evaluator's counter (counts capped at what decides each leaf)."""
-        return lambda condition: len(self.recent[condition])
+        """The evaluator's counter (counts capped at what decides each leaf; aggregates)."""
+
+        def count(condition: EventCondition) -> int | Aggregate:
+            if condition.is_aggregate:
+                return self.aggregates[condition]
+            return len(self.recent[condition])
+
+        return count
 
     def leaf_state(self, leaf: Leaf) -> State:
         if isinstance(leaf, PropertyCondition):
-            return State(property_matches(leaf, self.properties), None)
-        return event_state(leaf, self.recent[leaf], self.arrivals[leaf])
+            return property_state(leaf, self.properties, self.now)
+        if isinstance(leaf, EventCondition) and leaf.is_aggregate:
+            return aggregate_state(
+                leaf, self.aggregates[leaf], self.oldest[leaf], self.arrivals[leaf]
+            )
+        if isinstance(leaf, EventCondition):
+            return event_state(leaf, self.recent[leaf], self.arrivals[leaf])
+        found = static_state(leaf, self.external_id)
+        assert found is not None
+        return found
 
     def state(self, node: Node) -> State:
         leaf_state: LeafStates = self.leaf_state
@@ -201,7 +295,7 @@ def clock_select(
     the clock alone never changes its answer)."""
     compiled = compile_criteria(node, now, contact_ids=contact_ids, id_range=id_range, clock=True)
     nested: list[Any] = []
-    found = _state(node, compiled.columns, nested)
+    found = _state(node, compiled.columns, nested, now)
     next_at = sa.func.nullif(found.next_at, INFINITY)
     from_clause = compiled.from_clause
     for lateral in nested:  # children before parents: each reads the ones before it
@@ -217,10 +311,33 @@ def clock_select(
     )
 
 
+def _property_state(node: PropertyCondition, now: datetime) -> _SqlState:
+    """:func:`.clock.property_state` in SQL."""
+    value = property_predicate(node, contacts.c.properties, now)
+    if node.operator not in CLOCK_OPERATORS:
+        return _SqlState(value, INFINITY)
+    instant = instant_sql(*property_value(node, contacts.c.properties))
+    span = node.value
+    if node.operator == "within_past":
+        nxt = sa.case(
+            (instant > shifted(now, timedelta(0)), instant),
+            (instant >= shifted(now, -span), instant + sa.literal(span + TICK, sa.Interval)),
+            else_=INFINITY,
+        )
+    else:
+        nxt = sa.case(
+            (instant > shifted(now, span), instant - sa.literal(span, sa.Interval)),
+            (instant >= shifted(now, timedelta(0)), instant + sa.literal(TICK, sa.Interval)),
+            else_=INFINITY,
+        )
+    return _SqlState(value, nxt)
+
+
 def _state(
     node: Node,
     columns: Mapping[EventCondition, LeafColumns],
     nested: list[Any],
+    now: datetime,
     *,
     root: bool = True,
 ) -> _SqlState:
@@ -229,11 +346,18 @@ def _state(
     parent uses each child's value and next change several times, and inlining them would
     double the expression at every level of nesting."""
     if isinstance(node, PropertyCondition):
-        return _SqlState(property_predicate(node, contacts.c.properties), INFINITY)
+        return _property_state(node, now)
     if isinstance(node, EventCondition):
         return _event_state(node, columns[node])
+    if isinstance(node, Everyone):
+        return _SqlState(sa.true(), INFINITY)
+    if isinstance(node, Sample):
+        return _SqlState(sample_predicate(node, contacts.c.external_id), INFINITY)
     assert isinstance(node, Composite)
-    children = [_state(child, columns, nested, root=False) for child in node.conditions]
+    if node.operator == "not":  # the same instants, the opposite value
+        inner = _state(node.conditions[0], columns, nested, now, root=root)
+        return _SqlState(sa.not_(inner.value), inner.next_at)
+    children = [_state(child, columns, nested, now, root=False) for child in node.conditions]
     holds = node.operator == "and"  # the children's value that does not decide alone
     values = [child.value for child in children]
     value = sa.and_(*values) if holds else sa.or_(*values)
@@ -261,7 +385,20 @@ def _state(
     return _SqlState(lateral.c.v, lateral.c.n)
 
 
+def _aggregate_state(condition: EventCondition, found: LeafColumns) -> _SqlState:
+    """:func:`.clock.aggregate_state` in SQL."""
+    value = sa.func.coalesce(aggregate_predicate(condition, found), sa.false())
+    departs: ColumnElement[Any] = INFINITY
+    if condition.within is not None and found.oldest is not None:
+        instant = found.oldest + sa.literal(condition.within + TICK, sa.Interval)
+        departs = sa.func.coalesce(instant, INFINITY)
+    arrival = sa.func.coalesce(found.arrival, INFINITY) if found.arrival is not None else INFINITY
+    return _SqlState(value, sa.func.least(arrival, departs))
+
+
 def _event_state(condition: EventCondition, found: LeafColumns) -> _SqlState:
+    if condition.is_aggregate:
+        return _aggregate_state(condition, found)
     count = sa.func.coalesce(found.count, 0)
     value = _count_predicate(condition, count)
     kind, n = threshold(condition)

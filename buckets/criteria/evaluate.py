@@ -18,20 +18,28 @@ from __future__ import annotations
 
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
-from datetime import datetime
+from datetime import datetime, timedelta
 from typing import Any
 
+from buckets.criteria.instants import parse_instant
 from buckets.criteria.model import (
+    CLOCK_OPERATORS,
+    INSTANT_OPERATORS,
+    LIST_OPERATORS,
+    Aggregate,
     Composite,
     EventCondition,
+    Everyone,
     Node,
     PropertyCondition,
+    Sample,
     is_number,
 )
 
-EventCounter = Callable[[EventCondition], int]
+EventCounter = Callable[[EventCondition], "int | Aggregate"]
 
 _MISSING = object()
+MISSING = _MISSING  # what lookup returns for a missing path
 
 
 def json_kind(value: object) -> str:
@@ -54,9 +62,57 @@ def json_equal(left: object, right: object) -> bool:
     return json_kind(left) == json_kind(right) and left == right
 
 
-def property_matches(condition: PropertyCondition, properties: Mapping[str, Any]) -> bool:
-    actual = properties.get(condition.property, _MISSING)
+def lookup(properties: Mapping[str, Any], path: tuple[str, ...]) -> Any:
+    """The value at ``path`` (keys from the top level down), or :data:`MISSING` when a key is
+    missing or a value on the way is not an object (SPEC §3.4)."""
+    value: Any = properties
+    for key in path:
+        if not isinstance(value, Mapping):
+            return _MISSING
+        value = value.get(key, _MISSING)
+        if value is _MISSING:
+            return _MISSING
+    return value
+
+
+_PART_TWO = LIST_OPERATORS | INSTANT_OPERATORS | CLOCK_OPERATORS
+
+
+def listed(condition: PropertyCondition, actual: Any, now: datetime | None = None) -> bool:
+    """``in`` / ``not_in``: ``eq`` to one of the values / not (a missing key is in none)."""
+    found = actual is not _MISSING and any(json_equal(actual, one) for one in condition.value)
+    return found == (condition.operator == "in")
+
+
+def instant_matches(condition: PropertyCondition, actual: Any, now: datetime | None) -> bool:
+    """``before`` / ``after`` / ``within_past`` / ``within_next`` (SPEC §3.4): the value must
+    be an instant; bounds inclusive."""
+    instant = parse_instant(actual)
+    if instant is None:
+        return False
+    match condition.operator:
+        case "before" | "after":
+            wanted = parse_instant(condition.value)
+            assert wanted is not None  # validated
+            return instant < wanted if condition.operator == "before" else instant > wanted
+    if now is None:
+        raise ValueError(f"operator {condition.operator!r} needs the decision's now")
+    span: timedelta = condition.value
+    if condition.operator == "within_past":
+        return now - span <= instant <= now
+    return now <= instant <= now + span
+
+
+def property_matches(
+    condition: PropertyCondition, properties: Mapping[str, Any], now: datetime | None = None
+) -> bool:
+    """Whether ``properties`` satisfy ``condition`` as of ``now`` (only ``within_past`` /
+    ``within_next`` read it)."""
+    actual = lookup(properties, condition.path)
     wanted = condition.value
+    if condition.operator in _PART_TWO:
+        match = listed if condition.operator in LIST_OPERATORS else instant_matches
+        return match(condition, actual, now)
     match condition.operator:
         case "exists":
             return actual is not _MISSING and actual is not None
@@ -83,16 +139,37 @@ def property_matches(condition: PropertyCondition, properties: Mapping[str, Any]
     raise AssertionError(condition.operator)  # pragma: no cover - validated
 
 
-def evaluate(node: Node, properties: Mapping[str, Any], count_events: EventCounter) -> bool:
-    """Whether a contact with ``properties`` (and events seen by ``count_events``) matches."""
+def evaluate(
+    node: Node,
+    properties: Mapping[str, Any],
+    count_events: EventCounter,
+    *,
+    external_id: str | None = None,
+    now: datetime | None = None,
+) -> bool:
+    """Whether a contact with ``properties`` (and events seen by ``count_events``) matches.
+    ``external_id`` is needed by ``sample`` nodes, ``now`` by ``within_past`` /
+    ``within_next`` only."""
     if isinstance(node, PropertyCondition):
-        return property_matches(node, properties)
+        return property_matches(node, properties, now)
     if isinstance(node, EventCondition):
-        return node.satisfied_by(count_events(node))
+        return node.holds(count_events(node))
+    if isinstance(node, Everyone):
+        return True
+    if isinstance(node, Sample):
+        if external_id is None:
+            raise ValueError("a sample needs the contact's external_id")
+        return node.hits(external_id)
     assert isinstance(node, Composite)
+    children = (
+        evaluate(child, properties, count_events, external_id=external_id, now=now)
+        for child in node.conditions
+    )
+    if node.operator == "not":
+        return not next(children)
     if node.operator == "and":
-        return all(evaluate(child, properties, count_events) for child in node.conditions)
-    return any(evaluate(child, properties, count_events) for child in node.conditions)
+        return all(children)
+    return any(children)
 
 
 @dataclass(frozen=True)
@@ -113,6 +190,18 @@ def event_counts(condition: EventCondition, event: Event, now: datetime) -> bool
     return all(property_matches(where, event.properties) for where in condition.where or ())
 
 
+def aggregated_value(condition: EventCondition, event: Event) -> Any:
+    """The number an aggregate reads from ``event`` (None when it is not a number: ignored)."""
+    value = lookup(event.properties, condition.aggregated)
+    return value if is_number(value) else None
+
+
+def aggregate_of(condition: EventCondition, events: Iterable[Event], now: datetime) -> Aggregate:
+    """The aggregate of ``condition`` over the events that count as of ``now``."""
+    values = (aggregated_value(condition, e) for e in events if event_counts(condition, e, now))
+    return Aggregate.of([value for value in values if value is not None])
+
+
 def counts_counter(counts: Mapping[EventCondition, int]) -> EventCounter:
     """A counter over counts fetched beforehand (e.g. by :func:`~.compile.leaf_counts`)."""
     return counts.__getitem__
@@ -122,7 +211,9 @@ def in_memory_counter(events: Iterable[Event], now: datetime) -> EventCounter:
     """A counter over a contact's events held in memory."""
     history = tuple(events)
 
-    def count(condition: EventCondition) -> int:
+    def count(condition: EventCondition) -> int | Aggregate:
+        if condition.is_aggregate:
+            return aggregate_of(condition, history, now)
         return sum(1 for event in history if event_counts(condition, event, now))
 
     return count

@@ -32,26 +32,52 @@ before any recursion could go deeper, with the path of the offending node):
 
 from __future__ import annotations
 
+import builtins
+import hashlib
 import json
 import math
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from datetime import timedelta
+from decimal import MAX_EMAX, MAX_PREC, MIN_EMIN, Context, Decimal
 from typing import Annotated, Any, Literal, TypeAlias
 
 from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, ValidationError, model_validator
 
 from buckets.criteria.durations import parse_duration
+from buckets.criteria.instants import parse_instant
 from buckets.inputs import text_problem
 
 PropertyOperator = Literal[
-    "eq", "neq", "gt", "gte", "lt", "lte", "contains", "exists", "not_exists"
+    "eq",
+    "neq",
+    "gt",
+    "gte",
+    "lt",
+    "lte",
+    "contains",
+    "exists",
+    "not_exists",
+    "in",
+    "not_in",
+    "before",
+    "after",
+    "within_past",
+    "within_next",
 ]
 CountOperator = Literal["gt", "gte", "lt", "lte", "eq"]
-EventCheck = Literal["exists", "not_exists", "count"]
+EventCheck = Literal["exists", "not_exists", "count", "sum", "avg", "min", "max"]
+AGGREGATE_CHECKS = frozenset({"sum", "avg", "min", "max"})
 
 VALUELESS_OPERATORS = frozenset({"exists", "not_exists"})
 NUMERIC_OPERATORS = frozenset({"gt", "gte", "lt", "lte"})
+LIST_OPERATORS = frozenset({"in", "not_in"})
+INSTANT_OPERATORS = frozenset({"before", "after"})  # compare with a fixed instant
+CLOCK_OPERATORS = frozenset({"within_past", "within_next"})  # compare with now: the clock moves
+INSTANT_EXAMPLE = "an instant with an offset (2026-03-01T09:00:00Z) or a date (2026-03-01)"
+MAX_LIST = 1_000  # values of an ``in`` / ``not_in`` list
+MAX_PATH = 16  # keys of a property path
+MAX_SALT = 200  # characters of a sample's salt
 RESERVED_EVENT_PREFIX = "bucket:"
 MAX_COUNT = 1_000_000_000
 MAX_DEPTH = 12
@@ -98,17 +124,103 @@ class _Node(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True, strict=True)
 
 
+def _path_form(value: object) -> object:
+    """A list of keys becomes a tuple (hashable); a one-key list is that key (same meaning,
+    same fingerprint)."""
+    if isinstance(value, list | tuple):
+        if len(value) == 1 and isinstance(value[0], str):
+            return value[0]
+        return tuple(value)
+    return value
+
+
+def _list_form(data: Any) -> Any:
+    """Lists become tuples (hashable); the durations of ``within_past`` / ``within_next`` are
+    parsed (a located error when they are not durations)."""
+    if not isinstance(data, Mapping):
+        return data
+    operator = data.get("operator")
+    if operator in LIST_OPERATORS and isinstance(data.get("value"), list):
+        return {**data, "value": tuple(data["value"])}
+    if operator in CLOCK_OPERATORS and "value" in data and data["value"] is not None:
+        try:
+            return {**data, "value": parse_duration(data["value"])}
+        except ValueError as exc:
+            raise _FieldError("value", str(exc)) from None
+    return data
+
+
+def _check_path(path: tuple[str, ...]) -> None:
+    if not path:
+        raise _FieldError("property", "a path needs at least one key")
+    if len(path) > MAX_PATH:
+        raise _FieldError("property", f"a path has at most {MAX_PATH} keys")
+    for key in path:
+        if not key:
+            raise _FieldError("property", "keys must not be empty")
+        _storable("property", key)
+
+
+def _check_list(operator: str, value: object) -> None:
+    if not isinstance(value, tuple):
+        raise _FieldError(
+            "value", f"operator {operator!r} needs a list, got {type(value).__name__}"
+        )
+    if not value:
+        raise _FieldError("value", f"operator {operator!r} needs a non-empty list")
+    if len(value) > MAX_LIST:
+        raise _FieldError("value", f"a list has at most {MAX_LIST:,} values")
+    for index, item in enumerate(value):
+        if item is None:
+            raise _FieldError(
+                f"value[{index}]", "null is not allowed in a list (use exists/not_exists)"
+            )
+        if not is_scalar(item):
+            raise _FieldError(
+                f"value[{index}]",
+                f"must be a string, number or boolean, got {type(item).__name__}",
+            )
+        _check_scalar(f"value[{index}]", item)
+
+
+def _check_scalar(field: str, value: object) -> None:
+    if isinstance(value, float) and not math.isfinite(value):
+        raise _FieldError(field, f"must be a finite number, got {value!r}")
+    if isinstance(value, str):
+        _storable(field, value)
+    try:
+        json.dumps(value)
+    except ValueError as exc:  # e.g. an integer of more digits than Python converts
+        raise _FieldError(field, f"cannot be written as JSON: {exc}") from None
+
+
 class PropertyCondition(_Node):
-    """A condition on a top-level key of a properties object (the contact's or an event's)."""
+    """A condition on a key, or a path of keys into nested objects (SPEC §3.4), of a
+    properties object (the contact's or an event's)."""
 
     type: Literal["property"] = "property"
-    property: str = Field(min_length=1)
+    property: Annotated[str | tuple[str, ...], BeforeValidator(_path_form)]
     operator: PropertyOperator
     value: Any = None
 
+    @model_validator(mode="before")
+    @classmethod
+    def _lists_are_tuples(cls, data: Any) -> Any:
+        return _list_form(data)
+
+    @builtins.property  # ``property`` is a field here
+    def path(self) -> tuple[str, ...]:
+        """The keys from the top level down (one key: a top-level key, dots and all)."""
+        return (self.property,) if isinstance(self.property, str) else self.property
+
+    @builtins.property
+    def top_key(self) -> str:
+        """The top-level key the condition reads (what the real-time index knows)."""
+        return self.path[0]
+
     @model_validator(mode="after")
     def _value_fits_operator(self) -> PropertyCondition:
-        _storable("property", self.property)
+        _check_path(self.path)
         given = "value" in self.model_fields_set
         value = self.value
         if self.operator in VALUELESS_OPERATORS:
@@ -116,6 +228,19 @@ class PropertyCondition(_Node):
                 raise _FieldError("value", f"operator {self.operator!r} takes no value")
         elif not given:
             raise _FieldError("value", f"operator {self.operator!r} needs a value")
+        elif self.operator in LIST_OPERATORS:
+            _check_list(self.operator, value)
+            return self
+        elif self.operator in INSTANT_OPERATORS:
+            if parse_instant(value) is None:
+                raise _FieldError(
+                    "value", f"operator {self.operator!r} needs {INSTANT_EXAMPLE}, got {value!r}"
+                )
+            return self
+        elif self.operator in CLOCK_OPERATORS:
+            if not isinstance(value, timedelta):
+                raise _FieldError("value", f"operator {self.operator!r} needs a duration")
+            return self
         elif self.operator in NUMERIC_OPERATORS:
             if not is_number(value):
                 raise _FieldError(
@@ -127,27 +252,22 @@ class PropertyCondition(_Node):
                 f"operator {self.operator!r} needs a string, number, boolean or null,"
                 f" got {type(value).__name__}",
             )
-        if isinstance(value, float) and not math.isfinite(value):
-            raise _FieldError("value", f"must be a finite number, got {value!r}")
-        if isinstance(value, str):
-            _storable("value", value)
-        try:
-            json.dumps(value)
-        except ValueError as exc:  # e.g. an integer of more digits than Python converts
-            raise _FieldError("value", f"cannot be written as JSON: {exc}") from None
+        _check_scalar("value", value)
         return self
 
 
 class EventCondition(_Node):
-    """A condition on how many of the contact's events match (SPEC §3.1)."""
+    """A condition on the contact's events of one name (SPEC §3.1, §3.4): how many count, or
+    an aggregate of a numeric property over them."""
 
     type: Literal["event"] = "event"
     event: str = Field(min_length=1)
     check: EventCheck
     operator: CountOperator | None = None
-    value: int | None = None
+    value: Any = None  # count: an integer; aggregates: a number (checked below)
     within: Duration | None = None
     where: tuple[PropertyCondition, ...] | None = None
+    property: Annotated[str | tuple[str, ...] | None, BeforeValidator(_path_form)] = None
 
     @model_validator(mode="after")
     def _count_fields_fit_check(self) -> EventCondition:
@@ -157,25 +277,68 @@ class EventCondition(_Node):
                 "event", f"event names starting with {RESERVED_EVENT_PREFIX!r} are reserved"
             )
         if self.check == "count":
-            if self.operator is None:
-                raise _FieldError("operator", "check 'count' needs one of gt, gte, lt, lte, eq")
-            if self.value is None:
-                raise _FieldError("value", "check 'count' needs an integer value >= 0")
-            if self.value < 0:
-                raise _FieldError("value", f"count value must be >= 0, got {self.value}")
-            if self.value > MAX_COUNT:
-                raise _FieldError("value", f"count value must be at most {MAX_COUNT:,}")
-            if self.operator == "lt" and self.value == 0:
-                raise _FieldError("value", "count lt 0 can never be true")
+            self._check_count()
+        elif self.check in AGGREGATE_CHECKS:
+            self._check_aggregate()
         elif self.operator is not None or self.value is not None:
             field = "operator" if self.operator is not None else "value"
             raise _FieldError(field, f"check {self.check!r} takes no operator or value")
+        if self.property is not None and self.check not in AGGREGATE_CHECKS:
+            raise _FieldError("property", f"check {self.check!r} takes no property")
         if self.where is not None and not self.where:
             raise _FieldError("where", "must list at least one condition (or be left out)")
+        for index, where in enumerate(self.where or ()):
+            if where.operator in CLOCK_OPERATORS:
+                raise _FieldError(
+                    f"where[{index}].operator",
+                    f"{where.operator!r} compares with now and is not allowed in where"
+                    " (an event's properties are read as of each decision; use before/after)",
+                )
         return self
 
+    def _check_count(self) -> None:
+        if self.operator is None:
+            raise _FieldError("operator", "check 'count' needs one of gt, gte, lt, lte, eq")
+        if not isinstance(self.value, int) or isinstance(self.value, bool):
+            raise _FieldError("value", "check 'count' needs an integer value >= 0")
+        if self.value < 0:
+            raise _FieldError("value", f"count value must be >= 0, got {self.value}")
+        if self.value > MAX_COUNT:
+            raise _FieldError("value", f"count value must be at most {MAX_COUNT:,}")
+        if self.operator == "lt" and self.value == 0:
+            raise _FieldError("value", "count lt 0 can never be true")
+
+    def _check_aggregate(self) -> None:
+        if self.property is None:
+            raise _FieldError("property", f"check {self.check!r} needs the property to aggregate")
+        _check_path(self.aggregated)
+        if self.operator is None:
+            raise _FieldError("operator", f"check {self.check!r} needs one of gt, gte, lt, lte, eq")
+        if self.value is None:
+            raise _FieldError("value", f"check {self.check!r} needs a number")
+        if not is_number(self.value):
+            raise _FieldError("value", f"check {self.check!r} needs a number, got {self.value!r}")
+        _check_scalar("value", self.value)
+
+    @builtins.property  # ``property`` is a field here
+    def aggregated(self) -> tuple[str, ...]:
+        """The path of the event property an aggregate reads."""
+        found = self.property
+        assert found is not None
+        return (found,) if isinstance(found, str) else found
+
+    @builtins.property
+    def count_value(self) -> int:
+        """The ``value`` of a ``count`` check (an integer, validated)."""
+        assert isinstance(self.value, int)
+        return self.value
+
+    @builtins.property
+    def is_aggregate(self) -> bool:
+        return self.check in AGGREGATE_CHECKS
+
     def satisfied_by(self, count: int) -> bool:
-        """Whether ``count`` matching events satisfy this condition."""
+        """Whether ``count`` matching events satisfy this (counting) condition."""
         if self.check == "exists":
             return count > 0
         if self.check == "not_exists":
@@ -184,38 +347,155 @@ class EventCondition(_Node):
         assert self.value is not None
         return compare_count(count, self.operator, self.value)
 
+    def holds(self, found: int | Aggregate) -> bool:
+        """Whether what the events give (a count, or an aggregate) satisfies the condition."""
+        if isinstance(found, Aggregate):
+            return found.satisfies(self)
+        return self.satisfied_by(found)
 
-def compare_count(count: int, operator: str, value: int) -> bool:
+
+# Exact decimal arithmetic (PostgreSQL ``numeric``): enough digits for any JSON number.
+EXACT = Context(prec=MAX_PREC, Emax=MAX_EMAX, Emin=MIN_EMIN)
+
+
+def exact(number: int | float | Decimal) -> Decimal:
+    """The exact decimal of a JSON number (a float by its shortest repr, as JSON writes it)."""
+    if isinstance(number, Decimal):
+        return number
+    return Decimal(repr(number)) if isinstance(number, float) else Decimal(number)
+
+
+@dataclass(frozen=True)
+class Aggregate:
+    """What an aggregate condition reads from the events that count: how many numeric values,
+    their exact sum, minimum and maximum (None without values)."""
+
+    numbers: int = 0
+    total: Decimal = Decimal(0)
+    low: Decimal | None = None
+    high: Decimal | None = None
+
+    @classmethod
+    def of(cls, values: Sequence[int | float | Decimal]) -> Aggregate:
+        found = [exact(value) for value in values]
+        if not found:
+            return cls()
+        total = Decimal(0)
+        for value in found:
+            total = EXACT.add(total, value)
+        return cls(len(found), total, min(found), max(found))
+
+    def satisfies(self, condition: EventCondition) -> bool:
+        """SPEC §3.4: ``sum`` of nothing is 0; ``avg`` / ``min`` / ``max`` of nothing fail;
+        ``avg <op> v`` is decided as ``sum <op> v * count`` (no rounding)."""
+        assert condition.operator is not None
+        assert condition.value is not None
+        wanted = exact(condition.value)
+        operator = condition.operator
+        match condition.check:
+            case "sum":
+                return compare_count(self.total, operator, wanted)
+            case "avg":
+                scaled = EXACT.multiply(wanted, Decimal(self.numbers))
+                return self.numbers > 0 and compare_count(self.total, operator, scaled)
+            case "min":
+                return self.low is not None and compare_count(self.low, operator, wanted)
+            case "max":
+                return self.high is not None and compare_count(self.high, operator, wanted)
+        raise AssertionError(condition.check)  # pragma: no cover - validated
+
+
+def compare_count(count: Any, operator: str, value: Any) -> bool:
     match operator:
         case "gt":
-            return count > value
+            return bool(count > value)
         case "gte":
-            return count >= value
+            return bool(count >= value)
         case "lt":
-            return count < value
+            return bool(count < value)
         case "lte":
-            return count <= value
+            return bool(count <= value)
         case "eq":
-            return count == value
+            return bool(count == value)
     raise AssertionError(operator)  # pragma: no cover - validated
 
 
 class Composite(_Node):
-    """``and`` / ``or`` of at least one node."""
+    """``and`` / ``or`` of at least one node, or ``not`` of exactly one."""
 
     type: Literal["composite"] = "composite"
-    operator: Literal["and", "or"]
+    operator: Literal["and", "or", "not"]
     conditions: tuple[Node, ...] = Field(min_length=1)
 
+    @model_validator(mode="after")
+    def _not_has_one_condition(self) -> Composite:
+        if self.operator == "not" and len(self.conditions) != 1:
+            raise _FieldError(
+                "conditions", f"'not' takes exactly one condition, got {len(self.conditions)}"
+            )
+        return self
 
-Node: TypeAlias = PropertyCondition | EventCondition | Composite
-Leaf: TypeAlias = PropertyCondition | EventCondition
+
+class Everyone(_Node):
+    """True for every live contact (SPEC §3.4)."""
+
+    type: Literal["everyone"] = "everyone"
+
+
+class Sample(_Node):
+    """A deterministic share of contacts: ``n mod 10000 < round(percent * 100)``, with ``n``
+    the first 8 hex digits of ``sha256(salt + ":" + external_id)`` (SPEC §3.4). ``salt``
+    defaults to the bucket id: :func:`buckets.define_bucket` writes it into the node."""
+
+    type: Literal["sample"] = "sample"
+    percent: Any
+    salt: str | None = None
+
+    @model_validator(mode="after")
+    def _percent_in_range(self) -> Sample:
+        percent = self.percent
+        if not is_number(percent):
+            raise _FieldError("percent", f"must be a number, got {type(percent).__name__}")
+        if not (isinstance(percent, int) or math.isfinite(percent)) or not 0 < percent < 100:
+            raise _FieldError("percent", f"must be between 0 and 100 (exclusive), got {percent!r}")
+        exponent = Decimal(repr(percent)).as_tuple().exponent
+        if isinstance(exponent, int) and exponent < -2:
+            raise _FieldError("percent", f"at most two decimals, got {percent!r}")
+        if self.salt is not None:
+            if len(self.salt) > MAX_SALT:
+                raise _FieldError("salt", f"at most {MAX_SALT} characters")
+            _storable("salt", self.salt)
+        return self
+
+    @property
+    def threshold(self) -> int:
+        """``round(percent * 100)``, exactly (the percent has at most two decimals)."""
+        return int(Decimal(repr(self.percent)) * 100)
+
+    def salted(self) -> str:
+        if self.salt is None:
+            raise ValueError("a sample needs its salt (define_bucket sets it to the bucket id)")
+        return self.salt
+
+    def hits(self, external_id: str) -> bool:
+        """Whether the contact ``external_id`` falls in the sample."""
+        digest = hashlib.sha256(f"{self.salted()}:{external_id}".encode()).hexdigest()
+        return int(digest[:8], 16) % 10_000 < self.threshold
+
+
+Node: TypeAlias = PropertyCondition | EventCondition | Composite | Everyone | Sample
+Leaf: TypeAlias = PropertyCondition | EventCondition | Everyone | Sample
+NODE_CLASSES = (PropertyCondition, EventCondition, Composite, Everyone, Sample)
+LEAF_CLASSES = (PropertyCondition, EventCondition, Everyone, Sample)
 Composite.model_rebuild()
 NODE_TYPES: dict[str, type[_Node]] = {
     "property": PropertyCondition,
     "event": EventCondition,
     "composite": Composite,
+    "everyone": Everyone,
+    "sample": Sample,
 }
+TYPE_NAMES = ", ".join(repr(name) for name in NODE_TYPES)
 
 
 @dataclass
@@ -248,7 +528,7 @@ def parse_criteria(data: object, path: str = "") -> Node:
 def _parse(data: object, path: str, depth: int, budget: _Budget) -> Node:
     if depth > MAX_DEPTH:
         raise CriteriaError(path, f"nested deeper than {MAX_DEPTH} levels (the limit)")
-    if isinstance(data, PropertyCondition | EventCondition | Composite):
+    if isinstance(data, NODE_CLASSES):
         _check_parsed(data, path, depth, budget)
         return data
     if not isinstance(data, Mapping):
@@ -257,12 +537,10 @@ def _parse(data: object, path: str, depth: int, budget: _Budget) -> Node:
     if not isinstance(kind, str) or kind not in NODE_TYPES:
         where = _join(path, "type")
         if kind is None:
-            raise CriteriaError(where, "required (one of 'property', 'event', 'composite')")
+            raise CriteriaError(where, f"required (one of {TYPE_NAMES})")
         shown = kind if isinstance(kind, str) and len(kind) <= 40 else type(kind).__name__
-        raise CriteriaError(
-            where, f"must be one of 'property', 'event', 'composite', got {shown!r}"
-        )
-    for key in ("event", "property", "value"):  # before pydantic, which cannot say why
+        raise CriteriaError(where, f"must be one of {TYPE_NAMES}, got {shown!r}")
+    for key in ("event", "property", "value", "salt"):  # before pydantic, which cannot say why
         text = data.get(key)
         problem = text_problem(text) if isinstance(text, str) else None
         if problem is not None:
@@ -324,7 +602,7 @@ def _validate(model: type[_Node], fields: dict[str, Any], path: str) -> Node:
         if isinstance(cause, _FieldError):
             loc.append(cause.field)
         raise CriteriaError(_join(path, _format_loc(loc)), _message(error)) from None
-    assert isinstance(node, PropertyCondition | EventCondition | Composite)
+    assert isinstance(node, NODE_CLASSES)
     return node
 
 
@@ -365,4 +643,15 @@ def walk(node: Node) -> list[Node]:
 
 
 def leaves(node: Node) -> list[Leaf]:
-    return [n for n in walk(node) if isinstance(n, PropertyCondition | EventCondition)]
+    return [n for n in walk(node) if isinstance(n, LEAF_CLASSES)]
+
+
+def resolve_salts(node: Node, salt: str) -> Node:
+    """``node`` with every sample that names no salt salted with ``salt`` (the bucket id)."""
+    if isinstance(node, Sample) and node.salt is None:
+        return node.model_copy(update={"salt": salt})
+    if isinstance(node, Composite):
+        children = tuple(resolve_salts(child, salt) for child in node.conditions)
+        if children != node.conditions:
+            return node.model_copy(update={"conditions": children})
+    return node

@@ -84,13 +84,19 @@ def sql_members(
 
 
 def python_members(
-    node: Node, people: Sequence[Person], ids: Sequence[int], now: datetime
+    node: Node, people: Sequence[Person], ids: Sequence[int], now: datetime, prefix: str = "p"
 ) -> set[int]:
     return {
         contact_id
-        for contact_id, person in zip(ids, people, strict=True)
+        for index, (contact_id, person) in enumerate(zip(ids, people, strict=True))
         if not person.deleted
-        and evaluate(node, person.properties, in_memory_counter(person.events, now))
+        and evaluate(
+            node,
+            person.properties,
+            in_memory_counter(person.events, now),
+            external_id=f"{prefix}{index}",
+            now=now,
+        )
     }
 
 
@@ -118,19 +124,23 @@ def counted_members(
     conditions = conditions_of(node)
     members = set()
     for row in conn.execute(leaf_facts(conditions, now, contact_ids)):
-        facts = Facts.of(row, conditions)
-        if row.deleted_at is None and evaluate(node, row.properties, facts.counter):
+        facts = Facts.of(row, conditions, now=now)
+        if row.deleted_at is None and evaluate(
+            node, row.properties, facts.counter, external_id=row.external_id, now=now
+        ):
             members.add(row.id)
     return members
 
 
 def python_states(
-    node: Node, people: Sequence[Person], ids: Sequence[int], now: datetime
+    node: Node, people: Sequence[Person], ids: Sequence[int], now: datetime, prefix: str = "p"
 ) -> dict[int, State]:
     """The clock of every live contact, from its data in memory."""
     return {
-        contact_id: in_memory_state(node, person.properties, person.events, now)
-        for contact_id, person in zip(ids, people, strict=True)
+        contact_id: in_memory_state(
+            node, person.properties, person.events, now, external_id=f"{prefix}{index}"
+        )
+        for index, (contact_id, person) in enumerate(zip(ids, people, strict=True))
         if not person.deleted
     }
 
@@ -141,7 +151,7 @@ def facts_states(
     """The clock from :func:`leaf_facts` (per-contact probes), combined in Python."""
     conditions = conditions_of(node)
     return {
-        row.id: Facts.of(row, conditions).state(node)
+        row.id: Facts.of(row, conditions, now=now).state(node)
         for row in conn.execute(leaf_facts(conditions, now, contact_ids))
         if row.deleted_at is None
     }

@@ -19,9 +19,25 @@ from sqlalchemy.engine import Connection
 
 from buckets.criteria import Event, evaluate, in_memory_counter, parse_criteria
 from buckets.criteria.clock import TICK, exact_flip, in_memory_state
+from buckets.criteria.instants import parse_instant
 from buckets.criteria.model import EventCondition, leaves
 from tests.criteria.support import NOW, Person, facts_states, load, python_states, sql_states
-from tests.criteria.test_differential import EXAMPLES, PROPERTY_KEYS, WINDOWS, property_leaf
+from tests.criteria.test_differential import (
+    EXAMPLES,
+    INSTANT_POINTS,
+    PROPERTY_KEYS,
+    VALID_INSTANTS,
+    WINDOWS,
+    instant_text,
+    property_leaf,
+)
+
+# Instants around now (the brute force steps through their window edges).
+NEAR_INSTANTS = st.builds(
+    instant_text,
+    st.sampled_from(INSTANT_POINTS),
+    st.sampled_from([timedelta(0), timedelta(hours=5)]),
+)
 
 NAMES = ("e1", "e2")
 # Event times: window edges and around them, now, and the future (arrivals).
@@ -38,8 +54,12 @@ OFFSETS = st.sampled_from(
 @st.composite
 def clock_leaf(draw: st.DrawFn) -> dict[str, Any]:
     leaf: dict[str, Any] = {"type": "event", "event": draw(st.sampled_from(NAMES))}
-    check = draw(st.sampled_from(["exists", "not_exists", "count", "count"]))
+    check = draw(st.sampled_from(["exists", "not_exists", "count", "count", "sum", "avg", "max"]))
     leaf["check"] = check
+    if check in ("sum", "avg", "max"):  # windowed aggregates decay (SPEC §6.7)
+        leaf["property"] = "k"
+        leaf["operator"] = draw(st.sampled_from(["gt", "gte", "lt", "lte", "eq"]))
+        leaf["value"] = draw(st.sampled_from([0, 1, 1.5, 2, 3]))
     if check == "count":
         operator = draw(st.sampled_from(["gt", "gte", "lt", "lte", "eq"]))
         leaf["operator"] = operator
@@ -56,9 +76,9 @@ def composite(children: st.SearchStrategy[dict[str, Any]]) -> st.SearchStrategy[
         lambda operator, conditions: {
             "type": "composite",
             "operator": operator,
-            "conditions": conditions,
+            "conditions": conditions[:1] if operator == "not" else conditions,
         },
-        st.sampled_from(["and", "or"]),
+        st.sampled_from(["and", "or", "not"]),
         st.lists(children, min_size=1, max_size=3),
     )
 
@@ -70,7 +90,7 @@ EVENTS = st.lists(
         lambda name, offset, kind: Event(name, NOW - offset, {"k": kind}),
         st.sampled_from(NAMES),
         OFFSETS,
-        st.sampled_from([1, 2]),
+        st.sampled_from([1, 2, 0.5, "x"]),  # "x": not a number, ignored by aggregates
     ),
     max_size=6,
 )
@@ -80,23 +100,31 @@ def brute_force_flip(node: Any, properties: dict[str, Any], events: list[Event])
     windows = {leaf.within for leaf in leaves(node) if isinstance(leaf, EventCondition)}
     instants = {e.occurred_at for e in events}
     instants |= {e.occurred_at + w + TICK for e in events for w in windows if w is not None}
-    now_value = evaluate(node, properties, in_memory_counter(events, NOW))
+    at = parse_instant(properties.get("at"))
+    if at is not None:  # within_past / within_next edges
+        instants |= {at, at + TICK} | {at + w + TICK for w in WINDOWS} | {at - w for w in WINDOWS}
+    now_value = evaluate(node, properties, in_memory_counter(events, NOW), now=NOW)
     for instant in sorted(i for i in instants if i > NOW):
-        if evaluate(node, properties, in_memory_counter(events, instant)) != now_value:
+        if evaluate(node, properties, in_memory_counter(events, instant), now=instant) != now_value:
             return instant
     return None
 
 
 @settings(max_examples=EXAMPLES, deadline=None)
-@given(criteria=TREES, events=EVENTS, plan=st.sampled_from(["pro", "free"]))
+@given(
+    criteria=TREES,
+    events=EVENTS,
+    plan=st.sampled_from(["pro", "free"]),
+    at=st.one_of(st.none(), NEAR_INSTANTS),
+)
 def test_next_change_is_a_lower_bound_and_exact_flip_is_exact(
-    criteria: dict[str, Any], events: list[Event], plan: str
+    criteria: dict[str, Any], events: list[Event], plan: str, at: str | None
 ):
     node = parse_criteria(criteria)
-    properties = {"plan": plan}
+    properties: dict[str, Any] = {"plan": plan} if at is None else {"plan": plan, "at": at}
     state = in_memory_state(node, properties, events, NOW)
     flip = brute_force_flip(node, properties, events)
-    assert state.value == evaluate(node, properties, in_memory_counter(events, NOW))
+    assert state.value == evaluate(node, properties, in_memory_counter(events, NOW), now=NOW)
     if flip is None:
         assert exact_flip(node, properties, events, NOW) is None
     else:
@@ -105,7 +133,9 @@ def test_next_change_is_a_lower_bound_and_exact_flip_is_exact(
         assert exact_flip(node, properties, events, NOW) == flip
     if state.next_at is not None:  # unchanged up to the bound
         before = state.next_at - TICK
-        assert evaluate(node, properties, in_memory_counter(events, before)) == state.value
+        assert (
+            evaluate(node, properties, in_memory_counter(events, before), now=before) == state.value
+        )
 
 
 @settings(
@@ -113,7 +143,13 @@ def test_next_change_is_a_lower_bound_and_exact_flip_is_exact(
     deadline=None,
     suppress_health_check=[HealthCheck.function_scoped_fixture, HealthCheck.too_slow],
 )
-@given(criteria=TREES, people=st.lists(st.builds(Person, st.just({}), EVENTS), max_size=4))
+@given(
+    criteria=TREES,
+    people=st.lists(
+        st.builds(Person, st.fixed_dictionaries({}, optional={"at": VALID_INSTANTS}), EVENTS),
+        max_size=4,
+    ),
+)
 def test_clock_executors_agree_on_clock_heavy_trees(
     connection: Connection, criteria: dict[str, Any], people: list[Person]
 ):

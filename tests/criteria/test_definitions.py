@@ -261,7 +261,8 @@ ERRORS: list[tuple[dict[str, Any], str]] = [
     ),
     (
         {"criteria": {"type": "nope"}},
-        "x: criteria.type: must be one of 'property', 'event', 'composite', got 'nope'",
+        "x: criteria.type: must be one of 'property', 'event', 'composite', 'everyone',"
+        " 'sample', got 'nope'",
     ),
     ({"criteria": {"property": "p"}}, "x: criteria.type: required"),
     ({"criteria": "plan = pro"}, "x: criteria: expected a condition object, got str"),
@@ -293,7 +294,6 @@ ERRORS: list[tuple[dict[str, Any], str]] = [
     ),
     ({"criteria": PROP, "name": 3}, "x: name: must be a string, got int"),
 ]
-NEGATIVE = "needs at least one positive condition"
 
 
 @pytest.mark.parametrize(
@@ -321,9 +321,11 @@ def test_invalid_definitions_are_rejected_naming_bucket_and_path(fields, message
         b.any(b.prop("p").not_exists(), b.event("e").where(b.prop("a").eq(1)).not_exists()),
     ],
 )
-def test_a_bucket_needs_a_positive_leaf(criteria):
-    with pytest.raises(DefinitionError, match=f"x: criteria: {NEGATIVE}"):
-        define_bucket(id="x", criteria=criteria)
+def test_all_negative_criteria_are_allowed_and_decided_on_creation(criteria):
+    """SPEC §3.4 replaced the positive-leaf rule: a contact with no data matches these, so
+    they are decided for every new contact."""
+    bucket = define_bucket(id="x", criteria=criteria)
+    assert bucket.matches_new_contacts
 
 
 @pytest.mark.parametrize(

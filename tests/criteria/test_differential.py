@@ -17,7 +17,7 @@ Failures hypothesis finds are kept below as ``@example`` regression cases.
 from __future__ import annotations
 
 import os
-from datetime import timedelta
+from datetime import datetime, timedelta, timezone
 from typing import Any
 
 from hypothesis import HealthCheck, event, example, given, settings
@@ -40,9 +40,12 @@ from tests.criteria.support import (
 
 EXAMPLES = int(os.environ.get("BUCKETS_DIFFERENTIAL_EXAMPLES", "400"))
 
-PROPERTY_KEYS = ("plan", "n", "tags", "a.b")
+PROPERTY_KEYS = ("plan", "n", "tags", "a.b", "addr", "at")
+# Paths into nested objects (SPEC §3.4): through objects, arrays ("0" is no index), scalars.
+PROPERTY_PATHS = (("addr", "country"), ("addr", "geo", "lat"), ("tags", "0"), ("n", "x"))
 EVENT_NAMES = ("e1", "e2")
-EVENT_KEYS = ("amount", "kind")
+EVENT_KEYS = ("amount", "kind", "meta", "at")
+EVENT_PATHS = (("meta", "kind"), ("amount", "x"))
 WINDOWS = (timedelta(hours=1), timedelta(days=1), timedelta(days=7))
 US = timedelta(microseconds=1)
 
@@ -50,7 +53,72 @@ US = timedelta(microseconds=1)
 NUMBERS = st.sampled_from([0, 1, 2, 5, -1, 1.0, 0.5, 2.5, 2**63 + 1])
 STRINGS = st.sampled_from(["", "a", "ab", "pro", "5", "1", "A", "bä"])
 SCALARS = st.one_of(st.none(), st.booleans(), NUMBERS, STRINGS)
-JSON_VALUES = st.one_of(SCALARS, st.lists(SCALARS, max_size=3), st.just({"x": 1}))
+
+
+def instant_text(at: datetime, zone: timedelta) -> str:
+    return at.astimezone(timezone(zone)).isoformat()
+
+
+# Instants at now, at now +- each window, 1us either side, written in three offsets; date-only
+# and minute-only forms; and the instant regex's edges that are not instants.
+INSTANT_POINTS = [
+    NOW + sign * edge + delta
+    for edge in (timedelta(0), *WINDOWS)
+    for sign in (1, -1)
+    for delta in (-US, timedelta(0), US)
+]
+VALID_INSTANTS = st.one_of(
+    st.builds(
+        instant_text,
+        st.sampled_from(INSTANT_POINTS),
+        st.sampled_from(
+            [timedelta(0), timedelta(hours=5, minutes=30), -timedelta(hours=23, minutes=59)]
+        ),
+    ),
+    st.sampled_from(
+        [
+            "2026-11-22",
+            "2026-11-23",
+            "2026-11-22T12:00Z",
+            "2024-02-29",
+            "0001-01-01T00:00-00:01",
+            "9999-12-31T00:00:00+23:59",
+        ]
+    ),
+)
+NOT_INSTANTS = st.sampled_from(
+    [
+        "2026-11-22T12:00",
+        "2026-02-29",
+        "2026-11-22T24:00:00Z",
+        "2026-11-22T23:59:60Z",
+        "0000-01-01",
+        "\uff12026-11-22",
+        "2026-11-22T12:00:00.1234567Z",
+        "2026-11-22T12:00+24:00",
+        "2026-11-22T12:00:00Z\n",
+        "2026-13-01",
+        "0001-01-01T00:00+00:01",  # before year 1 in UTC
+        "9999-12-31T23:59:59.999999-23:59",  # after 9999 in UTC
+        "2026-11-22 12:00:00Z",
+    ]
+)
+INSTANT_TEXTS = st.one_of(VALID_INSTANTS, NOT_INSTANTS)
+NESTED = st.recursive(
+    st.one_of(SCALARS, st.lists(SCALARS, max_size=2)),
+    lambda inner: st.dictionaries(
+        st.sampled_from(["country", "geo", "lat", "kind", "x"]), inner, max_size=3
+    ),
+    max_leaves=4,
+)
+JSON_VALUES = st.one_of(
+    SCALARS, st.lists(SCALARS, max_size=3), st.just({"x": 1}), NESTED, INSTANT_TEXTS
+)
+# Aggregated values: sums that are exact only in decimal (0.1 + 0.2 = 0.3), averages between
+# integers, a huge integer, next to the non-numbers of JSON_VALUES (ignored by aggregates).
+AMOUNTS = st.sampled_from([0, 1, 2, 3, 1.5, 2.5, -1, 0.1, 0.2, 0.3, 2**63 + 1])
+AGGREGATED = ("amount", ["meta", "x"], ["amount", "x"])
+LISTS = st.lists(st.one_of(st.booleans(), NUMBERS, STRINGS), min_size=1, max_size=3)
 
 # Event times relative to now: window edges (on, 1us inside, 1us outside), now, the future.
 OFFSETS = st.sampled_from(
@@ -59,61 +127,112 @@ OFFSETS = st.sampled_from(
 )
 
 
-def property_leaf(keys: tuple[str, ...]) -> st.SearchStrategy[dict[str, Any]]:
-    def build(key: str, operator: str, value: Any) -> dict[str, Any]:
+def property_leaf(
+    keys: tuple[str, ...], paths: tuple[tuple[str, ...], ...] = (), *, clock: bool = True
+) -> st.SearchStrategy[dict[str, Any]]:
+    def build(key: Any, operator: str, value: Any) -> dict[str, Any]:
         leaf: dict[str, Any] = {"type": "property", "property": key, "operator": operator}
         if operator not in ("exists", "not_exists"):
             leaf["value"] = value
         return leaf
 
-    keyed = st.sampled_from(keys)
-    return st.one_of(
+    keyed: st.SearchStrategy[Any] = st.sampled_from(keys)
+    if paths:
+        keyed = st.one_of(keyed, st.sampled_from([list(path) for path in paths]))
+    operators = [
         st.builds(build, keyed, st.sampled_from(["eq", "neq", "contains"]), SCALARS),
         st.builds(build, keyed, st.sampled_from(["gt", "gte", "lt", "lte"]), NUMBERS),
         st.builds(build, keyed, st.sampled_from(["exists", "not_exists"]), st.none()),
-    )
+        st.builds(build, keyed, st.sampled_from(["in", "not_in"]), LISTS),
+        st.builds(build, st.just("at"), st.sampled_from(["before", "after"]), VALID_INSTANTS),
+    ]
+    if clock:  # compare with now: contact properties only (not allowed in where)
+        operators.append(
+            st.builds(
+                build,
+                st.just("at"),
+                st.sampled_from(["within_past", "within_next"]),
+                st.sampled_from(WINDOWS),
+            )
+        )
+    return st.one_of(*operators)
+
+
+STATIC_LEAVES = st.one_of(
+    st.just({"type": "everyone"}),
+    st.builds(
+        lambda percent, salt: {"type": "sample", "percent": percent, "salt": salt},
+        st.sampled_from([0.01, 1, 12.5, 33.33, 50, 99.99]),
+        st.sampled_from(["s", "bucket-a"]),
+    ),
+)
 
 
 @st.composite
 def event_leaf(draw: st.DrawFn) -> dict[str, Any]:
     leaf: dict[str, Any] = {"type": "event", "event": draw(st.sampled_from(EVENT_NAMES))}
-    check = draw(st.sampled_from(["exists", "not_exists", "count"]))
+    check = draw(st.sampled_from(["exists", "not_exists", "count", "sum", "avg", "min", "max"]))
     leaf["check"] = check
+    if check in ("sum", "avg", "min", "max"):
+        leaf["property"] = draw(st.sampled_from(AGGREGATED))
+        leaf["operator"] = draw(st.sampled_from(["gt", "gte", "lt", "lte", "eq"]))
+        leaf["value"] = draw(AMOUNTS)
     if check == "count":
         operator = draw(st.sampled_from(["gt", "gte", "lt", "lte", "eq"]))
         leaf["operator"] = operator
         leaf["value"] = draw(st.integers(min_value=1 if operator == "lt" else 0, max_value=3))
-    within = draw(st.one_of(st.none(), st.sampled_from(WINDOWS)))
+    within = draw(st.sampled_from((None, *WINDOWS)))
     if within is not None:
         leaf["within"] = within
-    if draw(st.booleans()):
-        leaf["where"] = draw(st.lists(property_leaf(EVENT_KEYS), min_size=1, max_size=2))
+    if draw(st.integers(0, 2)) == 0:
+        leaf["where"] = draw(
+            st.lists(property_leaf(EVENT_KEYS, EVENT_PATHS, clock=False), min_size=1, max_size=2)
+        )
     return leaf
 
 
 def composite(children: st.SearchStrategy[dict[str, Any]]) -> st.SearchStrategy[dict[str, Any]]:
-    return st.builds(
-        lambda operator, conditions: {
-            "type": "composite",
-            "operator": operator,
-            "conditions": conditions,
-        },
-        st.sampled_from(["and", "or"]),
-        st.lists(children, min_size=1, max_size=3),
+    return st.one_of(
+        st.builds(
+            lambda operator, conditions: {
+                "type": "composite",
+                "operator": operator,
+                "conditions": conditions,
+            },
+            st.sampled_from(["and", "or"]),
+            st.lists(children, min_size=1, max_size=3),
+        ),
+        st.builds(
+            lambda child: {"type": "composite", "operator": "not", "conditions": [child]},
+            children,
+        ),
     )
 
 
-LEAVES = st.one_of(property_leaf(PROPERTY_KEYS), event_leaf())
+# Event leaves twice as likely as the others: they carry the clock.
+LEAVES = st.one_of(
+    property_leaf(PROPERTY_KEYS, PROPERTY_PATHS), event_leaf(), event_leaf(), STATIC_LEAVES
+)
 # Depth <= 4: up to three composite levels above the leaves.
 TREES = st.one_of(
-    LEAVES, composite(LEAVES), composite(composite(LEAVES)), composite(composite(composite(LEAVES)))
+    LEAVES,
+    composite(LEAVES),
+    composite(composite(LEAVES)),
+    composite(composite(composite(LEAVES))),
+    # event leaves alone: the clock's edges (departures, arrivals, equal timestamps) more often
+    composite(event_leaf()),
+    composite(composite(event_leaf())),
 )
 
 EVENTS = st.builds(
     lambda name, offset, properties: Event(name, NOW - offset, properties),
     st.sampled_from(EVENT_NAMES),
     OFFSETS,
-    st.dictionaries(st.sampled_from(EVENT_KEYS), JSON_VALUES, max_size=2),
+    st.dictionaries(
+        st.sampled_from(EVENT_KEYS),
+        st.one_of(JSON_VALUES, AMOUNTS, st.fixed_dictionaries({"x": AMOUNTS})),
+        max_size=3,
+    ),
 )
 PEOPLE = st.lists(
     st.builds(

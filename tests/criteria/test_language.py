@@ -1,0 +1,480 @@
+"""The criteria language, part 2 (SPEC §3.4): nodes, operators, validation, builder, fingerprint.
+
+No database needed here; the executors are compared by ``test_differential.py``.
+"""
+
+from __future__ import annotations
+
+import json
+from datetime import UTC, datetime, timedelta
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from buckets import DefinitionError, b, define_bucket, load_definitions
+from buckets.criteria import Event, evaluate, in_memory_counter
+from buckets.criteria.evaluate import MISSING, lookup
+from buckets.criteria.instants import parse_instant
+from buckets.criteria.model import Sample
+from buckets.registry import Registry
+
+# --- existing definitions keep their hash (pinned before part 2 changed the model) -----------
+
+
+def test_part_one_fingerprints_are_pinned():
+    """Hashes computed with the code before part 2: upgrading must redeploy nothing."""
+    before = {
+        "34892e05643034f6295c5beb590e9fe0dc32183f112f1da236bcf588b96e1c9b": b.prop("a.b").exists(),
+        "7995cd2a1f8eddacc62a0d3d91a9bfce942c59194961cb99726da5ff7151058c": b.all(
+            b.prop("p").not_exists(),
+            b.event("e").where(b.prop("k").eq(None)).within("1h").exactly(2),
+        ),
+        "632829264bbb329326496f888a1038e183a7e7b747a749dc6fa7d2a40e886ab2": b.any(
+            b.prop("n").gte(2**63 + 1),
+            b.prop("t").neq(""),
+            b.event("x").within("7d").less_than(3),
+        ),
+    }
+    for fingerprint, criteria in before.items():
+        assert define_bucket(id="x", criteria=criteria).fingerprint == fingerprint
+
+
+# --- static nodes and operators: paths, in / not_in, not, everyone, sample ---------------------
+
+SLICE_ONE_FORMS = [
+    (
+        b.prop(["address", "country"]).in_(["DE", "FR"]),
+        {
+            "type": "property",
+            "property": ["address", "country"],
+            "operator": "in",
+            "value": ["DE", "FR"],
+        },
+    ),
+    (
+        b.prop("plan").not_in(["free", 0, True]),
+        {"type": "property", "property": "plan", "operator": "not_in", "value": ["free", 0, True]},
+    ),
+    (
+        b.not_(b.event("purchase").exists()),
+        {
+            "type": "composite",
+            "operator": "not",
+            "conditions": [{"type": "event", "event": "purchase", "check": "exists"}],
+        },
+    ),
+    (b.everyone(), {"type": "everyone"}),
+    (b.sample(12.5), {"type": "sample", "percent": 12.5}),
+    (b.sample(10, salt="ab-test-1"), {"type": "sample", "percent": 10, "salt": "ab-test-1"}),
+    (
+        b.event("order").where(b.prop(["meta", "src"]).eq("app")).exists(),
+        {
+            "type": "event",
+            "event": "order",
+            "check": "exists",
+            "where": [
+                {"type": "property", "property": ["meta", "src"], "operator": "eq", "value": "app"}
+            ],
+        },
+    ),
+]
+
+
+@pytest.mark.parametrize(("built", "literal"), SLICE_ONE_FORMS)
+def test_builder_is_the_literal_form(built, literal):
+    assert built == literal
+    assert (
+        define_bucket(id="x", criteria=built).fingerprint
+        == define_bucket(id="x", criteria=literal).fingerprint
+    )
+
+
+def test_file_forms_load_the_same_buckets(tmp_path: Path):
+    yaml_file = tmp_path / "b.yaml"
+    yaml_file.write_text(
+        """
+buckets:
+  - id: eu
+    criteria:
+      {type: property, property: [address, country], operator: in, value: [DE, FR]}
+  - id: never-bought
+    criteria:
+      type: composite
+      operator: not
+      conditions: [{type: event, event: purchase, check: exists}]
+  - id: holdout
+    criteria: {type: sample, percent: 12.5}
+  - id: all
+    criteria: {type: everyone}
+"""
+    )
+    json_file = tmp_path / "b.json"
+    json_file.write_text(
+        json.dumps(
+            {
+                "buckets": [
+                    {"id": "eu", "criteria": SLICE_ONE_FORMS[0][1]},
+                    {"id": "never-bought", "criteria": SLICE_ONE_FORMS[2][1]},
+                    {"id": "holdout", "criteria": SLICE_ONE_FORMS[4][1]},
+                    {"id": "all", "criteria": {"type": "everyone"}},
+                ]
+            }
+        )
+    )
+    from_yaml = {bucket.id: bucket.fingerprint for bucket in load_definitions(yaml_file)}
+    from_json = {bucket.id: bucket.fingerprint for bucket in load_definitions(json_file)}
+    assert from_yaml == from_json
+    built = {
+        "eu": SLICE_ONE_FORMS[0][0],
+        "never-bought": SLICE_ONE_FORMS[2][0],
+        "holdout": SLICE_ONE_FORMS[4][0],
+        "all": b.everyone(),
+    }
+    assert from_yaml == {k: define_bucket(id=k, criteria=v).fingerprint for k, v in built.items()}
+
+
+def test_fingerprints_of_the_new_forms():
+    # a one-key path is that key: same meaning, same hash
+    assert (
+        define_bucket(id="x", criteria=b.prop(["plan"]).eq("pro")).fingerprint
+        == define_bucket(id="x", criteria=b.prop("plan").eq("pro")).fingerprint
+    )
+    # a path is not the dotted key
+    assert (
+        define_bucket(id="x", criteria=b.prop(["a", "b"]).exists()).fingerprint
+        != define_bucket(id="x", criteria=b.prop("a.b").exists()).fingerprint
+    )
+    # the default salt is the bucket id: written into the tree, so into the hash
+    one = define_bucket(id="one", criteria=b.sample(10))
+    two = define_bucket(id="two", criteria=b.sample(10))
+    assert one.fingerprint != two.fingerprint
+    assert one.fingerprint == define_bucket(id="x", criteria=b.sample(10, salt="one")).fingerprint
+    assert one.criteria == define_bucket(id="one", criteria=b.sample(10, salt="one")).criteria
+
+
+INVALID = [
+    (b.prop("c").in_([]), "x: criteria.value: operator 'in' needs a non-empty list"),
+    (b.prop("c").not_in(["a", None]), "x: criteria.value[1]: null is not allowed in a list"),
+    (b.prop("c").in_("DE"), "x: criteria.value: operator 'in' needs a list, got str"),
+    (b.prop("c").in_([{"a": 1}]), "x: criteria.value[0]: must be a string, number or boolean"),
+    (b.prop("c").in_([[1]]), "x: criteria.value[0]: must be a string, number or boolean"),
+    (b.prop("c").in_([float("nan")]), "x: criteria.value[0]: must be a finite number"),
+    (b.prop("c").in_(list(range(1001))), "x: criteria.value: a list has at most 1,000 values"),
+    (
+        b.all(b.prop("a").exists(), b.prop("c").in_(["a", "b\x00"])),
+        "x: criteria.conditions[1].value[1]: contains a NUL character",
+    ),
+    (b.prop([]).exists(), "x: criteria.property: a path needs at least one key"),
+    (b.prop(["a", ""]).exists(), "x: criteria.property: keys must not be empty"),
+    (b.prop(["k"] * 17).exists(), "x: criteria.property: a path has at most 16 keys"),
+    (
+        {"type": "composite", "operator": "not", "conditions": [b.everyone(), b.everyone()]},
+        "x: criteria.conditions: 'not' takes exactly one condition, got 2",
+    ),
+    (
+        {"type": "composite", "operator": "not", "conditions": []},
+        "x: criteria.conditions: must not be empty",
+    ),
+    ({"type": "everyone", "percent": 3}, "x: criteria.percent: unknown key"),
+    (b.sample(0), "x: criteria.percent: must be between 0 and 100 (exclusive), got 0"),
+    (b.sample(100), "x: criteria.percent: must be between 0 and 100 (exclusive), got 100"),
+    (b.sample(-5), "x: criteria.percent: must be between 0 and 100"),
+    (b.sample(12.345), "x: criteria.percent: at most two decimals, got 12.345"),
+    (b.sample(float("inf")), "x: criteria.percent: must be between 0 and 100"),
+    ({"type": "sample", "percent": "10"}, "x: criteria.percent: must be a number, got str"),
+    ({"type": "sample", "percent": True}, "x: criteria.percent: must be a number, got bool"),
+    ({"type": "sample"}, "x: criteria.percent: required"),
+    (b.sample(10, salt="s" * 201), "x: criteria.salt: at most 200 characters"),
+    (
+        b.event("e").where(b.prop(["m", ""]).eq(1)).exists(),
+        "x: criteria.where[0].property: keys must not be empty",
+    ),
+]
+
+
+@pytest.mark.parametrize(("criteria", "message"), INVALID, ids=[m for _, m in INVALID])
+def test_misuse_is_a_located_error(criteria, message):
+    with pytest.raises(DefinitionError) as raised:
+        define_bucket(id="x", criteria=criteria)
+    assert str(raised.value).startswith(message), str(raised.value)
+    assert raised.value.bucket_id == "x"
+
+
+@pytest.mark.parametrize(
+    ("criteria", "on_creation", "cron_joins"),
+    [
+        (b.event("purchase").not_exists(), True, False),  # never purchased
+        (b.not_(b.event("purchase").exists()), True, False),
+        (b.not_(b.event("used").within("7d").exists()), True, True),  # ages out: cron joins
+        (b.not_(b.event("used").within("7d").less_than(2)), False, False),
+        (b.not_(b.not_(b.event("used").within("7d").not_exists())), True, True),
+        (b.everyone(), True, False),
+        (b.sample(5), True, False),  # depends on the external id
+        (b.all(b.sample(5), b.prop("plan").eq("pro")), False, False),
+        (b.any(b.sample(5), b.prop("plan").eq("pro")), True, False),
+        (b.prop(["address", "country"]).not_in(["DE"]), True, False),
+        (b.prop(["address", "country"]).in_(["DE"]), False, False),
+    ],
+)
+def test_which_buckets_new_contacts_and_the_clock_decide(criteria, on_creation, cron_joins):
+    bucket = define_bucket(id="x", criteria=criteria)
+    assert bucket.matches_new_contacts is on_creation
+    assert bucket.cron_joins is cron_joins
+
+
+def test_paths_index_their_top_level_key():
+    bucket = define_bucket(
+        id="x",
+        criteria=b.all(
+            b.prop(["address", "country"]).in_(["DE"]),
+            b.event("e").where(b.prop(["meta", "k"]).eq(1)).exists(),
+        ),
+    )
+    assert bucket.property_keys == {"address"}  # event ``where`` keys are not contact keys
+    registry = Registry([bucket])
+    assert registry.affected(None, ["address"]) == [bucket]
+    assert registry.affected(None, ["meta"]) == []
+
+
+def test_samples_are_deterministic_and_proportionate():
+    node = Sample(percent=10, salt="s")
+    ids = [f"contact-{i}" for i in range(20_000)]
+    chosen = [i for i in ids if node.hits(i)]
+    assert chosen == [i for i in ids if node.hits(i)]
+    assert 1_800 < len(chosen) < 2_200
+    # nested percentages: 5% is a subset of 10% with the same salt (the split is one slot)
+    assert {i for i in ids if Sample(percent=5, salt="s").hits(i)} <= set(chosen)
+    # the salt decides: another salt, another sample
+    assert {i for i in ids if Sample(percent=10, salt="t").hits(i)} != set(chosen)
+    assert Sample(percent=0.29, salt="s").threshold == 29  # exact, not 28.999...
+
+
+def test_path_lookup_treats_non_objects_as_missing():
+    data = {"address": {"country": "DE", "geo": [1, 2]}, "tags": ["a"], "n": 1}
+    assert lookup(data, ("address", "country")) == "DE"
+    assert lookup(data, ("address", "geo", "0")) is MISSING  # arrays are not indexed
+    assert lookup(data, ("tags", "0")) is MISSING
+    assert lookup(data, ("n", "x")) is MISSING
+    assert lookup(data, ("missing", "x")) is MISSING
+    eu = define_bucket(id="x", criteria=b.prop(["address", "country"]).not_in(["FR"]))
+    assert evaluate(eu.criteria, {"address": "FR"}, lambda _: 0)  # missing: not in
+
+
+# --- aggregates over events ------------------------------------------------------------------
+
+SPENT = b.event("order.completed").within("30d").sum("amount").gte(100)
+
+
+def test_aggregate_builder_is_the_literal_form():
+    assert SPENT == {
+        "type": "event",
+        "event": "order.completed",
+        "check": "sum",
+        "property": "amount",
+        "operator": "gte",
+        "value": 100,
+        "within": "30d",
+    }
+    assert b.event("o").avg(["totals", "net"]).lt(2.5) == {
+        "type": "event",
+        "event": "o",
+        "check": "avg",
+        "property": ["totals", "net"],
+        "operator": "lt",
+        "value": 2.5,
+    }
+    assert b.event("o").min("a").eq(0)["check"] == "min"
+    assert b.event("o").max("a").gt(0)["check"] == "max"
+    assert (
+        define_bucket(id="x", criteria=SPENT).fingerprint
+        == load_definitions_text(
+            "criteria: {type: event, event: order.completed, check: sum, property: amount,"
+            " operator: gte, value: 100, within: 30d}"
+        ).fingerprint
+    )
+
+
+def load_definitions_text(criteria_line: str) -> Any:
+    import tempfile
+
+    with tempfile.TemporaryDirectory() as folder:
+        path = Path(folder) / "one.yaml"
+        path.write_text(f"buckets:\n  - id: x\n    {criteria_line}\n")
+        [bucket] = load_definitions(path)
+    return bucket
+
+
+AGGREGATE_ERRORS = [
+    (
+        {"type": "event", "event": "o", "check": "sum", "operator": "gte", "value": 1},
+        "x: criteria.property: check 'sum' needs the property to aggregate",
+    ),
+    (
+        {"type": "event", "event": "o", "check": "avg", "property": "a", "value": 1},
+        "x: criteria.operator: check 'avg' needs one of gt, gte, lt, lte, eq",
+    ),
+    (
+        {"type": "event", "event": "o", "check": "min", "property": "a", "operator": "eq"},
+        "x: criteria.value: check 'min' needs a number",
+    ),
+    (
+        b.event("o").max("a").gt("100"),
+        "x: criteria.value: check 'max' needs a number, got '100'",
+    ),
+    (b.event("o").max("a").gt(True), "x: criteria.value: check 'max' needs a number, got True"),
+    (b.event("o").sum("a").gt(float("inf")), "x: criteria.value: must be a finite number"),
+    (b.event("o").sum([]).gt(1), "x: criteria.property: a path needs at least one key"),
+    (
+        {"type": "event", "event": "o", "check": "exists", "property": "a"},
+        "x: criteria.property: check 'exists' takes no property",
+    ),
+    (
+        {"type": "event", "event": "o", "check": "count", "operator": "gt", "value": 1.5},
+        "x: criteria.value: check 'count' needs an integer value >= 0",
+    ),
+]
+
+
+@pytest.mark.parametrize(
+    ("criteria", "message"), AGGREGATE_ERRORS, ids=[m for _, m in AGGREGATE_ERRORS]
+)
+def test_aggregate_misuse_is_a_located_error(criteria, message):
+    with pytest.raises(DefinitionError) as raised:
+        define_bucket(id="x", criteria=criteria)
+    assert str(raised.value).startswith(message), str(raised.value)
+
+
+def test_aggregates_compute_exactly_and_ignore_non_numbers():
+    at = datetime(2026, 1, 1, tzinfo=UTC)
+    amounts = [0.1, 0.2, True, "5", None, {"x": 1}, [3]]
+    events = [Event("o", at, {"amount": amount}) for amount in amounts]
+    counter = in_memory_counter(events, at)
+
+    def holds(criteria: Any) -> bool:
+        return evaluate(define_bucket(id="x", criteria=criteria).criteria, {}, counter)
+
+    assert holds(b.event("o").sum("amount").eq(0.3))  # exact: not 0.30000000000000004
+    assert holds(b.event("o").avg("amount").eq(0.15))
+    assert holds(b.event("o").min("amount").eq(0.1))
+    assert holds(b.event("o").max("amount").eq(0.2))
+    nothing = in_memory_counter([Event("o", at, {"amount": "12"})], at)
+    assert evaluate(
+        define_bucket(id="x", criteria=b.event("o").sum("amount").eq(0)).criteria, {}, nothing
+    )
+    for check in ("avg", "min", "max"):  # of no values: false, whatever the comparison
+        for operator in ("gt", "gte", "lt", "lte", "eq"):
+            criteria = {
+                "type": "event",
+                "event": "o",
+                "check": check,
+                "property": "amount",
+                "operator": operator,
+                "value": 0,
+            }
+            assert not evaluate(define_bucket(id="x", criteria=criteria).criteria, {}, nothing)
+
+
+# --- instants in properties ------------------------------------------------------------------
+
+
+def test_instant_builder_is_the_literal_form():
+    assert b.prop("trial_ends_at").within_next("3d") == {
+        "type": "property",
+        "property": "trial_ends_at",
+        "operator": "within_next",
+        "value": "3d",
+    }
+    assert b.prop(["sub", "renews"]).within_past("7d")["operator"] == "within_past"
+    assert b.prop("signed_up").before("2026-01-01")["value"] == "2026-01-01"
+    assert b.prop("signed_up").after("2026-01-01T09:00:00+01:00")["operator"] == "after"
+    three_days = define_bucket(id="x", criteria=b.prop("t").within_next("3d"))
+    assert (
+        three_days.fingerprint
+        == define_bucket(id="x", criteria=b.prop("t").within_next(timedelta(hours=72))).fingerprint
+        == load_definitions_text(
+            "criteria: {type: property, property: t, operator: within_next, value: 72h}"
+        ).fingerprint
+    )
+    assert three_days.time_based
+    assert three_days.cron_joins
+    assert not define_bucket(id="x", criteria=b.prop("t").before("2026-01-01")).time_based
+
+
+@pytest.mark.parametrize(
+    ("text", "expected"),
+    [
+        ("2026-03-01", datetime(2026, 3, 1, tzinfo=UTC)),
+        ("2026-03-01T09:00Z", datetime(2026, 3, 1, 9, tzinfo=UTC)),
+        ("2026-03-01T09:00:00.5+05:30", datetime(2026, 3, 1, 3, 30, 0, 500_000, tzinfo=UTC)),
+        ("2024-02-29T23:59:59.999999-23:59", datetime(2024, 3, 1, 23, 58, 59, 999_999, tzinfo=UTC)),
+        ("2026-03-01T09:00", None),  # no offset
+        ("2026-03-01T09Z", None),
+        ("2026-02-29", None),  # no such day
+        ("2026-04-31", None),
+        ("0000-01-01", None),
+        ("2026-03-01T24:00Z", None),
+        ("2026-03-01T23:59:60Z", None),
+        ("2026-03-01T09:00+24:00", None),
+        ("2026-03-01T09:00+05:60", None),
+        ("2026-03-01T09:00:00.1234567Z", None),
+        ("\uff12026-03-01", None),  # not ASCII digits
+        ("2026-03-01Z", None),
+        ("2026-03-01T09:00:00Z\n", None),
+        (" 2026-03-01", None),
+        (20260301, None),
+        (None, None),
+    ],
+)
+def test_what_is_an_instant(text, expected):
+    assert parse_instant(text) == expected
+
+
+INSTANT_ERRORS = [
+    (
+        b.prop("t").before("2026-03-01T09:00"),
+        "x: criteria.value: operator 'before' needs an instant with an offset",
+    ),
+    (b.prop("t").after("2026-02-30"), "x: criteria.value: operator 'after' needs an instant"),
+    (b.prop("t").after(20260301), "x: criteria.value: operator 'after' needs an instant"),
+    (b.prop("t").within_next("0d"), "x: criteria.value: duration must be positive"),
+    (b.prop("t").within_past(3), "x: criteria.value: "),
+    (
+        {"type": "property", "property": "t", "operator": "within_next"},
+        "x: criteria.value: operator 'within_next' needs a value",
+    ),
+    (
+        b.all(b.prop("a").exists(), b.event("e").where(b.prop("t").within_next("1d")).exists()),
+        "x: criteria.conditions[1].where[0].operator: 'within_next' compares with now",
+    ),
+]
+
+
+@pytest.mark.parametrize(
+    ("criteria", "message"), INSTANT_ERRORS, ids=[m for _, m in INSTANT_ERRORS]
+)
+def test_instant_misuse_is_a_located_error(criteria, message):
+    with pytest.raises(DefinitionError) as raised:
+        define_bucket(id="x", criteria=criteria)
+    assert str(raised.value).startswith(message), str(raised.value)
+
+
+def test_instant_operators_at_their_bounds():
+    now = datetime(2026, 3, 1, 12, tzinfo=UTC)
+    day = timedelta(days=1)
+    tick = timedelta(microseconds=1)
+
+    def holds(criteria: Any, instant: datetime) -> bool:
+        node = define_bucket(id="x", criteria=criteria).criteria
+        return evaluate(node, {"t": instant.isoformat()}, lambda _: 0, now=now)
+
+    assert holds(b.prop("t").within_next("1d"), now)
+    assert holds(b.prop("t").within_next("1d"), now + day)
+    assert not holds(b.prop("t").within_next("1d"), now + day + tick)
+    assert not holds(b.prop("t").within_next("1d"), now - tick)
+    assert holds(b.prop("t").within_past("1d"), now - day)
+    assert not holds(b.prop("t").within_past("1d"), now - day - tick)
+    assert not holds(b.prop("t").within_past("1d"), now + tick)
+    assert holds(b.prop("t").before("2026-03-01T12:00:00.000001Z"), now)
+    assert not holds(b.prop("t").before("2026-03-01T12:00Z"), now)
+    assert holds(b.prop("t").after("2026-03-01T13:00+01:01"), now)  # 11:59 UTC

@@ -1,0 +1,166 @@
+"""The criteria language part 2 (SPEC §3.4, §6.7) through ingest, the due queue and explain,
+on a real PostgreSQL."""
+
+from __future__ import annotations
+
+from datetime import UTC, datetime, timedelta
+from typing import Any
+
+from buckets import b, define_bucket, ingest_event
+from buckets.criteria.clock import TICK
+from buckets.criteria.model import Sample
+from buckets.explain import explain
+from tests.test_due import T0, D, entries, ship, tick, used
+from tests.test_reconcile import active, transitions
+
+NEVER_BOUGHT = define_bucket(id="never-bought", criteria=b.not_(b.event("purchase").exists()))
+EVERYONE = define_bucket(id="everyone", criteria=b.everyone())
+HOLDOUT = define_bucket(id="holdout", criteria=b.sample(50))
+EU = define_bucket(id="eu", criteria=b.prop(["address", "country"]).in_(["DE", "FR"]))
+QUIET = define_bucket(id="quiet", criteria=b.not_(b.event("used").within("1d").exists()))
+
+
+def test_all_negative_buckets_are_decided_when_a_contact_is_created(make_runtime):
+    rt = make_runtime(NEVER_BOUGHT, EVERYONE, HOLDOUT)
+    for who in ("a", "b", "c", "d", "e", "f"):
+        ingest_event(who, "page.viewed", {}, now=T0, runtime=rt)
+    assert active(rt, "never-bought") == set("abcdef")
+    assert active(rt, "everyone") == set("abcdef")
+    node = HOLDOUT.criteria
+    assert isinstance(node, Sample)
+    assert active(rt, "holdout") == {who for who in "abcdef" if node.hits(who)}
+    ingest_event("a", "purchase", {}, now=T0 + D, runtime=rt)
+    assert active(rt, "never-bought") == set("bcdef")
+    assert active(rt, "everyone") == set("abcdef")
+
+
+def test_a_path_condition_follows_its_top_level_key(make_runtime):
+    rt = make_runtime(EU)
+
+    def moved(address: Any, at: Any) -> None:
+        ingest_event("u", "x", {}, contact_properties={"address": address}, now=at, runtime=rt)
+
+    moved({"country": "DE", "city": "Berlin"}, T0)
+    assert active(rt, "eu") == {"u"}
+    moved({"country": "US"}, T0 + D)
+    assert active(rt, "eu") == set()
+    moved({"country": "FR"}, T0 + 2 * D)
+    assert active(rt, "eu") == {"u"}
+    moved(["FR"], T0 + 3 * D)  # not an object: the path is missing
+    assert active(rt, "eu") == set()
+    assert [t.kind for t in transitions(rt, "eu")] == ["entered", "left", "entered", "left"]
+
+
+def test_a_negated_window_joins_through_the_queue_at_its_instant(make_runtime):
+    rt = make_runtime(QUIET)
+    used(rt, "u", T0)  # a new contact, busy: not quiet
+    assert active(rt, "quiet") == set()
+    instant = T0 + D + TICK  # the event leaves the 1-day window
+    ship(rt, T0 + timedelta(hours=2))
+    assert entries(rt, "quiet")[("quiet", "u")] == instant
+    early = tick(rt, instant - TICK)["quiet"]
+    assert early.passes_ran == "no"
+    assert active(rt, "quiet") == set()
+    at = tick(rt, instant)["quiet"]
+    assert (at.passes_ran, at.due) == ("no", 1)
+    assert active(rt, "quiet") == {"u"}
+    [joined] = transitions(rt, "quiet")[-1:]
+    assert (joined.kind, joined.occurred_at, joined.source) == ("entered", instant, "reconcile")
+
+
+def test_explain_shows_paths_samples_and_each_leafs_next_change(make_runtime):
+    bucket = define_bucket(
+        id="mix",
+        criteria=b.all(
+            b.prop(["address", "country"]).in_(["DE"]),
+            b.sample(50, salt="s"),
+            b.not_(b.event("used").within("1d").exists()),
+        ),
+    )
+    rt = make_runtime(bucket)
+    ingest_event(
+        "u", "used", {}, contact_properties={"address": {"country": "DE"}}, now=T0, runtime=rt
+    )
+    found = explain("mix", "u", now=T0 + timedelta(hours=1), runtime=rt).to_dict()
+    path, sample, window = found["leaves"]
+    assert (path["value"], path["present"], path["actual"]) == (True, True, "DE")
+    assert path["condition"] == "property ['address', 'country'] in ['DE']"
+    assert sample["condition"] == "sample 50% (salt 's')"
+    assert sample["value"] is Sample(percent=50, salt="s").hits("u")
+    assert sample["detail"].startswith("sample slot ")
+    assert window["path"] == "criteria.conditions[2].conditions[0]"
+    assert (window["value"], window["count"]) == (True, 1)
+    assert window["next_at"] == (T0 + D + TICK).isoformat()
+
+
+SPENDERS = define_bucket(
+    id="spenders", criteria=b.event("order.completed").within("30d").sum("amount").gte(100)
+)
+
+
+def test_a_windowed_sum_joins_on_ingest_and_decays_through_the_queue(make_runtime):
+    rt = make_runtime(SPENDERS)
+
+    def order(amount: Any, at: Any) -> None:
+        ingest_event("u", "order.completed", {"amount": amount}, now=at, runtime=rt)
+
+    order(60, T0)
+    order("50", T0 + D)  # not a number: ignored
+    assert active(rt, "spenders") == set()
+    order(40.5, T0 + 2 * D)
+    assert active(rt, "spenders") == {"u"}
+    ship(rt, T0 + 2 * D)
+    instant = T0 + 30 * D + TICK  # the 60 leaves the window: 40.5 < 100
+    assert entries(rt, "spenders")[("spenders", "u")] == instant
+    found = explain("spenders", "u", now=T0 + 3 * D, runtime=rt).to_dict()
+    [leaf] = found["leaves"]
+    assert leaf["detail"] == "sum 100.5 over 2 numeric value(s)"
+    assert leaf["next_at"] == instant.isoformat()
+    assert tick(rt, instant - TICK)["spenders"].passes_ran == "no"
+    assert active(rt, "spenders") == {"u"}
+    at = tick(rt, instant)["spenders"]
+    assert (at.passes_ran, at.due) == ("no", 1)
+    assert active(rt, "spenders") == set()
+    [left] = transitions(rt, "spenders")[-1:]
+    assert (left.kind, left.occurred_at, left.reason) == ("left", instant, "criteria")
+
+
+TRIAL_ENDING = define_bucket(id="trial-ending", criteria=b.prop("trial_ends_at").within_next("3d"))
+
+
+def test_trial_ending_joins_and_leaves_through_the_queue_at_its_instants(make_runtime):
+    rt = make_runtime(TRIAL_ENDING)
+    ends = T0 + 10 * D
+    ingest_event(
+        "u",
+        "signup",
+        {},
+        contact_properties={"trial_ends_at": ends.isoformat().replace("+00:00", "Z")},
+        now=T0,
+        runtime=rt,
+    )
+    ingest_event(
+        "v", "signup", {}, contact_properties={"trial_ends_at": "2026-11-08"}, now=T0, runtime=rt
+    )  # a date: midnight UTC, 6.5 days ahead
+    assert active(rt, "trial-ending") == set()
+    ship(rt, T0 + timedelta(hours=1))
+    joins_at = ends - 3 * D
+    assert entries(rt, "trial-ending")[("trial-ending", "u")] == joins_at
+    # the date-only value is midnight UTC: joined three days before it
+    assert entries(rt, "trial-ending")[("trial-ending", "v")] == datetime(2026, 11, 5, tzinfo=UTC)
+    found = explain("trial-ending", "u", now=T0 + D, runtime=rt).to_dict()
+    [leaf] = found["leaves"]
+    assert (leaf["value"], leaf["detail"]) == (False, f"instant {ends.isoformat()}")
+    assert leaf["next_at"] == joins_at.isoformat()
+    assert tick(rt, joins_at - TICK)["trial-ending"].passes_ran == "no"
+    assert active(rt, "trial-ending") == set()
+    at = tick(rt, joins_at)["trial-ending"]
+    assert (at.passes_ran, at.due) == ("no", 1)
+    assert active(rt, "trial-ending") == {"u"}
+    tick(rt, ends)
+    assert active(rt, "trial-ending") == {"u"}  # the end itself is within the next 3 days
+    tick(rt, ends + TICK)
+    assert active(rt, "trial-ending") == set()
+    kinds = [(t.kind, t.occurred_at) for t in transitions(rt, "trial-ending") if t.kind]
+    assert ("entered", joins_at) in kinds
+    assert ("left", ends + TICK) in kinds
