@@ -126,7 +126,8 @@ def setup(conn: Connection, case: str, bucket: Bucket) -> None:
     conn.execute(
         sa.text(
             "INSERT INTO bucket_configs (bucket_id, criteria_hash) VALUES (:b, :h)"
-            " ON CONFLICT (bucket_id) DO UPDATE SET criteria_hash = :h, reconciled_at = NULL"
+            " ON CONFLICT (bucket_id) DO UPDATE SET criteria_hash = :h, reconciled_at = NULL,"
+            " reconciled_slot = NULL, due_hash = NULL"  # the queue incomplete: full passes run
         ),
         {"b": bucket.id, "h": bucket.fingerprint},
     )
