@@ -193,14 +193,6 @@ INVALID = [
 ]
 
 
-@pytest.mark.parametrize(("criteria", "message"), INVALID, ids=[m for _, m in INVALID])
-def test_misuse_is_a_located_error(criteria, message):
-    with pytest.raises(DefinitionError) as raised:
-        define_bucket(id="x", criteria=criteria)
-    assert str(raised.value).startswith(message), str(raised.value)
-    assert raised.value.bucket_id == "x"
-
-
 @pytest.mark.parametrize(
     ("criteria", "on_creation", "cron_joins"),
     [
@@ -336,15 +328,6 @@ AGGREGATE_ERRORS = [
 ]
 
 
-@pytest.mark.parametrize(
-    ("criteria", "message"), AGGREGATE_ERRORS, ids=[m for _, m in AGGREGATE_ERRORS]
-)
-def test_aggregate_misuse_is_a_located_error(criteria, message):
-    with pytest.raises(DefinitionError) as raised:
-        define_bucket(id="x", criteria=criteria)
-    assert str(raised.value).startswith(message), str(raised.value)
-
-
 def test_aggregates_compute_exactly_and_ignore_non_numbers():
     at = datetime(2026, 1, 1, tzinfo=UTC)
     amounts = [0.1, 0.2, True, "5", None, {"x": 1}, [3]]
@@ -450,13 +433,16 @@ INSTANT_ERRORS = [
 ]
 
 
-@pytest.mark.parametrize(
-    ("criteria", "message"), INSTANT_ERRORS, ids=[m for _, m in INSTANT_ERRORS]
-)
-def test_instant_misuse_is_a_located_error(criteria, message):
+MISUSES = INVALID + AGGREGATE_ERRORS + INSTANT_ERRORS
+
+
+@pytest.mark.parametrize(("criteria", "message"), MISUSES, ids=[m for _, m in MISUSES])
+def test_misuse_is_a_located_error(criteria, message):
+    """Every misuse of a node of this part (static nodes, aggregates, instants)."""
     with pytest.raises(DefinitionError) as raised:
         define_bucket(id="x", criteria=criteria)
     assert str(raised.value).startswith(message), str(raised.value)
+    assert raised.value.bucket_id == "x"
 
 
 def test_instant_operators_at_their_bounds():
