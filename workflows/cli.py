@@ -1191,9 +1191,16 @@ def demo_command(
     embedded = settings.database_url is None
     with opened_runtime(database_url, definitions or DEFINITIONS, preflight=False) as runtime:
         say = (lambda _: None) if as_json else click.echo
-        report = run_demo(
-            runtime, now=now, contacts_count=contacts, days=days, reset=reset or embedded, say=say
-        )
+        with _progress("demo", total=None) as bar:
+            report = run_demo(
+                runtime,
+                now=now,
+                contacts_count=contacts,
+                days=days,
+                reset=reset or embedded,
+                say=say,
+                progress=bar,
+            )
     explained = report.pop("explain")
     seconds = time.perf_counter() - started
     if as_json:

@@ -130,11 +130,24 @@ def run_demo(
     days: int = 4,
     reset: bool = False,
     say: Callable[[str], None] = print,
+    progress: Callable[[int, int], None] = lambda done, total: None,
 ) -> dict[str, Any]:
+    """Run the demo; ``progress(done, total)`` after each of its stages (the load, each
+    first-time backfill, each simulated day)."""
     start = now - days * DAY
     upgrade(rt.engine)
     _reset_or_refuse(rt, reset)
+    stages = 1 + len(rt.registry) + days  # a reset database: a first-time job per bucket
+    done_stages = 0
+
+    def advanced() -> None:
+        nonlocal done_stages
+        done_stages += 1
+        progress(done_stages, stages)
+
+    progress(0, stages)
     loaded = generate(rt.engine.url, contacts=contacts_count, events_per_contact=20, now=start)
+    advanced()
     say(
         f"loaded {loaded.contacts:,} contacts and {loaded.events:,} events"
         f" (90 days up to {start:%Y-%m-%d})"
@@ -146,6 +159,7 @@ def run_demo(
         done = runner.run(job.id)
         backfilled[done.bucket_id] = done.joined
         say(f"first-time backfill of {done.bucket_id}: {done.joined:,} members, joined silently")
+        advanced()
     with rt.engine.connect() as conn:
         emitted = conn.execute(
             sa.select(sa.func.count()).where(bucket_transitions.c.emitted)
@@ -182,6 +196,7 @@ def run_demo(
         steps.append(step)
         for line in step.lines():
             say(line)
+        advanced()
 
     with rt.engine.connect() as conn:
         someone = conn.execute(
