@@ -41,6 +41,7 @@ from workflows.synthetic import ENGINE_TABLES, generate
 
 DEFINITIONS = "workflows.demo_buckets"
 DAY = timedelta(days=1)
+TRIAL = 14 * DAY
 
 
 @dataclass
@@ -101,13 +102,16 @@ def _day_of_events(rng: random.Random, now: datetime, contacts_count: int, day: 
         if rng.random() < 0.1:
             events.append({"external_id": who, "event": "page.viewed", "occurred_at": at()})
     for signup in range(contacts_count // 100):
-        who = f"demo-{day}-{signup}"
+        signed_up = now - timedelta(seconds=rng.randint(60, 86_000))
         events.append(
             {
-                "external_id": who,
+                "external_id": f"demo-{day}-{signup}",
                 "event": "signup",
-                "occurred_at": at(),
-                "contact_properties": {"plan": "trial"},
+                "occurred_at": signed_up.isoformat(),
+                "contact_properties": {
+                    "plan": "trial",
+                    "trial_ends_at": (signed_up + TRIAL).isoformat(),
+                },
             }
         )
     for contact in rng.sample(range(1, contacts_count + 1), contacts_count // 200):

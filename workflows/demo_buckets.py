@@ -40,6 +40,13 @@ trial = define_bucket(
     max_dwell="14d",
 )
 
+trial_ending = define_bucket(
+    id="trial-ending",
+    name="Trial ends in 3 days",
+    description="On a trial whose trial_ends_at falls in the next 3 days (joins by the clock).",
+    criteria=b.all(b.prop("plan").eq("trial"), b.prop("trial_ends_at").within_next("3d")),
+)
+
 
 @journey(id="winback", trigger=went_dormant.entered, exit_on=[went_dormant.left])
 def winback(enrollment: Enrollment) -> None:
@@ -48,6 +55,11 @@ def winback(enrollment: Enrollment) -> None:
 
 @journey(id="power-perks", trigger=power_users.entered, exit_on=[power_users.left])
 def power_perks(enrollment: Enrollment) -> None:
+    DELIVERED.append(enrollment)
+
+
+@journey(id="trial-ending-reminder", trigger=trial_ending.entered, exit_on=[trial_ending.left])
+def trial_ending_reminder(enrollment: Enrollment) -> None:
     DELIVERED.append(enrollment)
 
 
