@@ -41,7 +41,7 @@ class Case:
     hand_sql: str
 
 
-CASES = (
+CASES: tuple[Case, ...] = (
     Case(
         "count gte 10 within 30d",
         b.event("feature.used").within("30d").at_least(10),
@@ -82,8 +82,65 @@ CASES = (
     ),
 )
 
+# SPEC §3.4 families (language part 2), each against the query one would write by hand.
+CASES += (
+    Case(
+        "country in (DE, FR, NL)",
+        b.prop("country").in_(["DE", "FR", "NL"]),
+        """
+        SELECT c.id FROM contacts c
+        WHERE c.deleted_at IS NULL
+          AND c.properties->'country' = ANY (ARRAY['"DE"', '"FR"', '"NL"']::jsonb[])
+        """,
+    ),
+    Case(
+        "sum(amount) of purchases in 30d >= 500",
+        b.event("purchase.completed").within("30d").sum("amount").gte(500),
+        """
+        SELECT c.id FROM contacts c
+        JOIN (SELECT contact_id FROM user_events
+              WHERE event = 'purchase.completed' AND occurred_at BETWEEN :start_30d AND :now
+                AND jsonb_typeof(properties->'amount') = 'number'
+              GROUP BY contact_id HAVING sum((properties->>'amount')::numeric) >= 500
+             ) e ON e.contact_id = c.id
+        WHERE c.deleted_at IS NULL
+        """,
+    ),
+    Case(
+        "trial_ends_at within the next 3d",
+        b.prop("trial_ends_at").within_next("3d"),
+        """
+        SELECT c.id FROM contacts c
+        WHERE c.deleted_at IS NULL AND jsonb_typeof(c.properties->'trial_ends_at') = 'string'
+          AND (c.properties->>'trial_ends_at')::timestamptz BETWEEN :now AND :end_3d
+        """,
+    ),
+    Case(
+        "never purchased (all-negative)",
+        b.event("purchase.completed").not_exists(),
+        """
+        SELECT c.id FROM contacts c
+        WHERE c.deleted_at IS NULL AND NOT EXISTS (
+            SELECT 1 FROM user_events e
+            WHERE e.event = 'purchase.completed' AND e.contact_id = c.id
+              AND e.occurred_at <= :now)
+        """,
+    ),
+    Case(
+        "sample 10% (salted)",
+        b.sample(10, salt="bench"),
+        """
+        SELECT c.id FROM contacts c
+        WHERE c.deleted_at IS NULL
+          AND ('x' || substr(encode(sha256(convert_to('bench:' || c.external_id, 'UTF8')),
+                                    'hex'), 1, 8))::bit(32)::bigint % 10000 < 1000
+        """,
+    ),
+)
+
 HAND_PARAMS = {
     "now": NOW,
+    "end_3d": NOW + timedelta(days=3),
     "start_30d": NOW - timedelta(days=30),
     "start_14d": NOW - timedelta(days=14),
     "start_7d": NOW - timedelta(days=7),

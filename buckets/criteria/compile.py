@@ -34,7 +34,7 @@ from __future__ import annotations
 import json
 from collections.abc import Sequence
 from dataclasses import dataclass, field
-from datetime import datetime, timedelta
+from datetime import UTC, datetime, timedelta
 from decimal import Decimal
 from typing import Any
 
@@ -95,21 +95,64 @@ def instant_predicate(
     now: datetime | ColumnElement[Any] | None,
 ) -> ColumnElement[bool]:
     """``before`` / ``after`` / ``within_past`` / ``within_next``: false (never NULL) unless the
-    value is an instant (:func:`.instants.instant_sql`)."""
-    instant = instant_sql(value, text)
-    compared: ColumnElement[bool]
+    value is an instant (:func:`.instants.instant_sql`).
+
+    The full test (shape, calendar, offset) is costly per row, so it runs only for values whose
+    first ten characters, compared as text, fall within a day of the wanted span: an instant's
+    local date is its UTC date shifted by its offset (under a day), and dates in the shape
+    (four-digit years, two-digit months and days) order as text as they do in time. The span is
+    one range containment, so the instant is computed once per row."""
+    lower: datetime | ColumnElement[Any] | None
+    upper: datetime | ColumnElement[Any] | None
     if condition.operator in ("before", "after"):
-        wanted = sa.literal(parse_instant(condition.value), TIMESTAMP)
-        compared = instant < wanted if condition.operator == "before" else instant > wanted
+        wanted = parse_instant(condition.value)
+        assert wanted is not None  # validated
+        lower, upper = (None, wanted) if condition.operator == "before" else (wanted, None)
+        bounds = "()"
     else:
         if now is None:
             raise ValueError(f"operator {condition.operator!r} needs the decision's now")
         span: timedelta = condition.value
-        if condition.operator == "within_past":
-            compared = instant.between(shifted(now, -span), shifted(now, timedelta(0)))
+        past = condition.operator == "within_past"
+        if isinstance(now, datetime):  # bounds known here: the prefilter's dates are constants
+            lower, upper = (now - span, now) if past else (now, now + span)
         else:
-            compared = instant.between(shifted(now, timedelta(0)), shifted(now, span))
-    return sa.func.coalesce(compared, sa.false())
+            lower = shifted(now, -span if past else timedelta(0))
+            upper = shifted(now, timedelta(0) if past else span)
+        bounds = "[]"
+    date_part = sa.func.left(text, 10).collate("C")  # byte order, whatever the database's
+    near: list[ColumnElement[bool]] = []
+    if lower is not None and (low := _date_text(lower, -DAY)) is not None:
+        near.append(date_part >= low)
+    if upper is not None and (high := _date_text(upper, DAY)) is not None:
+        near.append(date_part <= high)
+    span_range = sa.func.tstzrange(_bound(lower), _bound(upper), bounds)
+    contained = span_range.op("@>")(instant_sql(value, text))
+    return sa.case(
+        (sa.and_(sa.true(), *near), sa.func.coalesce(contained, sa.false())), else_=sa.false()
+    )
+
+
+DAY = timedelta(days=1)
+
+
+def _bound(at: datetime | ColumnElement[Any] | None) -> ColumnElement[Any]:
+    if at is None:
+        return sa.cast(sa.null(), TIMESTAMP)  # unbounded
+    return sa.literal(at, TIMESTAMP) if isinstance(at, datetime) else at
+
+
+def _date_text(at: datetime | ColumnElement[Any], shift: timedelta) -> ColumnElement[Any] | None:
+    """``YYYY-MM-DD`` (UTC) of ``at + shift``; None past the years an instant can have."""
+    if isinstance(at, datetime):
+        try:
+            day = (at + shift).astimezone(UTC)
+        except OverflowError:
+            return None
+        return sa.literal(f"{day.year:04d}-{day.month:02d}-{day.day:02d}", sa.Text)
+    return sa.func.to_char(
+        sa.func.timezone("UTC", at + sa.literal(shift, sa.Interval)), "YYYY-MM-DD"
+    )
 
 
 def property_value(

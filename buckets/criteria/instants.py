@@ -103,8 +103,9 @@ def instant_sql(value: ColumnElement[Any], text: ColumnElement[Any]) -> ColumnEl
         else_=sa.cast(sa.func.right(text, 6), sa.Interval),
     )
     cast = sa.func.timezone("UTC", sa.cast(local, sa.DateTime(timezone=False)) - offset)
-    in_range = cast.between(
-        sa.literal(FIRST, TIMESTAMP), sa.literal(LAST, TIMESTAMP)
-    )  # what Python can hold too (an offset on an edge day can leave the years 1-9999)
-    real = sa.case((day <= last_day, sa.case((in_range, cast), else_=sa.null())), else_=sa.null())
+    # Only an offset on a day of year 0001 or 9999 can leave the years Python holds: other
+    # years skip that test (the conversion is the costly part; it runs once for them).
+    in_range = cast.between(sa.literal(FIRST, TIMESTAMP), sa.literal(LAST, TIMESTAMP))
+    held = sa.case((year.between(2, 9998), cast), (in_range, cast), else_=sa.null())
+    real = sa.case((day <= last_day, held), else_=sa.null())
     return sa.case((shaped, sa.case((year >= 1, real), else_=sa.null())), else_=sa.null())

@@ -71,8 +71,15 @@ VALID_INSTANTS = st.one_of(
     st.builds(
         instant_text,
         st.sampled_from(INSTANT_POINTS),
+        # extreme offsets both ways: the local date a day off the UTC one (the SQL form
+        # prefilters on the local date)
         st.sampled_from(
-            [timedelta(0), timedelta(hours=5, minutes=30), -timedelta(hours=23, minutes=59)]
+            [
+                timedelta(0),
+                timedelta(hours=5, minutes=30),
+                timedelta(hours=23, minutes=59),
+                -timedelta(hours=23, minutes=59),
+            ]
         ),
     ),
     st.sampled_from(
