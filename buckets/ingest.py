@@ -9,7 +9,9 @@ Per event, in one transaction with its membership changes:
    further happens;
 3. insert the event; a repeated ``idempotency_key`` writes nothing and returns the result of the
    first ingest (its transitions are found through ``bucket_transitions.event_id``);
-4. merge ``contact_properties`` and bump the contact's ``revision``;
+4. merge ``contact_properties`` and bump the contact's ``revision``; the same UPDATE records,
+   per key the merge gives a different value, the event's ``occurred_at`` in
+   ``property_changed_at`` (SPEC §3.4 "held for");
 5. evaluate only the *affected* enabled buckets — criteria mentioning the event's name or a
    property key the call sets — with the Python evaluator, fed by one query that fetches the
    contact's properties, the decisive count of every event leaf involved and its active

@@ -80,8 +80,9 @@ def leaf_facts(
     needs: Sequence[str] | None = None,
     properties: bool = True,
 ) -> sa.Select[Any]:
-    """``SELECT id, properties, deleted_at, external_id, r0, a0, r1, a1, ...`` for ``contact_ids``
-    (``properties`` NULL unless asked for: only property leaves need them):
+    """``SELECT id, properties, deleted_at, external_id, r0, a0, r1, a1, ..., changed_at,
+    created_at`` for ``contact_ids`` (``properties`` and, for ``held_for``, the record of when
+    each key changed and ``created_at``, NULL unless asked for: only property leaves need them):
     ``r<i>`` the instants of the newest events counting for ``conditions[i]`` as of ``now``
     (at most :func:`~.clock.decisive_count`, newest first; NULL for none), ``a<i>`` its first
     matching event after ``now``. With ``needs`` (per contact, aligned with ``contact_ids``, a
