@@ -22,6 +22,7 @@ from sqlalchemy.engine import Connection
 from sqlalchemy.sql.elements import ColumnElement
 
 from buckets.criteria import compile_criteria, probe_predicate
+from buckets.criteria.held import History
 from buckets.definitions import Bucket
 from buckets.membership import Changes, Policy, Source, join, leave, redecide_stale
 from buckets.models import bucket_memberships as memberships
@@ -68,7 +69,12 @@ def matching_non_members(
 # contacts per chunk for a handful of leavers).
 member_contact = (
     sa.select(
-        contacts.c.revision, contacts.c.deleted_at, contacts.c.properties, contacts.c.external_id
+        contacts.c.revision,
+        contacts.c.deleted_at,
+        contacts.c.properties,
+        contacts.c.external_id,
+        contacts.c.property_changed_at,  # held_for reads these two
+        contacts.c.created_at,
     )
     .where(contacts.c.id == memberships.c.contact_id)
     .offset(sa.literal_column("0"))
@@ -101,6 +107,7 @@ def holding(bucket: Bucket, now: datetime) -> ColumnElement[bool]:
         memberships.c.contact_id,
         properties=member_contact.c.properties,
         external_id=member_contact.c.external_id,
+        history=History(member_contact.c.property_changed_at, member_contact.c.created_at),
     )
 
 

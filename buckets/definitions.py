@@ -137,10 +137,13 @@ class Bucket:
     @cached_property
     def time_based(self) -> bool:
         """The criteria contain a ``within`` window, or compare a property with now
-        (``within_past`` / ``within_next``)."""
+        (``within_past`` / ``within_next``, ``held_for``)."""
         return any(
             (isinstance(leaf, EventCondition) and leaf.within)
-            or (isinstance(leaf, PropertyCondition) and leaf.operator in CLOCK_OPERATORS)
+            or (
+                isinstance(leaf, PropertyCondition)
+                and (leaf.operator in CLOCK_OPERATORS or leaf.held_for is not None)
+            )
             for leaf in leaves(self.criteria)
         )
 
@@ -296,8 +299,9 @@ def _valid_id(value: object) -> str:
 
 def clock_joinable(leaf: Leaf) -> bool:
     """Time alone can turn the leaf from false to true (SPEC §6.2, §6.7)."""
-    if isinstance(leaf, PropertyCondition):  # an instant coming into the window
-        return leaf.operator in CLOCK_OPERATORS
+    if isinstance(leaf, PropertyCondition):  # an instant coming into the window, or maturing
+        held = leaf.held_for
+        return leaf.operator in CLOCK_OPERATORS or (held is not None and held.at_least is not None)
     if not isinstance(leaf, EventCondition) or leaf.within is None:
         return False
     if leaf.is_aggregate:  # values leaving the window move a windowed aggregate either way
@@ -316,8 +320,9 @@ def clock_can_join(node: Node, negated: bool = False) -> bool:
         return any(clock_can_join(child, flip) for child in node.conditions)
     if not negated:
         return isinstance(node, EventCondition | PropertyCondition) and clock_joinable(node)
-    if isinstance(node, PropertyCondition):  # an instant leaving the window
-        return node.operator in CLOCK_OPERATORS
+    if isinstance(node, PropertyCondition):  # an instant leaving the window, or expiring
+        held = node.held_for
+        return node.operator in CLOCK_OPERATORS or (held is not None and held.less_than is not None)
     if not isinstance(node, EventCondition) or node.within is None:
         return False
     return node.is_aggregate or threshold(node)[0] in ("at_least", "eq")
@@ -327,9 +332,12 @@ def empty_contact_values(node: Node) -> set[bool]:
     """The values ``node`` may take for a contact with no properties and no events (a
     ``sample`` may take both: it depends on the external id)."""
     if isinstance(node, PropertyCondition):
-        from buckets.criteria.evaluate import property_matches
+        from buckets.criteria.evaluate import value_matches
 
-        return {property_matches(node, {})}
+        value = value_matches(node, {})
+        # held_for: a new contact's keys are held since it was created, so at_least fails and
+        # less_than holds; both are kept possible (a decision may be as of a later instant)
+        return {value} if node.held_for is None else {value, False}
     if isinstance(node, EventCondition):
         return {node.holds(Aggregate() if node.is_aggregate else 0)}
     if isinstance(node, Everyone):
@@ -376,6 +384,9 @@ def canonical_criteria(node: Node) -> dict[str, Any]:
             out["value"] = duration_seconds(node.value)
         elif node.operator not in ("exists", "not_exists"):
             out["value"] = list(node.value) if isinstance(node.value, tuple) else node.value
+        if node.held_for is not None:  # absent: the fingerprint of a definition without it
+            kind = "at_least" if node.held_for.at_least is not None else "less_than"
+            out["held_for"] = {kind: duration_seconds(node.held_for.span)}
         return out
     out = {"type": "event", "event": node.event, "check": node.check}
     if node.check == "count" or node.is_aggregate:

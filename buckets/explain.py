@@ -21,6 +21,7 @@ the queue's entries come from (:func:`buckets.criteria.clock.exact_flip`).
 from __future__ import annotations
 
 import hashlib
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from datetime import datetime, timedelta
 from typing import Any
@@ -40,6 +41,7 @@ from buckets.criteria.evaluate import (
     lookup,
     property_matches,
 )
+from buckets.criteria.held import changed_at, with_history
 from buckets.criteria.instants import parse_instant
 from buckets.criteria.model import (
     CLOCK_OPERATORS,
@@ -69,6 +71,7 @@ class Leaf:
     property_present: bool | None = None
     detail: str | None = None  # what decided the leaf, where a value or a count does not say
     next_at: datetime | None = None  # the first instant the clock alone may change the leaf
+    changed_at: datetime | None = None  # held_for leaves: when the key last changed
 
     def to_dict(self) -> dict[str, Any]:
         out: dict[str, Any] = {
@@ -85,6 +88,8 @@ class Leaf:
             out["actual"] = self.property_value
         if self.detail is not None:
             out["detail"] = self.detail
+        if self.changed_at is not None:
+            out["changed_at"] = self.changed_at.isoformat()
         if self.next_at is not None:
             out["next_at"] = self.next_at.isoformat()
         return out
@@ -143,7 +148,11 @@ def describe(node: Node) -> str:
         if isinstance(node.value, timedelta):
             value = f" {format_duration(node.value)}"
         key = node.property if isinstance(node.property, str) else list(node.path)
-        return f"property {key!r} {node.operator}{value}"
+        held = ""
+        if node.held_for is not None:
+            kind = "at least" if node.held_for.at_least is not None else "less than"
+            held = f", held for {kind} {format_duration(node.held_for.span)}"
+        return f"property {key!r} {node.operator}{value}{held}"
     if isinstance(node, Everyone):
         return "everyone"
     if isinstance(node, Sample):
@@ -189,9 +198,13 @@ def explain(
     bucket = rt.registry.get(bucket_id)
     with rt.engine.connect() as conn:
         contact = conn.execute(
-            sa.select(contacts.c.id, contacts.c.properties, contacts.c.deleted_at).where(
-                contacts.c.external_id == external_id
-            )
+            sa.select(
+                contacts.c.id,
+                contacts.c.properties,
+                contacts.c.deleted_at,
+                contacts.c.property_changed_at.label("changed_at"),
+                contacts.c.created_at,
+            ).where(contacts.c.external_id == external_id)
         ).one_or_none()
         if contact is None:
             raise UnknownContactError(external_id)
@@ -206,7 +219,7 @@ def explain(
         enabled = read_overrides(conn).get(bucket.id, bucket.enabled)
         queued_at = due.entry(conn, bucket.id, contact.id)
         queue_complete = due.complete(conn, bucket)
-    properties = contact.properties
+    properties = with_history(contact)
     matches = contact.deleted_at is None and evaluate(
         bucket.criteria,
         properties,
@@ -265,7 +278,7 @@ def _events(conn: Connection, contact_id: int, bucket: Bucket) -> list[Event]:
 def _leaf(
     path: str,
     node: Node,
-    properties: dict[str, Any],
+    properties: Mapping[str, Any],
     events: list[Event],
     now: datetime,
     *,
@@ -278,6 +291,12 @@ def _leaf(
         if node.operator in INSTANT_OPERATORS or node.operator in CLOCK_OPERATORS:
             instant = parse_instant(actual)
             detail = f"instant {instant.isoformat()}" if instant else "not an instant"
+        changed = None
+        if node.held_for is not None:
+            changed = changed_at(node, properties)
+            held = "held" if node.held_for.holds(changed, now) else "not held"
+            since = f"{node.top_key!r} changed at {changed.isoformat()}: {held}"
+            detail = since if detail is None else f"{detail}; {since}"
         return Leaf(
             path,
             describe(node),
@@ -286,6 +305,7 @@ def _leaf(
             property_value=None if actual is MISSING else actual,
             detail=detail,
             next_at=found(node).next_at,
+            changed_at=changed,
         )
     if isinstance(node, Everyone | Sample):
         detail = _sample_detail(node, external_id) if isinstance(node, Sample) else None
@@ -319,7 +339,7 @@ def _aggregate_detail(node: EventCondition, found: Aggregate) -> str:
 
 def _next_change(
     bucket: Bucket,
-    properties: dict[str, Any],
+    properties: Mapping[str, Any],
     events: list[Event],
     now: datetime,
     external_id: str,

@@ -9,7 +9,9 @@ Per event, in one transaction with its membership changes:
    further happens;
 3. insert the event; a repeated ``idempotency_key`` writes nothing and returns the result of the
    first ingest (its transitions are found through ``bucket_transitions.event_id``);
-4. merge ``contact_properties`` and bump the contact's ``revision``;
+4. merge ``contact_properties`` and bump the contact's ``revision``; the same UPDATE records,
+   per key the merge gives a different value, the event's ``occurred_at`` in
+   ``property_changed_at`` (SPEC §3.4 "held for");
 5. evaluate only the *affected* enabled buckets — criteria mentioning the event's name or a
    property key the call sets — with the Python evaluator, fed by one query that fetches the
    contact's properties, the decisive count of every event leaf involved and its active
@@ -48,6 +50,7 @@ from sqlalchemy.dialects.postgresql import ARRAY, JSONB
 from sqlalchemy.dialects.postgresql import insert as pg_insert
 from sqlalchemy.engine import Connection
 from sqlalchemy.exc import DBAPIError, OperationalError
+from sqlalchemy.sql.elements import ColumnElement
 
 from buckets import catalog, metrics
 from buckets.decide import Ask, decide
@@ -352,6 +355,32 @@ def _array(values: Sequence[Any], item: sa.types.TypeEngine[Any]) -> Any:
     return sa.literal(list(values), ARRAY(item))
 
 
+def _changed_at(event: EventIn) -> str:
+    """What a key this event changes records (SPEC §3.4): its ``occurred_at`` (the call's
+    ``now`` when it had none: validation put it there), as ISO-8601 text in UTC."""
+    return event.occurred_at.astimezone(UTC).isoformat()
+
+
+def _changes(given: ColumnElement[Any], at: ColumnElement[Any]) -> ColumnElement[Any]:
+    """``{key: at}`` for every key of the patch ``given`` whose value differs from the
+    contact's (the old row's: SET reads it). A key's first value differs from its absence
+    (SQL NULL); jsonb equality is JSON's (``1`` = ``1.0``, key order ignored). The merge
+    (``||``) never removes a key, so a patch can only set: every removal path would have to
+    record it too (none exists: a ``null`` value is a value)."""
+    entry = sa.func.jsonb_each(given).table_valued("key", "value").render_derived("entry")
+    return (
+        sa.select(
+            sa.func.coalesce(
+                sa.func.jsonb_object_agg(entry.c.key, sa.func.to_jsonb(at)),
+                sa.cast(sa.literal("{}"), JSONB),
+            )
+        )
+        .select_from(entry)
+        .where(contacts.c.properties.op("->")(entry.c.key).is_distinct_from(entry.c.value))
+        .scalar_subquery()
+    )
+
+
 @dataclass
 class _Contact:
     id: int
@@ -412,8 +441,13 @@ class _Chunk:
             self.conn.execute(
                 pg_insert(contacts)
                 .from_select(
-                    ["external_id"],
-                    sa.select(sa.func.unnest(_array(external_ids, sa.Text())).label("external_id")),
+                    ["external_id", "created_at"],
+                    sa.select(
+                        sa.func.unnest(_array(external_ids, sa.Text())).label("external_id"),
+                        # the call's now, not the server's clock: a key never given a value
+                        # was "held" since then (SPEC §3.4), decided as of an explicit now
+                        sa.literal(self.now, sa.DateTime(timezone=True)).label("created_at"),
+                    ),
                 )
                 .on_conflict_do_nothing(index_elements=[contacts.c.external_id])
                 .returning(contacts.c.external_id)
@@ -517,15 +551,20 @@ class _Chunk:
                 _array([known[e.external_id].id for e in events], sa.BigInteger()),
                 _array([json.dumps(e.contact_properties or {}) for e in events], sa.Text()),
                 _array([e.email for e in events], sa.Text()),
+                _array([_changed_at(e) for e in events], sa.Text()),
             )
-            .table_valued("id", "patch", "email")
+            .table_valued("id", "patch", "email", "at")
             .render_derived()
         )
+        given = sa.cast(patch.c.patch, JSONB)
         self.conn.execute(
             sa.update(contacts)
             .where(contacts.c.id == patch.c.id)
             .values(
-                properties=contacts.c.properties.op("||")(sa.cast(patch.c.patch, JSONB)),
+                properties=contacts.c.properties.op("||")(given),
+                property_changed_at=contacts.c.property_changed_at.op("||")(
+                    _changes(given, patch.c.at)
+                ),
                 email=sa.func.coalesce(patch.c.email, contacts.c.email),
                 revision=contacts.c.revision + 1,
                 decided_at=sa.func.greatest(

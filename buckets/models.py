@@ -110,11 +110,18 @@ class Contact(Base):
     # this contact's memberships. Decisions are monotone in time: nobody applies a decision
     # made as of an earlier instant (see buckets.membership).
     decided_at: Mapped[datetime | None] = _timestamp()
+    # Per top-level property key, the instant (ISO-8601 text with offset) of the ingest call
+    # that last gave it a different value (SPEC §3.4 "held for"), written by ingest's merge in
+    # the same statement; a key absent here takes ``created_at``.
+    property_changed_at: Mapped[dict[str, Any]] = _json_object()
     created_at: Mapped[datetime] = _created_at()
     updated_at: Mapped[datetime] = _updated_at()
 
     __table_args__ = (
         CheckConstraint("jsonb_typeof(properties) = 'object'", name="properties_is_object"),
+        CheckConstraint(
+            "jsonb_typeof(property_changed_at) = 'object'", name="property_changed_at_is_object"
+        ),
         CheckConstraint("external_id <> ''", name="external_id_not_empty"),
     )
 

@@ -6,11 +6,14 @@ from __future__ import annotations
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
+import sqlalchemy as sa
+
 from buckets import b, define_bucket, ingest_event
 from buckets.criteria.clock import TICK
 from buckets.criteria.model import Sample
 from buckets.explain import explain
-from tests.test_due import T0, D, entries, ship, tick, used
+from buckets.models import contacts
+from tests.test_due import T0, D, H, entries, ship, tick, used
 from tests.test_reconcile import active, transitions
 
 NEVER_BOUGHT = define_bucket(id="never-bought", criteria=b.not_(b.event("purchase").exists()))
@@ -164,3 +167,84 @@ def test_trial_ending_joins_and_leaves_through_the_queue_at_its_instants(make_ru
     kinds = [(t.kind, t.occurred_at) for t in transitions(rt, "trial-ending") if t.kind]
     assert ("entered", joins_at) in kinds
     assert ("left", ends + TICK) in kinds
+
+
+SETTLED_TRIAL = define_bucket(
+    id="settled-trial", criteria=b.prop("plan").eq("trial").held_for(at_least="14d")
+)
+NEW_TRIAL = define_bucket(
+    id="new-trial", criteria=b.prop("plan").eq("trial").held_for(less_than="14d")
+)
+
+
+def test_held_for_joins_and_leaves_through_the_queue_and_ingest_moves_the_entry(make_runtime):
+    rt = make_runtime(SETTLED_TRIAL, NEW_TRIAL)
+    ship(rt, T0)
+    plan = {"plan": "trial"}
+    ingest_event("u", "signup", {}, contact_properties=plan, now=T0, runtime=rt)
+    # stamped a day earlier: the change is dated by the event's occurred_at
+    ingest_event("v", "signup", {}, occurred_at=T0 - D, contact_properties=plan, now=T0, runtime=rt)
+    assert active(rt, "settled-trial") == set()
+    assert active(rt, "new-trial") == {"u", "v"}
+    matures, early = T0 + 14 * D, T0 + 13 * D
+    assert entries(rt, "settled-trial") == {
+        ("settled-trial", "u"): matures,
+        ("settled-trial", "v"): early,
+    }
+    assert entries(rt, "new-trial") == {("new-trial", "u"): matures, ("new-trial", "v"): early}
+    # the same value again changes nothing: the entries stay
+    ingest_event("u", "seen", {}, contact_properties=plan, now=T0 + D, runtime=rt)
+    assert entries(rt, "settled-trial")[("settled-trial", "u")] == matures
+    found = explain("settled-trial", "u", now=T0 + 2 * D, runtime=rt).to_dict()
+    [leaf] = found["leaves"]
+    assert leaf["condition"] == "property 'plan' eq 'trial', held for at least 2w"
+    assert (leaf["value"], leaf["actual"], leaf["changed_at"]) == (False, "trial", T0.isoformat())
+    assert leaf["next_at"] == matures.isoformat()
+    assert found["next_change"]["at"] == matures.isoformat()
+    assert found["queue"]["due_at"] == matures.isoformat()
+    # one microsecond before it matures nothing moves; at it, the queue joins (no sweep)
+    tick(rt, early - TICK)
+    assert active(rt, "settled-trial") == set()
+    at = tick(rt, early)
+    assert (at["settled-trial"].passes_ran, at["settled-trial"].due) == ("no", 1)
+    assert active(rt, "settled-trial") == {"v"}
+    assert active(rt, "new-trial") == {"u"}
+    # a change of value before u matures: the entry moves to the new changed_at + 14d
+    ingest_event(
+        "u", "upgraded", {}, contact_properties={"plan": "pro"}, now=T0 + 13 * D + H, runtime=rt
+    )
+    assert active(rt, "new-trial") == set()
+    ingest_event(
+        "u", "downgraded", {}, contact_properties=plan, now=T0 + 13 * D + 2 * H, runtime=rt
+    )
+    assert active(rt, "new-trial") == {"u"}
+    later = T0 + 27 * D + 2 * H
+    assert entries(rt, "settled-trial")[("settled-trial", "u")] == later
+    tick(rt, matures)
+    assert active(rt, "settled-trial") == {"v"}
+    tick(rt, later)
+    assert active(rt, "settled-trial") == {"u", "v"}
+    assert active(rt, "new-trial") == set()
+    kinds = [(t.kind, t.occurred_at) for t in transitions(rt, "settled-trial") if t.kind]
+    assert kinds == [("entered", early), ("entered", later)]
+
+
+def test_held_for_backfill_fills_the_queue_and_a_key_without_record_takes_created_at(
+    make_runtime,
+):
+    bare = make_runtime()
+    ingest_event("u", "signup", {}, contact_properties={"plan": "trial"}, now=T0, runtime=bare)
+    with bare.engine.begin() as conn:  # a contact that predates the record
+        conn.execute(
+            sa.insert(contacts).values(
+                external_id="old", properties={"plan": "trial"}, created_at=T0 - 20 * D
+            )
+        )
+    rt = make_runtime(SETTLED_TRIAL)
+    ship(rt, T0 + D)  # the first-time backfill and the set-wide queue fill
+    assert active(rt, "settled-trial") == {"old"}
+    assert entries(rt, "settled-trial") == {("settled-trial", "u"): T0 + 14 * D}
+    found = explain("settled-trial", "old", now=T0 + D, runtime=rt).to_dict()
+    assert found["leaves"][0]["changed_at"] == (T0 - 20 * D).isoformat()
+    tick(rt, T0 + 14 * D)
+    assert active(rt, "settled-trial") == {"old", "u"}

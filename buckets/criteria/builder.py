@@ -18,6 +18,21 @@ from typing import Any
 Criteria = dict[str, Any]
 
 
+class PropertyCriteria(dict[str, Any]):
+    """A property condition in its literal form (a plain dict to every reader), which can also
+    say how long the key has held its value:
+    ``b.prop("plan").eq("trial").held_for(at_least="14d")``."""
+
+    def held_for(self, *, at_least: Any = None, less_than: Any = None) -> PropertyCriteria:
+        """``held_for: {at_least: D}`` or ``{less_than: D}`` (give exactly one)."""
+        held: Criteria = {}
+        if at_least is not None:
+            held["at_least"] = at_least
+        if less_than is not None:
+            held["less_than"] = less_than
+        return PropertyCriteria({**self, "held_for": held})
+
+
 class PropertyBuilder:
     """Conditions on one property key, or a path of keys into nested objects:
     ``b.prop("plan").eq("pro")``, ``b.prop(["address", "country"]).in_(["DE", "FR"])``."""
@@ -25,60 +40,60 @@ class PropertyBuilder:
     def __init__(self, key: str | list[str]) -> None:
         self._key = list(key) if isinstance(key, list | tuple) else key
 
-    def _leaf(self, operator: str, *value: Any) -> Criteria:
+    def _leaf(self, operator: str, *value: Any) -> PropertyCriteria:
         key = list(self._key) if isinstance(self._key, list) else self._key
-        leaf: Criteria = {"type": "property", "property": key, "operator": operator}
+        leaf = PropertyCriteria({"type": "property", "property": key, "operator": operator})
         if value:
             leaf["value"] = value[0]
         return leaf
 
-    def eq(self, value: Any) -> Criteria:
+    def eq(self, value: Any) -> PropertyCriteria:
         return self._leaf("eq", value)
 
-    def neq(self, value: Any) -> Criteria:
+    def neq(self, value: Any) -> PropertyCriteria:
         return self._leaf("neq", value)
 
-    def gt(self, value: Any) -> Criteria:
+    def gt(self, value: Any) -> PropertyCriteria:
         return self._leaf("gt", value)
 
-    def gte(self, value: Any) -> Criteria:
+    def gte(self, value: Any) -> PropertyCriteria:
         return self._leaf("gte", value)
 
-    def lt(self, value: Any) -> Criteria:
+    def lt(self, value: Any) -> PropertyCriteria:
         return self._leaf("lt", value)
 
-    def lte(self, value: Any) -> Criteria:
+    def lte(self, value: Any) -> PropertyCriteria:
         return self._leaf("lte", value)
 
-    def contains(self, value: Any) -> Criteria:
+    def contains(self, value: Any) -> PropertyCriteria:
         return self._leaf("contains", value)
 
-    def exists(self) -> Criteria:
+    def exists(self) -> PropertyCriteria:
         return self._leaf("exists")
 
-    def not_exists(self) -> Criteria:
+    def not_exists(self) -> PropertyCriteria:
         return self._leaf("not_exists")
 
-    def in_(self, values: Any) -> Criteria:
+    def in_(self, values: Any) -> PropertyCriteria:
         """Equal to one of ``values`` (a list of scalars)."""
         return self._leaf("in", list(values) if isinstance(values, tuple) else values)
 
-    def not_in(self, values: Any) -> Criteria:
+    def not_in(self, values: Any) -> PropertyCriteria:
         """Equal to none of ``values`` (a missing key counts as none)."""
         return self._leaf("not_in", list(values) if isinstance(values, tuple) else values)
 
-    def before(self, instant: Any) -> Criteria:
+    def before(self, instant: Any) -> PropertyCriteria:
         """An instant earlier than ``instant`` (``"2026-03-01T09:00:00Z"``, ``"2026-03-01"``)."""
         return self._leaf("before", instant)
 
-    def after(self, instant: Any) -> Criteria:
+    def after(self, instant: Any) -> PropertyCriteria:
         return self._leaf("after", instant)
 
-    def within_past(self, duration: Any) -> Criteria:
+    def within_past(self, duration: Any) -> PropertyCriteria:
         """An instant in ``[now - duration, now]``."""
         return self._leaf("within_past", duration)
 
-    def within_next(self, duration: Any) -> Criteria:
+    def within_next(self, duration: Any) -> PropertyCriteria:
         """An instant in ``[now, now + duration]``: ``b.prop("trial_ends").within_next("3d")``."""
         return self._leaf("within_next", duration)
 

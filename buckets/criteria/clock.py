@@ -23,8 +23,9 @@ leaf: :func:`~.compile.decisive_count`), and ``arrival`` its first matching even
 Composites combine the children's states: an ``and`` that holds may fail when its first child
 changes (the minimum); one that fails cannot hold before every failing child has changed (the
 maximum of theirs, never if one of them never changes). ``or`` mirrors that. Property leaves
-have no clock (yet). :func:`exact_flip` walks the lower bounds to the instant the answer really
-flips (explain shows it).
+move with the clock through ``within_past`` / ``within_next`` and ``held_for``.
+:func:`exact_flip` walks the lower bounds to the instant the answer really flips (explain
+shows it).
 """
 
 from __future__ import annotations
@@ -41,7 +42,9 @@ from buckets.criteria.evaluate import (
     event_counts,
     lookup,
     property_matches,
+    value_matches,
 )
+from buckets.criteria.held import changed_at
 from buckets.criteria.instants import parse_instant
 from buckets.criteria.model import (
     CLOCK_OPERATORS,
@@ -146,11 +149,27 @@ def aggregate_state(
 def property_state(
     leaf: PropertyCondition, properties: Mapping[str, Any], now: datetime | None
 ) -> State:
-    """A property leaf's state. Only ``within_past`` / ``within_next`` move with the clock:
-    an instant ``t`` is within the past ``d`` from ``now = t`` until one microsecond after
-    ``t + d``, and within the next ``d`` from ``now = t - d`` until one microsecond after
-    ``t`` (bounds inclusive)."""
-    value = property_matches(leaf, properties, now)
+    """A property leaf's state: its value part's (:func:`value_state`), and with ``held_for``
+    the ``and`` of that and the held part, which flips at ``changed_at + D`` (``at_least``
+    matures, ``less_than`` expires; :meth:`.HeldFor.flips_at`)."""
+    found = value_state(leaf, properties, now)
+    if leaf.held_for is None:
+        return found
+    if now is None:
+        raise ValueError("held_for needs the decision's now")
+    at = changed_at(leaf, properties)
+    part = State(leaf.held_for.holds(at, now), leaf.held_for.flips_at(at, now))
+    return combine(True, [found, part])
+
+
+def value_state(
+    leaf: PropertyCondition, properties: Mapping[str, Any], now: datetime | None
+) -> State:
+    """The state of a property leaf's value part. Only ``within_past`` / ``within_next`` move
+    with the clock: an instant ``t`` is within the past ``d`` from ``now = t`` until one
+    microsecond after ``t + d``, and within the next ``d`` from ``now = t - d`` until one
+    microsecond after ``t`` (bounds inclusive)."""
+    value = value_matches(leaf, properties, now)
     if leaf.operator not in CLOCK_OPERATORS:
         return State(value, None)
     instant = parse_instant(lookup(properties, leaf.path))
@@ -178,7 +197,11 @@ def state(node: Node, leaf_state: LeafStates) -> State:
         inner = state(node.conditions[0], leaf_state)
         return State(not inner.value, inner.next_at)
     children = [state(child, leaf_state) for child in node.conditions]
-    holds = node.operator == "and"  # the children's value that does not decide alone
+    return combine(node.operator == "and", children)
+
+
+def combine(holds: bool, children: Sequence[State]) -> State:
+    """An ``and`` (``holds``) or ``or`` of ``children``'s states."""
     value = all(c.value for c in children) if holds else any(c.value for c in children)
     if value == holds:  # every child agrees: the first child to change may change the node
         return State(value, earliest(*(c.next_at for c in children)))

@@ -43,6 +43,7 @@ from sqlalchemy.dialects.postgresql import ARRAY, BIT, JSONB, aggregate_order_by
 from sqlalchemy.sql.elements import ColumnElement
 
 from buckets.criteria.clock import threshold
+from buckets.criteria.held import History, held_sql
 from buckets.criteria.instants import instant_sql, parse_instant
 from buckets.criteria.model import (
     CLOCK_OPERATORS,
@@ -59,6 +60,7 @@ from buckets.models import Contact, UserEvent
 
 contacts = Contact.__table__
 user_events = UserEvent.__table__
+CONTACT_HISTORY = History(contacts.c.property_changed_at, contacts.c.created_at)
 
 TIMESTAMP = sa.DateTime(timezone=True)
 
@@ -170,8 +172,22 @@ def property_predicate(
     condition: PropertyCondition,
     column: ColumnElement[Any],
     now: datetime | ColumnElement[Any] | None = None,
+    history: History | None = None,
 ) -> ColumnElement[bool]:
-    """``condition`` over the jsonb object ``column`` (contacts.properties or an event's).
+    """``condition`` over the jsonb object ``column`` (contacts.properties or an event's);
+    with ``held_for``, also over the contact's ``history`` (:mod:`.held`)."""
+    found = value_predicate(condition, column, now)
+    if condition.held_for is None:
+        return found
+    return sa.and_(found, held_sql(condition, history, now))
+
+
+def value_predicate(
+    condition: PropertyCondition,
+    column: ColumnElement[Any],
+    now: datetime | ColumnElement[Any] | None = None,
+) -> ColumnElement[bool]:
+    """The value part of ``condition`` over the jsonb object ``column``.
     A path reads nested objects with ``->`` and text keys, which is NULL through anything but
     an object (an array is not indexed by ``"0"``): missing, as the spec says."""
     value, text = property_value(condition, column)
@@ -506,7 +522,7 @@ def _predicate(
     node: Node, columns: dict[EventCondition, LeafColumns], now: datetime
 ) -> ColumnElement[bool]:
     if isinstance(node, PropertyCondition):
-        return property_predicate(node, contacts.c.properties, now)
+        return property_predicate(node, contacts.c.properties, now, CONTACT_HISTORY)
     if isinstance(node, EventCondition) and node.is_aggregate:
         return aggregate_predicate(node, columns[node])
     if isinstance(node, EventCondition):
@@ -654,19 +670,22 @@ def probe_predicate(
     *,
     properties: ColumnElement[Any] | None = None,
     external_id: ColumnElement[Any] | None = None,
+    history: History | None = None,
 ) -> ColumnElement[bool]:
     """``node`` as a correlated predicate: event leaves probe the events of ``contact_id``
-    (default ``contacts.id``) as of ``now``; property leaves read ``properties`` and samples
-    ``external_id`` (default ``contacts.properties`` / ``contacts.external_id``, which must
-    then be in the query's FROM). Soft-deleted contacts are not excluded here: callers scope
-    the rows they examine."""
+    (default ``contacts.id``) as of ``now``; property leaves read ``properties`` (and
+    ``history`` for ``held_for``) and samples ``external_id`` (default ``contacts.properties``
+    / ``contacts.property_changed_at`` and ``created_at`` / ``contacts.external_id``, which
+    must then be in the query's FROM). Soft-deleted contacts are not excluded here: callers
+    scope the rows they examine."""
     if now.tzinfo is None:
         raise ValueError("now must be timezone-aware")
     contact = contacts.c.id if contact_id is None else contact_id
     bag = contacts.c.properties if properties is None else properties
     name = contacts.c.external_id if external_id is None else external_id
+    kept = CONTACT_HISTORY if history is None else history
     if isinstance(node, PropertyCondition):
-        return property_predicate(node, bag, now)
+        return property_predicate(node, bag, now, kept)
     if isinstance(node, EventCondition):
         return _probe_leaf(node, now, contact)
     if isinstance(node, Everyone):
@@ -675,7 +694,7 @@ def probe_predicate(
         return sample_predicate(node, name)
     assert isinstance(node, Composite)
     parts = [
-        probe_predicate(child, now, contact, properties=bag, external_id=name)
+        probe_predicate(child, now, contact, properties=bag, external_id=name, history=kept)
         for child in node.conditions
     ]
     return _combine(node, parts)

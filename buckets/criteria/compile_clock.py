@@ -38,6 +38,7 @@ from buckets.criteria.clock import (
     threshold,
 )
 from buckets.criteria.compile import (
+    CONTACT_HISTORY,
     TIMESTAMP,
     IdRange,
     LeafColumns,
@@ -47,13 +48,14 @@ from buckets.criteria.compile import (
     contacts,
     event_number,
     leaf_event_scope,
-    property_predicate,
     property_value,
     sample_predicate,
     shifted,
     user_events,
+    value_predicate,
 )
 from buckets.criteria.evaluate import EventCounter
+from buckets.criteria.held import changed_at_sql, held_sql, with_history
 from buckets.criteria.instants import instant_sql
 from buckets.criteria.model import (
     CLOCK_OPERATORS,
@@ -78,8 +80,9 @@ def leaf_facts(
     needs: Sequence[str] | None = None,
     properties: bool = True,
 ) -> sa.Select[Any]:
-    """``SELECT id, properties, deleted_at, external_id, r0, a0, r1, a1, ...`` for ``contact_ids``
-    (``properties`` NULL unless asked for: only property leaves need them):
+    """``SELECT id, properties, deleted_at, external_id, r0, a0, r1, a1, ..., changed_at,
+    created_at`` for ``contact_ids`` (``properties`` and, for ``held_for``, the record of when
+    each key changed and ``created_at``, NULL unless asked for: only property leaves need them):
     ``r<i>`` the instants of the newest events counting for ``conditions[i]`` as of ``now``
     (at most :func:`~.clock.decisive_count`, newest first; NULL for none), ``a<i>`` its first
     matching event after ``now``. With ``needs`` (per contact, aligned with ``contact_ids``, a
@@ -155,11 +158,19 @@ def facts_statement(
             arrival = sa.case((asked, arrival), else_=sa.null())
         columns += [recent.label(f"r{index}"), arrival.label(f"a{index}")]
     bag: Any = sa.null()
+    record: Any = sa.null()  # when each key changed, and the fallback (held_for)
+    created: Any = sa.null()
     if properties:
-        bag = contacts.c.properties
+        bag, record, created = (
+            contacts.c.properties,
+            contacts.c.property_changed_at,
+            contacts.c.created_at,
+        )
         if needs:
             asked = sa.func.substr(wanted.c.needs, len(conditions) + 1, 1) == "1"
-            bag = sa.case((asked, contacts.c.properties), else_=sa.null())
+            bag = sa.case((asked, bag), else_=sa.null())
+            record = sa.case((asked, record), else_=sa.null())
+            created = sa.case((asked, created), else_=sa.null())
     # ``id = ANY``: the contacts are fetched by primary key whatever the table's size (a join
     # alone may be planned as a merge over every contact).
     return (
@@ -169,6 +180,8 @@ def facts_statement(
             contacts.c.deleted_at,
             contacts.c.external_id,
             *columns,
+            record.label("changed_at"),
+            created.label("created_at"),
         )
         .select_from(wanted.join(contacts, contacts.c.id == wanted.c.id))
         .where(contacts.c.id == sa.any_(ids))
@@ -241,7 +254,7 @@ class Facts:
             recent[condition] = row[at] or ()
             arrivals[condition] = row[at + 1]
             at += 2
-        return cls(row.properties or {}, recent, arrivals, row.external_id, aggregates, oldest, now)
+        return cls(with_history(row), recent, arrivals, row.external_id, aggregates, oldest, now)
 
     @property
     def counter(self) -> EventCounter:
@@ -312,8 +325,26 @@ def clock_select(
 
 
 def _property_state(node: PropertyCondition, now: datetime) -> _SqlState:
-    """:func:`.clock.property_state` in SQL."""
-    value = property_predicate(node, contacts.c.properties, now)
+    """:func:`.clock.property_state` in SQL: with ``held_for``, the ``and`` of the value part
+    and the held part (which flips at ``changed_at + D`` when that is after ``now``)."""
+    found = _value_state(node, now)
+    if node.held_for is None:
+        return found
+    part = held_sql(node, CONTACT_HISTORY, now)
+    boundary = changed_at_sql(node, CONTACT_HISTORY) + sa.literal(node.held_for.span, sa.Interval)
+    flips = sa.case((boundary > shifted(now, timedelta(0)), boundary), else_=INFINITY)
+    value = sa.and_(found.value, part)
+    agreeing = sa.func.least(found.next_at, flips)
+    deciding = sa.func.greatest(
+        sa.case((found.value, NEG_INFINITY), else_=found.next_at),
+        sa.case((part, NEG_INFINITY), else_=flips),
+    )
+    return _SqlState(value, sa.case((value, agreeing), else_=deciding))
+
+
+def _value_state(node: PropertyCondition, now: datetime) -> _SqlState:
+    """:func:`.clock.value_state` in SQL."""
+    value = value_predicate(node, contacts.c.properties, now)
     if node.operator not in CLOCK_OPERATORS:
         return _SqlState(value, INFINITY)
     instant = instant_sql(*property_value(node, contacts.c.properties))

@@ -21,6 +21,7 @@ from dataclasses import dataclass, field
 from datetime import datetime, timedelta
 from typing import Any
 
+from buckets.criteria.held import held
 from buckets.criteria.instants import parse_instant
 from buckets.criteria.model import (
     CLOCK_OPERATORS,
@@ -107,7 +108,18 @@ def property_matches(
     condition: PropertyCondition, properties: Mapping[str, Any], now: datetime | None = None
 ) -> bool:
     """Whether ``properties`` satisfy ``condition`` as of ``now`` (only ``within_past`` /
-    ``within_next`` read it)."""
+    ``within_next`` and ``held_for`` read it; ``held_for`` needs the properties as
+    :class:`~.held.ContactProperties`)."""
+    found = value_matches(condition, properties, now)
+    if condition.held_for is None:
+        return found
+    return found and held(condition, properties, now)
+
+
+def value_matches(
+    condition: PropertyCondition, properties: Mapping[str, Any], now: datetime | None = None
+) -> bool:
+    """The value part of ``condition`` (everything but ``held_for``)."""
     actual = lookup(properties, condition.path)
     wanted = condition.value
     if condition.operator in _PART_TWO:

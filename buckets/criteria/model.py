@@ -38,7 +38,7 @@ import json
 import math
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
-from datetime import timedelta
+from datetime import datetime, timedelta
 from decimal import MAX_EMAX, MAX_PREC, MIN_EMIN, Context, Decimal
 from typing import Annotated, Any, Literal, TypeAlias
 
@@ -194,14 +194,49 @@ def _check_scalar(field: str, value: object) -> None:
         raise _FieldError(field, f"cannot be written as JSON: {exc}") from None
 
 
+class HeldFor(_Node):
+    """``held_for`` (SPEC §3.4): how long the condition's top-level key has had its value,
+    ``at_least`` or ``less_than`` a duration (exactly one). The key's ``changed_at`` is the
+    instant ingest last gave it a different value (``contacts.property_changed_at``), or the
+    contact's ``created_at`` when none is recorded."""
+
+    at_least: Duration | None = None
+    less_than: Duration | None = None
+
+    @model_validator(mode="after")
+    def _exactly_one(self) -> HeldFor:
+        if (self.at_least is None) == (self.less_than is None):
+            raise ValueError("needs exactly one of at_least, less_than")
+        return self
+
+    @builtins.property
+    def span(self) -> timedelta:
+        found = self.at_least if self.at_least is not None else self.less_than
+        assert found is not None  # validated
+        return found
+
+    def holds(self, changed_at: datetime, now: datetime) -> bool:
+        """``changed_at <= now - D`` (``at_least``) / ``changed_at > now - D`` (``less_than``)."""
+        old_enough = changed_at <= now - self.span
+        return old_enough if self.at_least is not None else not old_enough
+
+    def flips_at(self, changed_at: datetime, now: datetime) -> datetime | None:
+        """The first instant after ``now`` at which :meth:`holds` changes (``changed_at + D``,
+        when the clock alone reaches it: ``at_least`` matures, ``less_than`` expires)."""
+        boundary = changed_at + self.span
+        return boundary if boundary > now else None
+
+
 class PropertyCondition(_Node):
     """A condition on a key, or a path of keys into nested objects (SPEC §3.4), of a
-    properties object (the contact's or an event's)."""
+    properties object (the contact's or an event's). ``held_for`` (contact properties only)
+    also asks how long the top-level key has had its value."""
 
     type: Literal["property"] = "property"
     property: Annotated[str | tuple[str, ...], BeforeValidator(_path_form)]
     operator: PropertyOperator
     value: Any = None
+    held_for: HeldFor | None = None
 
     @model_validator(mode="before")
     @classmethod
@@ -288,6 +323,12 @@ class EventCondition(_Node):
         if self.where is not None and not self.where:
             raise _FieldError("where", "must list at least one condition (or be left out)")
         for index, where in enumerate(self.where or ()):
+            if where.held_for is not None:
+                raise _FieldError(
+                    f"where[{index}].held_for",
+                    "held_for is not allowed in where (an event's properties have no history;"
+                    " it applies to the contact's properties)",
+                )
             if where.operator in CLOCK_OPERATORS:
                 raise _FieldError(
                     f"where[{index}].operator",

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
-from datetime import UTC, datetime
+from datetime import UTC, datetime, timedelta
 from typing import Any
 
 import sqlalchemy as sa
@@ -24,6 +24,7 @@ from buckets.criteria import (
     member_select,
     probe_predicate,
 )
+from buckets.criteria.held import ContactProperties
 from buckets.criteria.model import leaves
 from buckets.models import Contact, UserEvent
 
@@ -32,11 +33,21 @@ contacts = Contact.__table__
 NOW = datetime(2026, 11, 22, 12, 0, tzinfo=UTC)
 
 
+CREATED = NOW - timedelta(days=3)  # a contact's created_at unless given
+
+
 @dataclass
 class Person:
     properties: Mapping[str, Any] = field(default_factory=dict)
     events: Sequence[Event] = ()
     deleted: bool = False
+    changed: Mapping[str, datetime] = field(default_factory=dict)  # property_changed_at
+    created_at: datetime = CREATED
+
+    @property
+    def history(self) -> ContactProperties:
+        """The properties with when each key changed, as the executors read them."""
+        return ContactProperties(self.properties, self.changed, self.created_at)
 
 
 def load(conn: Connection, people: Sequence[Person], prefix: str = "p") -> list[int]:
@@ -50,6 +61,8 @@ def load(conn: Connection, people: Sequence[Person], prefix: str = "p") -> list[
                 "external_id": f"{prefix}{index}",
                 "properties": dict(person.properties),
                 "deleted_at": NOW if person.deleted else None,
+                "property_changed_at": {key: at.isoformat() for key, at in person.changed.items()},
+                "created_at": person.created_at,
             }
             for index, person in enumerate(people)
         ],
@@ -92,7 +105,7 @@ def python_members(
         if not person.deleted
         and evaluate(
             node,
-            person.properties,
+            person.history,
             in_memory_counter(person.events, now),
             external_id=f"{prefix}{index}",
             now=now,
@@ -126,7 +139,7 @@ def counted_members(
     for row in conn.execute(leaf_facts(conditions, now, contact_ids)):
         facts = Facts.of(row, conditions, now=now)
         if row.deleted_at is None and evaluate(
-            node, row.properties, facts.counter, external_id=row.external_id, now=now
+            node, facts.properties, facts.counter, external_id=row.external_id, now=now
         ):
             members.add(row.id)
     return members
@@ -138,7 +151,7 @@ def python_states(
     """The clock of every live contact, from its data in memory."""
     return {
         contact_id: in_memory_state(
-            node, person.properties, person.events, now, external_id=f"{prefix}{index}"
+            node, person.history, person.events, now, external_id=f"{prefix}{index}"
         )
         for index, (contact_id, person) in enumerate(zip(ids, people, strict=True))
         if not person.deleted

@@ -3,7 +3,8 @@
 For random clock-heavy criteria (windowed event leaves under and/or) and event streams on the
 window edges and in the future, the brute-force answer is the first instant among every
 event's arrival and every (event, window) departure at which the evaluator's answer differs.
-The clock's ``next_at`` must be a lower bound of it (the answer is unchanged one microsecond
+Contact properties carry when each key changed, around now, for ``held_for``. The clock's
+``next_at`` must be a lower bound of it (the answer is unchanged one microsecond
 before), never "never" when a flip exists, and :func:`exact_flip` must find it exactly. The
 three executors (memory, per-contact SQL facts, set-wide SQL) must agree on these trees too.
 """
@@ -19,6 +20,7 @@ from sqlalchemy.engine import Connection
 
 from buckets.criteria import Event, evaluate, in_memory_counter, parse_criteria
 from buckets.criteria.clock import TICK, exact_flip, in_memory_state
+from buckets.criteria.held import ContactProperties
 from buckets.criteria.instants import parse_instant
 from buckets.criteria.model import EventCondition, leaves
 from tests.criteria.support import NOW, Person, facts_states, load, python_states, sql_states
@@ -37,6 +39,12 @@ NEAR_INSTANTS = st.builds(
     instant_text,
     st.sampled_from(INSTANT_POINTS),
     st.sampled_from([timedelta(0), timedelta(hours=5)]),
+)
+
+# changed_at / created_at whose held_for edges (changed + D) fall around now and after it
+HELD_POINTS = st.sampled_from(
+    [NOW - w + delta for w in WINDOWS for delta in (-TICK, timedelta(0), TICK, timedelta(hours=2))]
+    + [NOW, NOW - timedelta(days=30)]
 )
 
 NAMES = ("e1", "e2")
@@ -103,6 +111,9 @@ def brute_force_flip(node: Any, properties: dict[str, Any], events: list[Event])
     at = parse_instant(properties.get("at"))
     if at is not None:  # within_past / within_next edges
         instants |= {at, at + TICK} | {at + w + TICK for w in WINDOWS} | {at - w for w in WINDOWS}
+    if isinstance(properties, ContactProperties):  # held_for matures / expires at changed + D
+        changes = [*properties.changed.values(), properties.created_at]
+        instants |= {change + w for change in changes for w in WINDOWS}
     now_value = evaluate(node, properties, in_memory_counter(events, NOW), now=NOW)
     for instant in sorted(i for i in instants if i > NOW):
         if evaluate(node, properties, in_memory_counter(events, instant), now=instant) != now_value:
@@ -116,12 +127,20 @@ def brute_force_flip(node: Any, properties: dict[str, Any], events: list[Event])
     events=EVENTS,
     plan=st.sampled_from(["pro", "free"]),
     at=st.one_of(st.none(), NEAR_INSTANTS),
+    changed=st.dictionaries(st.sampled_from(["plan", "at", "n"]), HELD_POINTS, max_size=2),
+    created=HELD_POINTS,
 )
-def test_next_change_is_a_lower_bound_and_exact_flip_is_exact(
-    criteria: dict[str, Any], events: list[Event], plan: str, at: str | None
+def test_next_change_is_a_lower_bound_and_exact_flip_is_exact(  # noqa: PLR0917
+    criteria: dict[str, Any],
+    events: list[Event],
+    plan: str,
+    at: str | None,
+    changed: dict[str, datetime],
+    created: datetime,
 ):
     node = parse_criteria(criteria)
-    properties: dict[str, Any] = {"plan": plan} if at is None else {"plan": plan, "at": at}
+    values: dict[str, Any] = {"plan": plan} if at is None else {"plan": plan, "at": at}
+    properties = ContactProperties(values, changed, created)
     state = in_memory_state(node, properties, events, NOW)
     flip = brute_force_flip(node, properties, events)
     assert state.value == evaluate(node, properties, in_memory_counter(events, NOW), now=NOW)

@@ -6,9 +6,10 @@ and small datasets built to sit on the edges the semantics care about: mixed JSO
 events exactly on, just inside and just outside window bounds, and events after ``now``. The
 compiled SQL member set must equal the evaluator's, over all contacts and over a random
 subset of contact ids (the confirm form); so must the correlated probe form and the evaluator
-fed with capped counts fetched by SQL. The clock (each contact's value and the next instant
-the clock alone may change it) must agree the same way: in memory, from per-contact SQL
-facts, and set-wide in SQL.
+fed with capped counts fetched by SQL. ``held_for`` rides on contact property leaves, over
+``changed_at`` and ``created_at`` exactly at ``now - D`` and 1us either side. The clock (each
+contact's value and the next instant the clock alone may change it) must agree the same way:
+in memory, from per-contact SQL facts, and set-wide in SQL.
 
 ``BUCKETS_DIFFERENTIAL_EXAMPLES`` sets the example count (default 400; CI runs the default).
 Failures hypothesis finds are kept below as ``@example`` regression cases.
@@ -134,6 +135,19 @@ OFFSETS = st.sampled_from(
 )
 
 
+HELD = st.builds(
+    lambda kind, span: {kind: span},
+    st.sampled_from(["at_least", "less_than"]),
+    st.sampled_from(WINDOWS),
+)
+# changed_at / created_at: exactly now - D for every held span, 1us either side, now, later
+# than now (a late-stamped change), and long ago.
+CHANGE_POINTS = st.sampled_from(
+    [NOW - span + delta for span in WINDOWS for delta in (-US, timedelta(0), US)]
+    + [NOW, NOW + timedelta(minutes=1), NOW - timedelta(days=400)]
+)
+
+
 def property_leaf(
     keys: tuple[str, ...], paths: tuple[tuple[str, ...], ...] = (), *, clock: bool = True
 ) -> st.SearchStrategy[dict[str, Any]]:
@@ -161,6 +175,12 @@ def property_leaf(
                 st.sampled_from(["within_past", "within_next"]),
                 st.sampled_from(WINDOWS),
             )
+        )
+        # held_for on any of them, half of the time (contact properties only, like the clock)
+        return st.builds(
+            lambda leaf, held: leaf if held is None else {**leaf, "held_for": held},
+            st.one_of(*operators),
+            st.one_of(st.none(), HELD),
         )
     return st.one_of(*operators)
 
@@ -246,6 +266,10 @@ PEOPLE = st.lists(
         Person,
         st.dictionaries(st.sampled_from(PROPERTY_KEYS), JSON_VALUES, max_size=4),
         st.lists(EVENTS, max_size=5),
+        # keys with a recorded change (present or not: a removed key has one), the others
+        # taking created_at
+        changed=st.dictionaries(st.sampled_from(PROPERTY_KEYS), CHANGE_POINTS, max_size=4),
+        created_at=CHANGE_POINTS,
     ),
     min_size=1,
     max_size=5,
@@ -266,6 +290,62 @@ PEOPLE = st.lists(
 def test_sql_and_python_agree(
     connection: Connection, criteria: dict[str, Any], people: list[Person], subset: list[bool]
 ):
+    agree(connection, criteria, people, subset)
+
+
+# held_for alone, dense at its edges: every leaf holds a key whose changed_at (or the contact's
+# created_at, for keys with no record) is mostly exactly now - D or 1us either side.
+HELD_EDGES = st.sampled_from(
+    [NOW - span + delta for span in WINDOWS for delta in (-US, timedelta(0), US)]
+)
+HELD_LEAF = st.builds(
+    lambda key, operator, held: {
+        "type": "property",
+        "property": key,
+        "operator": operator,
+        **({"value": "pro"} if operator in ("eq", "neq") else {}),
+        "held_for": held,
+    },
+    st.sampled_from(["plan", "n", ["plan", "x"]]),
+    st.sampled_from(["exists", "not_exists", "eq", "neq"]),
+    HELD,
+)
+HELD_PEOPLE = st.lists(
+    st.builds(
+        Person,
+        st.dictionaries(
+            st.sampled_from(["plan", "n"]), st.sampled_from(["pro", "free", None]), max_size=2
+        ),
+        changed=st.dictionaries(
+            st.sampled_from(["plan", "n"]), st.one_of(HELD_EDGES, CHANGE_POINTS), max_size=2
+        ),
+        created_at=HELD_EDGES,
+    ),
+    min_size=1,
+    max_size=5,
+)
+
+
+@settings(
+    max_examples=max(EXAMPLES // 4, 50),
+    deadline=None,
+    suppress_health_check=[HealthCheck.function_scoped_fixture, HealthCheck.too_slow],
+)
+@given(
+    criteria=st.one_of(HELD_LEAF, composite(HELD_LEAF), composite(composite(HELD_LEAF))),
+    people=HELD_PEOPLE,
+    subset=st.lists(st.booleans(), min_size=5, max_size=5),
+)
+def test_held_for_executors_agree_at_the_edges(
+    connection: Connection, criteria: dict[str, Any], people: list[Person], subset: list[bool]
+):
+    agree(connection, criteria, people, subset)
+
+
+def agree(
+    connection: Connection, criteria: dict[str, Any], people: list[Person], subset: list[bool]
+) -> None:
+    """Every executor and clock form gives the evaluator's answer (see the module)."""
     node = parse_criteria(criteria)
     savepoint = connection.begin_nested()
     try:

@@ -160,6 +160,21 @@ HOSTILE: list[tuple[str, dict[str, Any], str]] = [
     ("self-reference", {"criteria": cyclic()}, f"{DEEP_PATH}: nested deeper than 12 levels"),
     ("shared 10**9 leaves", {"criteria": shared_bomb(9)}, "more than 64 event conditions"),
     (
+        "held_for 999999999d",
+        {"criteria": {**PROP, "held_for": {"at_least": "999999999d"}}},
+        "criteria.held_for.at_least: duration '999999999d' is longer than the maximum",
+    ),
+    (
+        "held_for a list",
+        {"criteria": {**PROP, "held_for": [{"at_least": "1d"}]}},
+        "criteria.held_for: ",
+    ),
+    (
+        "held_for in a where",
+        {"criteria": {**LEAF, "where": [{**PROP, "held_for": {"less_than": "1d"}}]}},
+        "criteria.where[0].held_for: held_for is not allowed in where",
+    ),
+    (
         "where under where",
         {"criteria": {**LEAF, "where": [LEAF]}},
         "criteria.where[0].type: where conditions must be of type 'property'",
@@ -394,14 +409,21 @@ def test_the_largest_count_and_duration_run_at_the_edges_of_time(make_runtime):
             b.event("e").within("36500d").count("gte", MAX_COUNT),
             b.event("e").within("36500d").count("eq", MAX_COUNT),
             b.event("e").within("36500d").exists(),
+            b.prop("plan").exists().held_for(at_least="36500d"),
+            b.prop("plan").exists().held_for(less_than="36500d"),
         ),
         max_dwell="36500d",
         min_dwell="36500d",
     )
     rt = make_runtime(most)
     earliest, latest = rt.settings.min_instant, rt.settings.max_instant
-    ingest_event("early", "e", occurred_at=earliest, now=earliest, runtime=rt)
-    late = ingest_event("late", "e", occurred_at=latest, now=latest, runtime=rt)
+    plan = {"plan": "x"}  # changed_at at each edge: held_for's flip is 36,500 days later
+    ingest_event(
+        "early", "e", occurred_at=earliest, contact_properties=plan, now=earliest, runtime=rt
+    )
+    late = ingest_event(
+        "late", "e", occurred_at=latest, contact_properties=plan, now=latest, runtime=rt
+    )
     assert [t.kind for t in late.transitions] == ["entered"]
     with rt.engine.connect() as conn:
         stamped = conn.execute(

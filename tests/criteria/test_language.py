@@ -15,6 +15,7 @@ import pytest
 from buckets import DefinitionError, b, define_bucket, load_definitions
 from buckets.criteria import Event, evaluate, in_memory_counter
 from buckets.criteria.evaluate import MISSING, lookup
+from buckets.criteria.held import ContactProperties
 from buckets.criteria.instants import parse_instant
 from buckets.criteria.model import Sample
 from buckets.registry import Registry
@@ -433,7 +434,42 @@ INSTANT_ERRORS = [
 ]
 
 
-MISUSES = INVALID + AGGREGATE_ERRORS + INSTANT_ERRORS
+HELD_ERRORS = [
+    (
+        b.prop("plan").eq("trial").held_for(),
+        "x: criteria.held_for: needs exactly one of at_least, less_than",
+    ),
+    (
+        b.prop("plan").eq("trial").held_for(at_least="1d", less_than="2d"),
+        "x: criteria.held_for: needs exactly one of at_least, less_than",
+    ),
+    (
+        b.prop("plan").eq("trial").held_for(at_least="0d"),
+        "x: criteria.held_for.at_least: duration must be positive",
+    ),
+    (
+        b.prop("plan").eq("trial").held_for(less_than="fortnight"),
+        "x: criteria.held_for.less_than: ",
+    ),
+    (
+        {**b.prop("plan").exists(), "held_for": {"at_most": "1d"}},
+        "x: criteria.held_for.at_most: unknown key",
+    ),
+    (
+        {**b.prop("plan").exists(), "held_for": "14d"},
+        "x: criteria.held_for: ",
+    ),
+    (
+        b.all(
+            b.prop("a").exists(),
+            b.event("e").where(b.prop("plan").eq("trial").held_for(at_least="1d")).exists(),
+        ),
+        "x: criteria.conditions[1].where[0].held_for: held_for is not allowed in where",
+    ),
+]
+
+
+MISUSES = INVALID + AGGREGATE_ERRORS + INSTANT_ERRORS + HELD_ERRORS
 
 
 @pytest.mark.parametrize(("criteria", "message"), MISUSES, ids=[m for _, m in MISUSES])
@@ -464,3 +500,84 @@ def test_instant_operators_at_their_bounds():
     assert holds(b.prop("t").before("2026-03-01T12:00:00.000001Z"), now)
     assert not holds(b.prop("t").before("2026-03-01T12:00Z"), now)
     assert holds(b.prop("t").after("2026-03-01T13:00+01:01"), now)  # 11:59 UTC
+
+
+# --- held for --------------------------------------------------------------------------------
+
+
+def test_held_for_builder_is_the_literal_form_and_one_fingerprint():
+    built = b.prop("plan").eq("trial").held_for(at_least="14d")
+    assert built == {
+        "type": "property",
+        "property": "plan",
+        "operator": "eq",
+        "value": "trial",
+        "held_for": {"at_least": "14d"},
+    }
+    assert b.prop(["sub", "tier"]).exists().held_for(less_than="1h")["held_for"] == {
+        "less_than": "1h"
+    }
+    trial = define_bucket(id="x", criteria=built)
+    assert (
+        trial.fingerprint
+        == define_bucket(
+            id="x", criteria=b.prop("plan").eq("trial").held_for(at_least=timedelta(weeks=2))
+        ).fingerprint
+        == load_definitions_text(
+            "criteria: {type: property, property: plan, operator: eq, value: trial,"
+            " held_for: {at_least: 336h}}"
+        ).fingerprint
+    )
+    plain = define_bucket(id="x", criteria=b.prop("plan").eq("trial"))
+    assert plain.fingerprint != trial.fingerprint
+    less = define_bucket(id="x", criteria=b.prop("plan").eq("trial").held_for(less_than="14d"))
+    assert less.fingerprint not in (trial.fingerprint, plain.fingerprint)
+    # held_for null is absent: the fingerprint of the definition without it
+    assert (
+        define_bucket(id="x", criteria={**b.prop("plan").eq("trial"), "held_for": None}).fingerprint
+        == plain.fingerprint
+    )
+    assert trial.time_based
+    assert less.time_based
+    assert not plain.time_based
+    assert trial.cron_joins  # at_least matures with the clock alone
+    assert not less.cron_joins  # less_than only expires
+    assert define_bucket(
+        id="x", criteria=b.not_(b.prop("plan").eq("trial").held_for(less_than="14d"))
+    ).cron_joins
+    assert trial.property_keys == frozenset({"plan"})  # indexed for the real-time path
+
+
+def test_held_for_at_its_bounds():
+    now = datetime(2026, 3, 1, 12, tzinfo=UTC)
+    day = timedelta(days=1)
+    tick = timedelta(microseconds=1)
+    created = now - 30 * day
+
+    def holds(criteria: Any, changed: datetime | None, properties: Any = None) -> bool:
+        node = define_bucket(id="x", criteria=criteria).criteria
+        record = {} if changed is None else {"plan": changed.isoformat()}
+        bag = ContactProperties(
+            {"plan": "trial"} if properties is None else properties, record, created
+        )
+        return evaluate(node, bag, lambda _: 0, now=now)
+
+    at_least = b.prop("plan").eq("trial").held_for(at_least="14d")
+    less_than = b.prop("plan").eq("trial").held_for(less_than="14d")
+    assert holds(at_least, now - 14 * day)  # changed_at <= now - D
+    assert not holds(at_least, now - 14 * day + tick)
+    assert not holds(less_than, now - 14 * day)  # changed_at > now - D
+    assert holds(less_than, now - 14 * day + tick)
+    assert holds(at_least, None)  # no record: created_at, 30 days ago
+    assert not holds(less_than, None)
+    assert not holds(at_least, now - 20 * day, {"plan": "pro"})  # the value must hold too
+    missing = b.prop("plan").not_exists().held_for(at_least="14d")
+    assert holds(missing, now - 20 * day, {})  # removed 20 days ago
+    assert not holds(missing, now - day, {})
+    with pytest.raises(ValueError, match="held_for needs"):  # no record given: never a guess
+        evaluate(
+            define_bucket(id="x", criteria=at_least).criteria,
+            {"plan": "trial"},
+            lambda _: 0,
+            now=now,
+        )
