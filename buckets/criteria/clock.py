@@ -22,8 +22,8 @@ leaf: :func:`~.compile.decisive_count`), and ``arrival`` its first matching even
 
 Composites combine the children's states: an ``and`` that holds may fail when its first child
 changes (the minimum); one that fails cannot hold before every failing child has changed (the
-maximum of theirs, never if one of them never changes). ``or`` mirrors that. Property leaves
-have no clock (yet). :func:`exact_flip` walks the lower bounds to the instant the answer really
+maximum of theirs, never if one of them never changes). ``or`` mirrors that. Sequences: see
+:func:`sequence_state`. :func:`exact_flip` walks the lower bounds to the instant the answer really
 flips (explain shows it).
 """
 
@@ -43,11 +43,13 @@ from buckets.criteria.evaluate import (
     property_matches,
 )
 from buckets.criteria.instants import parse_instant
+from buckets.criteria.sequences import Chains, chains_of
 from buckets.criteria.model import (
     CLOCK_OPERATORS,
     Aggregate,
     Composite,
     EventCondition,
+    EventSequence,
     Everyone,
     Leaf,
     Node,
@@ -167,6 +169,18 @@ def property_state(
     return State(value, instant + TICK if instant >= now else None)
 
 
+def sequence_state(sequence: EventSequence, chains: Chains) -> State:
+    """A sequence's state (:mod:`.sequences`): while a chain holds, at least until one
+    microsecond after its first event leaves ``within`` (the latest such first event; never
+    without ``within``); otherwise from the next start of a chain (an absent step's gap
+    elapsing, a future-stamped event arriving)."""
+    if chains.witness is not None:
+        if sequence.within is None:
+            return State(True, None)
+        return State(True, chains.witness + sequence.within + TICK)
+    return State(False, chains.upcoming)
+
+
 LeafStates = Callable[[Leaf], State]
 
 
@@ -241,6 +255,8 @@ def in_memory_leaf_states(
     def leaf_state(leaf: Leaf) -> State:
         if isinstance(leaf, PropertyCondition):
             return property_state(leaf, properties, now)
+        if isinstance(leaf, EventSequence):
+            return sequence_state(leaf, chains_of(leaf, events, now))
         if isinstance(leaf, EventCondition) and leaf.is_aggregate:
             return aggregate_state(
                 leaf,
