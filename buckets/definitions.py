@@ -54,11 +54,13 @@ from buckets.criteria.model import (
     Composite,
     CriteriaError,
     EventCondition,
+    EventSequence,
     Everyone,
     Leaf,
     Node,
     PropertyCondition,
     Sample,
+    SequenceStep,
     leaves,
     parse_criteria,
     resolve_salts,
@@ -141,6 +143,7 @@ class Bucket:
         return any(
             (isinstance(leaf, EventCondition) and leaf.within)
             or (isinstance(leaf, PropertyCondition) and leaf.operator in CLOCK_OPERATORS)
+            or (isinstance(leaf, EventSequence) and (leaf.within or leaf.absent))
             for leaf in leaves(self.criteria)
         )
 
@@ -174,10 +177,13 @@ class Bucket:
 
     @cached_property
     def event_names(self) -> frozenset[str]:
-        """Event names the criteria mention (the real-time path's index)."""
-        return frozenset(
-            leaf.event for leaf in leaves(self.criteria) if isinstance(leaf, EventCondition)
-        )
+        """Event names the criteria mention (the real-time path's index): every step of a
+        sequence, absent ones included (their event may break a chain)."""
+        names = {leaf.event for leaf in leaves(self.criteria) if isinstance(leaf, EventCondition)}
+        for leaf in leaves(self.criteria):
+            if isinstance(leaf, EventSequence):
+                names.update(leaf.event_names)
+        return frozenset(names)
 
     @cached_property
     def property_keys(self) -> frozenset[str]:
@@ -298,6 +304,8 @@ def clock_joinable(leaf: Leaf) -> bool:
     """Time alone can turn the leaf from false to true (SPEC §6.2, §6.7)."""
     if isinstance(leaf, PropertyCondition):  # an instant coming into the window
         return leaf.operator in CLOCK_OPERATORS
+    if isinstance(leaf, EventSequence):  # an absent step's gap elapsing
+        return leaf.absent is not None
     if not isinstance(leaf, EventCondition) or leaf.within is None:
         return False
     if leaf.is_aggregate:  # values leaving the window move a windowed aggregate either way
@@ -315,9 +323,13 @@ def clock_can_join(node: Node, negated: bool = False) -> bool:
         flip = negated != (node.operator == "not")
         return any(clock_can_join(child, flip) for child in node.conditions)
     if not negated:
-        return isinstance(node, EventCondition | PropertyCondition) and clock_joinable(node)
+        return isinstance(
+            node, EventCondition | PropertyCondition | EventSequence
+        ) and clock_joinable(node)
     if isinstance(node, PropertyCondition):  # an instant leaving the window
         return node.operator in CLOCK_OPERATORS
+    if isinstance(node, EventSequence):  # its first event leaving the window
+        return node.within is not None
     if not isinstance(node, EventCondition) or node.within is None:
         return False
     return node.is_aggregate or threshold(node)[0] in ("at_least", "eq")
@@ -332,6 +344,8 @@ def empty_contact_values(node: Node) -> set[bool]:
         return {property_matches(node, {})}
     if isinstance(node, EventCondition):
         return {node.holds(Aggregate() if node.is_aggregate else 0)}
+    if isinstance(node, EventSequence):  # no events, no chain
+        return {False}
     if isinstance(node, Everyone):
         return {True}
     if isinstance(node, Sample):
@@ -366,6 +380,14 @@ def canonical_criteria(node: Node) -> dict[str, Any]:
         return {"type": "everyone"}
     if isinstance(node, Sample):
         return {"type": "sample", "percent": node.percent, "salt": node.salted()}
+    if isinstance(node, EventSequence):
+        sequence: dict[str, Any] = {
+            "type": "sequence",
+            "steps": [_canonical_step(step) for step in node.steps],
+        }
+        if node.within is not None:
+            sequence["within"] = duration_seconds(node.within)
+        return sequence
     if isinstance(node, PropertyCondition):
         out: dict[str, Any] = {
             "type": "property",
@@ -387,6 +409,18 @@ def canonical_criteria(node: Node) -> dict[str, Any]:
         out["within"] = duration_seconds(node.within)
     if node.where is not None:
         out["where"] = [canonical_criteria(where) for where in node.where]
+    return out
+
+
+def _canonical_step(step: SequenceStep) -> dict[str, Any]:
+    """A sequence step's keys that carry meaning (``absent`` only when true)."""
+    out: dict[str, Any] = {"event": step.event}
+    if step.where is not None:
+        out["where"] = [canonical_criteria(where) for where in step.where]
+    if step.gap is not None:
+        out["gap"] = duration_seconds(step.gap)
+    if step.absent:
+        out["absent"] = True
     return out
 
 

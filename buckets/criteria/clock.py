@@ -43,7 +43,6 @@ from buckets.criteria.evaluate import (
     property_matches,
 )
 from buckets.criteria.instants import parse_instant
-from buckets.criteria.sequences import Chains, chains_of
 from buckets.criteria.model import (
     CLOCK_OPERATORS,
     Aggregate,
@@ -56,6 +55,7 @@ from buckets.criteria.model import (
     PropertyCondition,
     Sample,
 )
+from buckets.criteria.sequences import Chains, chains_of
 
 TICK = timedelta(microseconds=1)  # the resolution of timestamps (Python and PostgreSQL)
 EXACT_FLIP_STEPS = 10_000  # lower bounds walked by exact_flip before it gives up

@@ -56,7 +56,6 @@ from buckets.criteria.compile import (
 )
 from buckets.criteria.compile_sequence import sequence_facts
 from buckets.criteria.evaluate import EventCounter
-from buckets.criteria.sequences import Chains
 from buckets.criteria.instants import instant_sql
 from buckets.criteria.model import (
     CLOCK_OPERATORS,
@@ -70,6 +69,7 @@ from buckets.criteria.model import (
     PropertyCondition,
     Sample,
 )
+from buckets.criteria.sequences import Chains
 
 # --- per contact ------------------------------------------------------------------------------
 

@@ -526,11 +526,11 @@ class EventSequence(_Node):
     @model_validator(mode="after")
     def _steps_fit(self) -> EventSequence:
         if len(self.steps) < 2:
-            raise _FieldError("steps", f"a sequence needs at least two steps, got {len(self.steps)}")
-        if self.steps[0].gap is not None:
             raise _FieldError(
-                "steps[0].gap", "the first step has no gap (nothing comes before it)"
+                "steps", f"a sequence needs at least two steps, got {len(self.steps)}"
             )
+        if self.steps[0].gap is not None:
+            raise _FieldError("steps[0].gap", "the first step has no gap (nothing comes before it)")
         for index, step in enumerate(self.steps[:-1]):
             if step.absent:
                 raise _FieldError(f"steps[{index}].absent", "only the last step may be absent")
@@ -565,9 +565,7 @@ class EventSequence(_Node):
         return tuple(dict.fromkeys(step.event for step in self.steps))
 
 
-Node: TypeAlias = (
-    PropertyCondition | EventCondition | Composite | Everyone | Sample | EventSequence
-)
+Node: TypeAlias = PropertyCondition | EventCondition | Composite | Everyone | Sample | EventSequence
 Leaf: TypeAlias = PropertyCondition | EventCondition | Everyone | Sample | EventSequence
 NODE_CLASSES = (PropertyCondition, EventCondition, Composite, Everyone, Sample, EventSequence)
 LEAF_CLASSES = (PropertyCondition, EventCondition, Everyone, Sample, EventSequence)
@@ -705,7 +703,7 @@ def _parse_where(data: object, path: str, depth: int, budget: _Budget) -> Proper
 
 
 def _parse_list(
-    data: Mapping[str, Any], key: str, path: str, parse: Callable[[object, str], Node]
+    data: Mapping[str, Any], key: str, path: str, parse: Callable[[object, str], _Node]
 ) -> Any:
     items = data.get(key)
     if items is None:
