@@ -570,7 +570,10 @@ SEQUENCE_ERRORS = [
         b.sequence(b.step("a"), {"event": "b", "after": "1h"}),
         "x: criteria.steps[1].after: unknown key",
     ),
-    (b.sequence(b.step("a"), "b"), "x: criteria.steps[1]: expected a step object, got str"),
+    (
+        {"type": "sequence", "steps": [b.step("a"), "b"]},
+        "x: criteria.steps[1]: expected a step object, got str",
+    ),
     (
         b.all(b.everyone(), b.sequence(b.step("a"), b.step("b", b.prop("t").within_past("1d")))),
         "x: criteria.conditions[1].steps[1].where[0].operator: 'within_past' compares with now",
