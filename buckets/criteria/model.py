@@ -27,7 +27,11 @@ before any recursion could go deeper, with the path of the offending node):
   (members, clock) outer-join one aggregate per event name: about 450 of them exhaust Python's
   recursion limit while compiling, and PostgreSQL's planning time grows steeply with them
   (measured on PostgreSQL 15 without JIT, over 100 contacts: 0.16 s at 64, 0.4 s at 128,
-  3.9 s at 256, 17 s at 400). Property conditions are cheap.
+  3.9 s at 256, 17 s at 400). Property conditions are cheap. Each step of a sequence counts
+  as one event condition;
+* at most :data:`MAX_STEPS` (16) steps in a sequence: its SQL nests a level of subqueries per
+  step (the clock's window functions, the members' ``EXISTS``), and past about 40 levels
+  compiling it exhausts Python's recursion limit.
 """
 
 from __future__ import annotations
@@ -83,6 +87,7 @@ MAX_COUNT = 1_000_000_000
 MAX_DEPTH = 12
 MAX_CONDITIONS = 256
 MAX_EVENT_CONDITIONS = 64
+MAX_STEPS = 16  # of a sequence: its SQL nests a subquery per step (see the module docstring)
 
 Duration = Annotated[timedelta, BeforeValidator(parse_duration)]
 Scalar: TypeAlias = str | int | float | bool | None
@@ -529,6 +534,8 @@ class EventSequence(_Node):
             raise _FieldError(
                 "steps", f"a sequence needs at least two steps, got {len(self.steps)}"
             )
+        if len(self.steps) > MAX_STEPS:
+            raise _FieldError("steps", f"a sequence has at most {MAX_STEPS} steps (the limit)")
         if self.steps[0].gap is not None:
             raise _FieldError("steps[0].gap", "the first step has no gap (nothing comes before it)")
         for index, step in enumerate(self.steps[:-1]):

@@ -583,8 +583,12 @@ SEQUENCE_ERRORS = [
         "x: criteria.steps[0].where[0].type: where conditions must be of type 'property'",
     ),
     (
-        b.sequence(*[b.step(f"e{i}") for i in range(65)]),
-        "x: criteria.steps[64]: more than 64 event conditions",
+        b.sequence(*[b.step(f"e{i}") for i in range(17)]),
+        "x: criteria.steps: a sequence has at most 16 steps (the limit)",
+    ),
+    (
+        b.any(*[b.sequence(*[b.step(f"e{i}") for i in range(16)])] * 5),
+        "x: criteria.conditions[4].steps[0]: more than 64 event conditions",
     ),
 ]
 
