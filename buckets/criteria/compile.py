@@ -32,7 +32,7 @@ the same data gives the same answer. Soft-deleted contacts never match.
 from __future__ import annotations
 
 import json
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from datetime import datetime, timedelta
 from decimal import Decimal
@@ -476,8 +476,14 @@ def _aggregate_columns(
     return {field_: functions[field_] for field_ in fields}
 
 
+EventsScope = Callable[[Any], list[ColumnElement[bool]]]  # restrictions on user_events rows
+
+
 def _predicate(
-    node: Node, columns: dict[EventCondition, LeafColumns], now: datetime, scope: Any = None
+    node: Node,
+    columns: dict[EventCondition, LeafColumns],
+    now: datetime,
+    scope: EventsScope | None = None,
 ) -> ColumnElement[bool]:
     if isinstance(node, PropertyCondition):
         return property_predicate(node, contacts.c.properties, now)

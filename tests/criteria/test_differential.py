@@ -353,7 +353,11 @@ SEQUENCE_EVENTS = st.builds(
     st.one_of(st.none(), KINDS),
 )
 SEQUENCE_PEOPLE = st.lists(
-    st.builds(Person, st.just({}), st.lists(SEQUENCE_EVENTS, max_size=8)),
+    st.builds(
+        Person,
+        st.dictionaries(st.sampled_from(PROPERTY_KEYS), JSON_VALUES, max_size=2),
+        st.lists(SEQUENCE_EVENTS, max_size=8),
+    ),
     min_size=1,
     max_size=5,
 )
@@ -361,6 +365,7 @@ SEQUENCE_TREES = st.one_of(
     sequence_leaf(),
     sequence_leaf(),
     composite(st.one_of(sequence_leaf(), event_leaf())),
+    composite(composite(st.one_of(sequence_leaf(), LEAVES))),
 )
 
 
