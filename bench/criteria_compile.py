@@ -1,7 +1,7 @@
 """Compiled criteria vs hand-written SQL for the same member set, in the same run.
 
     python -m bench.criteria_compile [--contacts 100000] [--events-per-contact 20] [--runs 5]
-                                     [--database-url URL] [--explain]
+                                     [--database-url URL] [--explain] [--only sequence]
 
 Loads the generator's dataset (``bench/generate.py``, seed 42, fixed ``now``) unless the
 database already holds exactly that many contacts, then for each criteria times the compiled
@@ -138,7 +138,50 @@ CASES += (
     ),
 )
 
+# Sequences (SPEC §3.4): the hand-written form is the spec's existential as correlated
+# EXISTS, which is what a person writes for "a session without a purchase within a day".
+SEQUENCE_CASES = (
+    Case(
+        "sequence: session, no purchase in 1d (30d)",
+        b.sequence(
+            b.step("session.started"),
+            b.step("purchase.completed", gap="1d", absent=True),
+            within="30d",
+        ),
+        """
+        SELECT c.id FROM contacts c
+        WHERE c.deleted_at IS NULL AND EXISTS (
+            SELECT 1 FROM user_events s
+            WHERE s.contact_id = c.id AND s.event = 'session.started'
+              AND s.occurred_at >= :start_30d AND s.occurred_at <= :now_1d
+              AND NOT EXISTS (
+                  SELECT 1 FROM user_events p
+                  WHERE p.contact_id = s.contact_id AND p.event = 'purchase.completed'
+                    AND p.occurred_at > s.occurred_at
+                    AND p.occurred_at <= s.occurred_at + interval '1 day'))
+        """,
+    ),
+    Case(
+        "sequence: opened, clicked in 1h (30d)",
+        b.sequence(b.step("email.opened"), b.step("email.clicked", gap="1h"), within="30d"),
+        """
+        SELECT c.id FROM contacts c
+        WHERE c.deleted_at IS NULL AND EXISTS (
+            SELECT 1 FROM user_events o
+            WHERE o.contact_id = c.id AND o.event = 'email.opened'
+              AND o.occurred_at BETWEEN :start_30d AND :now
+              AND EXISTS (
+                  SELECT 1 FROM user_events k
+                  WHERE k.contact_id = o.contact_id AND k.event = 'email.clicked'
+                    AND k.occurred_at > o.occurred_at AND k.occurred_at <= :now
+                    AND k.occurred_at <= o.occurred_at + interval '1 hour'))
+        """,
+    ),
+)
+CASES += SEQUENCE_CASES
+
 HAND_PARAMS = {
+    "now_1d": NOW - timedelta(days=1),
     "now": NOW,
     "end_3d": NOW + timedelta(days=3),
     "start_30d": NOW - timedelta(days=30),
@@ -162,9 +205,13 @@ def _explain(conn: Connection, statement: Any, params: dict[str, Any] | None = N
     return "\n".join(row[0] for row in rows)
 
 
-def run(conn: Connection, runs: int, explain: bool) -> list[dict[str, Any]]:
+def run(
+    conn: Connection, runs: int, explain: bool, only: str | None = None
+) -> list[dict[str, Any]]:
     results = []
     for case in CASES:
+        if only is not None and only not in case.name:
+            continue
         compiled = member_select(parse_criteria(case.criteria), NOW)
         hand = sa.text(case.hand_sql)
         compiled_ms, hand_ms = [], []
@@ -201,6 +248,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--runs", type=int, default=5)
     parser.add_argument("--database-url", help="[default: BUCKETS_DATABASE_URL or embedded]")
     parser.add_argument("--explain", action="store_true", help="print EXPLAIN ANALYZE plans")
+    parser.add_argument("--only", help="run the cases whose name contains this (e.g. sequence)")
     args = parser.parse_args(argv)
 
     url = resolve_database_url(load_settings(database_url=args.database_url))
@@ -220,7 +268,7 @@ def main(argv: list[str] | None = None) -> int:
     with engine.connect() as conn:
         events = conn.execute(sa.text("SELECT count(*) FROM user_events")).scalar_one()
         print(f"dataset: {args.contacts:,} contacts, {events:,} events; now = {NOW.isoformat()}")
-        results = run(conn, args.runs, args.explain)
+        results = run(conn, args.runs, args.explain, args.only)
     engine.dispose()
 
     print(f"\n{'criteria':<46} {'members':>8} {'compiled':>10} {'hand SQL':>10} {'ratio':>6}")

@@ -31,7 +31,7 @@ from buckets import due
 from buckets.criteria import EventCondition, Facts
 from buckets.criteria.clock import State
 from buckets.criteria.compile_clock import facts_params, facts_statement
-from buckets.criteria.model import leaves
+from buckets.criteria.model import EventSequence, leaves
 from buckets.definitions import Bucket
 from buckets.membership import (
     Changes,
@@ -87,8 +87,11 @@ class Outcome:
 MAX_FACT_LEAVES = 400
 
 
-def _event_leaves(bucket: Bucket) -> list[EventCondition]:
-    return [leaf for leaf in leaves(bucket.criteria) if isinstance(leaf, EventCondition)]
+def _event_leaves(bucket: Bucket) -> list[EventCondition | EventSequence]:
+    """The leaves whose facts come from the events (sequences: their chains' two instants)."""
+    return [
+        leaf for leaf in leaves(bucket.criteria) if isinstance(leaf, EventCondition | EventSequence)
+    ]
 
 
 def _groups(asks: Sequence[Ask]) -> list[list[Ask]]:
@@ -99,7 +102,7 @@ def _groups(asks: Sequence[Ask]) -> list[list[Ask]]:
         by_bucket.setdefault(ask.bucket.id, []).append(ask)
     if len(by_bucket) == 1:
         return [list(asks)]
-    groups: list[tuple[set[EventCondition], list[Ask]]] = []
+    groups: list[tuple[set[EventCondition | EventSequence], list[Ask]]] = []
     for bucket_asks in by_bucket.values():
         mine = set(_event_leaves(bucket_asks[0].bucket))
         for held, members in groups:
@@ -160,20 +163,14 @@ def decide(
         return outcome
     involved = {ask.bucket.id: ask.bucket for ask in asks}
     conditions = list(
-        dict.fromkeys(
-            leaf
-            for bucket in involved.values()
-            for leaf in leaves(bucket.criteria)
-            if isinstance(leaf, EventCondition)
-        )
+        dict.fromkeys(leaf for bucket in involved.values() for leaf in _event_leaves(bucket))
     )
     position = {condition: index for index, condition in enumerate(conditions)}
     needs: dict[int, bytearray] = {}  # per contact: its leaves, then its properties
     for ask in asks:
         wanted = needs.setdefault(ask.contact_id, bytearray(b"0" * (len(conditions) + 1)))
-        for leaf in leaves(ask.bucket.criteria):
-            if isinstance(leaf, EventCondition):
-                wanted[position[leaf]] = ord("1")
+        for leaf in _event_leaves(ask.bucket):
+            wanted[position[leaf]] = ord("1")
         if ask.bucket.property_keys:
             wanted[-1] = ord("1")
     contact_ids = sorted(needs)
@@ -203,7 +200,9 @@ def decide(
 
 
 @lru_cache(maxsize=256)
-def _facts(conditions: tuple[EventCondition, ...], properties: bool) -> sa.Select[Any]:
+def _facts(
+    conditions: tuple[EventCondition | EventSequence, ...], properties: bool
+) -> sa.Select[Any]:
     """The facts of the leaves (see leaf_facts) and, through one index scan, the contact's
     membership rows: the active ones (as arrays, which the driver decodes natively) and the
     latest instant any was decided as of (monotone decisions: never decide earlier)."""

@@ -54,11 +54,13 @@ from buckets.criteria.model import (
     Composite,
     CriteriaError,
     EventCondition,
+    EventSequence,
     Everyone,
     Leaf,
     Node,
     PropertyCondition,
     Sample,
+    SequenceStep,
     leaves,
     parse_criteria,
     resolve_salts,
@@ -144,6 +146,7 @@ class Bucket:
                 isinstance(leaf, PropertyCondition)
                 and (leaf.operator in CLOCK_OPERATORS or leaf.held_for is not None)
             )
+            or (isinstance(leaf, EventSequence) and (leaf.within or leaf.absent))
             for leaf in leaves(self.criteria)
         )
 
@@ -177,10 +180,13 @@ class Bucket:
 
     @cached_property
     def event_names(self) -> frozenset[str]:
-        """Event names the criteria mention (the real-time path's index)."""
-        return frozenset(
-            leaf.event for leaf in leaves(self.criteria) if isinstance(leaf, EventCondition)
-        )
+        """Event names the criteria mention (the real-time path's index): every step of a
+        sequence, absent ones included (their event may break a chain)."""
+        names = {leaf.event for leaf in leaves(self.criteria) if isinstance(leaf, EventCondition)}
+        for leaf in leaves(self.criteria):
+            if isinstance(leaf, EventSequence):
+                names.update(leaf.event_names)
+        return frozenset(names)
 
     @cached_property
     def property_keys(self) -> frozenset[str]:
@@ -302,6 +308,8 @@ def clock_joinable(leaf: Leaf) -> bool:
     if isinstance(leaf, PropertyCondition):  # an instant coming into the window, or maturing
         held = leaf.held_for
         return leaf.operator in CLOCK_OPERATORS or (held is not None and held.at_least is not None)
+    if isinstance(leaf, EventSequence):  # an absent step's gap elapsing
+        return leaf.absent is not None
     if not isinstance(leaf, EventCondition) or leaf.within is None:
         return False
     if leaf.is_aggregate:  # values leaving the window move a windowed aggregate either way
@@ -319,10 +327,14 @@ def clock_can_join(node: Node, negated: bool = False) -> bool:
         flip = negated != (node.operator == "not")
         return any(clock_can_join(child, flip) for child in node.conditions)
     if not negated:
-        return isinstance(node, EventCondition | PropertyCondition) and clock_joinable(node)
+        return isinstance(
+            node, EventCondition | PropertyCondition | EventSequence
+        ) and clock_joinable(node)
     if isinstance(node, PropertyCondition):  # an instant leaving the window, or expiring
         held = node.held_for
         return node.operator in CLOCK_OPERATORS or (held is not None and held.less_than is not None)
+    if isinstance(node, EventSequence):  # its first event leaving the window
+        return node.within is not None
     if not isinstance(node, EventCondition) or node.within is None:
         return False
     return node.is_aggregate or threshold(node)[0] in ("at_least", "eq")
@@ -340,6 +352,8 @@ def empty_contact_values(node: Node) -> set[bool]:
         return {value} if node.held_for is None else {value, False}
     if isinstance(node, EventCondition):
         return {node.holds(Aggregate() if node.is_aggregate else 0)}
+    if isinstance(node, EventSequence):  # no events, no chain
+        return {False}
     if isinstance(node, Everyone):
         return {True}
     if isinstance(node, Sample):
@@ -374,21 +388,17 @@ def canonical_criteria(node: Node) -> dict[str, Any]:
         return {"type": "everyone"}
     if isinstance(node, Sample):
         return {"type": "sample", "percent": node.percent, "salt": node.salted()}
-    if isinstance(node, PropertyCondition):
-        out: dict[str, Any] = {
-            "type": "property",
-            "property": node.property if isinstance(node.property, str) else list(node.path),
-            "operator": node.operator,
+    if isinstance(node, EventSequence):
+        sequence: dict[str, Any] = {
+            "type": "sequence",
+            "steps": [_canonical_step(step) for step in node.steps],
         }
-        if node.operator in CLOCK_OPERATORS:
-            out["value"] = duration_seconds(node.value)
-        elif node.operator not in ("exists", "not_exists"):
-            out["value"] = list(node.value) if isinstance(node.value, tuple) else node.value
-        if node.held_for is not None:  # absent: the fingerprint of a definition without it
-            kind = "at_least" if node.held_for.at_least is not None else "less_than"
-            out["held_for"] = {kind: duration_seconds(node.held_for.span)}
-        return out
-    out = {"type": "event", "event": node.event, "check": node.check}
+        if node.within is not None:
+            sequence["within"] = duration_seconds(node.within)
+        return sequence
+    if isinstance(node, PropertyCondition):
+        return _canonical_property(node)
+    out: dict[str, Any] = {"type": "event", "event": node.event, "check": node.check}
     if node.check == "count" or node.is_aggregate:
         out["operator"] = node.operator
         out["value"] = node.value
@@ -398,6 +408,34 @@ def canonical_criteria(node: Node) -> dict[str, Any]:
         out["within"] = duration_seconds(node.within)
     if node.where is not None:
         out["where"] = [canonical_criteria(where) for where in node.where]
+    return out
+
+
+def _canonical_property(node: PropertyCondition) -> dict[str, Any]:
+    out: dict[str, Any] = {
+        "type": "property",
+        "property": node.property if isinstance(node.property, str) else list(node.path),
+        "operator": node.operator,
+    }
+    if node.operator in CLOCK_OPERATORS:
+        out["value"] = duration_seconds(node.value)
+    elif node.operator not in ("exists", "not_exists"):
+        out["value"] = list(node.value) if isinstance(node.value, tuple) else node.value
+    if node.held_for is not None:  # absent: the fingerprint of a definition without it
+        kind = "at_least" if node.held_for.at_least is not None else "less_than"
+        out["held_for"] = {kind: duration_seconds(node.held_for.span)}
+    return out
+
+
+def _canonical_step(step: SequenceStep) -> dict[str, Any]:
+    """A sequence step's keys that carry meaning (``absent`` only when true)."""
+    out: dict[str, Any] = {"event": step.event}
+    if step.where is not None:
+        out["where"] = [canonical_criteria(where) for where in step.where]
+    if step.gap is not None:
+        out["gap"] = duration_seconds(step.gap)
+    if step.absent:
+        out["absent"] = True
     return out
 
 

@@ -49,11 +49,13 @@ from buckets.criteria.model import (
     Aggregate,
     Composite,
     EventCondition,
+    EventSequence,
     Everyone,
     Node,
     PropertyCondition,
     Sample,
 )
+from buckets.criteria.sequences import chains_of, progress, witness_chain
 from buckets.definitions import Bucket
 from buckets.models import bucket_memberships, contacts, user_events
 from buckets.registry import read_overrides
@@ -153,6 +155,8 @@ def describe(node: Node) -> str:
             kind = "at least" if node.held_for.at_least is not None else "less than"
             held = f", held for {kind} {format_duration(node.held_for.span)}"
         return f"property {key!r} {node.operator}{value}{held}"
+    if isinstance(node, EventSequence):
+        return _describe_sequence(node)
     if isinstance(node, Everyone):
         return "everyone"
     if isinstance(node, Sample):
@@ -171,6 +175,19 @@ def describe(node: Node) -> str:
         return f"{text} {node.check}"
     assert isinstance(node, Composite)
     return f"{node.operator} of {len(node.conditions)}"
+
+
+def _describe_sequence(node: EventSequence) -> str:
+    steps = []
+    for step in node.steps:
+        text = f"{'no ' if step.absent else ''}{step.event!r}"
+        if step.where:
+            text += " where " + " and ".join(describe(w) for w in step.where)
+        if step.gap is not None:
+            text += f" within {format_duration(step.gap)}"
+        steps.append(text)
+    within = f" (first within {format_duration(node.within)})" if node.within else ""
+    return "sequence " + ", then ".join(steps) + within
 
 
 def _leaves(node: Node, path: str, out: list[tuple[str, Node]]) -> None:
@@ -310,6 +327,13 @@ def _leaf(
     if isinstance(node, Everyone | Sample):
         detail = _sample_detail(node, external_id) if isinstance(node, Sample) else None
         return Leaf(path, describe(node), found(node).value, detail=detail)
+    if isinstance(node, EventSequence):
+        window = (now - node.within, now) if node.within is not None else None
+        state = found(node)
+        detail = _sequence_detail(node, events, now)
+        return Leaf(
+            path, describe(node), state.value, window=window, detail=detail, next_at=state.next_at
+        )
     assert isinstance(node, EventCondition)
     count = sum(1 for event in events if event_counts(node, event, now))
     detail = _aggregate_detail(node, aggregate_of(node, events, now)) if node.is_aggregate else None
@@ -323,6 +347,30 @@ def _leaf(
         detail=detail,
         next_at=found(node).next_at,
     )
+
+
+def _sequence_detail(node: EventSequence, events: list[Event], now: datetime) -> str:
+    """The chain that matches (the one that holds longest), or the step missing."""
+    chain = witness_chain(node, events, now)
+    present, absent = node.present, node.absent
+    if chain is not None:
+        text = ", ".join(
+            f"{step.event!r} at {at.isoformat()}" for step, at in zip(present, chain, strict=True)
+        )
+        if absent is not None:
+            assert absent.gap is not None
+            text += f", no {absent.event!r} until {(chain[-1] + absent.gap).isoformat()}"
+        return f"matched: {text}"
+    reached = progress(node, events, now)
+    if reached < len(present):
+        missing = present[reached]
+        where = "" if reached == 0 else f" after a chain of step(s) 1-{reached}"
+        return f"missing: step {reached + 1} ({missing.event!r}){where}"
+    assert absent is not None
+    pending = chains_of(node, events, now).upcoming
+    if pending is not None:
+        return f"waiting: no {absent.event!r} yet; its gap elapses at {pending.isoformat()}"
+    return f"missing: every chain is followed by {absent.event!r} within its gap"
 
 
 def _aggregate_detail(node: EventCondition, found: Aggregate) -> str:

@@ -248,3 +248,69 @@ def test_held_for_backfill_fills_the_queue_and_a_key_without_record_takes_create
     assert found["leaves"][0]["changed_at"] == (T0 - 20 * D).isoformat()
     tick(rt, T0 + 14 * D)
     assert active(rt, "settled-trial") == {"old", "u"}
+
+
+ABANDONED = define_bucket(
+    id="abandoned-cart",
+    criteria=b.sequence(
+        b.step("cart.added"), b.step("order.completed", gap="1h", absent=True), within="7d"
+    ),
+)
+
+
+def test_an_abandoned_cart_joins_when_the_gap_elapses_and_leaves_when_it_ages_out(make_runtime):
+    rt = make_runtime(ABANDONED)
+    H = timedelta(hours=1)
+
+    def event(who: str, name: str, at: datetime) -> None:
+        ingest_event(who, name, {}, now=at, runtime=rt)
+
+    event("u", "cart.added", T0)
+    event("v", "cart.added", T0)
+    event("v", "order.completed", T0 + H / 2)  # v ordered within the hour
+    ship(rt, T0 + H / 2)
+    assert active(rt, "abandoned-cart") == set()
+    # u joins when its hour is over (the gap elapsing is clock-joinable); v never does
+    assert entries(rt, "abandoned-cart") == {("abandoned-cart", "u"): T0 + H}
+    found = explain("abandoned-cart", "u", now=T0 + H / 2, runtime=rt).to_dict()
+    [leaf] = found["leaves"]
+    assert leaf["condition"] == (
+        "sequence 'cart.added', then no 'order.completed' within 1h (first within 1w)"
+    )
+    assert leaf["value"] is False
+    assert leaf["detail"] == (
+        f"waiting: no 'order.completed' yet; its gap elapses at {(T0 + H).isoformat()}"
+    )
+    assert found["next_change"]["at"] == (T0 + H).isoformat()
+    assert explain("abandoned-cart", "v", now=T0 + H, runtime=rt).leaves[0].detail == (
+        "missing: every chain is followed by 'order.completed' within its gap"
+    )
+    assert tick(rt, T0 + H - TICK)["abandoned-cart"].passes_ran == "no"
+    assert active(rt, "abandoned-cart") == set()
+    at = tick(rt, T0 + H)["abandoned-cart"]
+    assert (at.passes_ran, at.due) == ("no", 1)
+    assert active(rt, "abandoned-cart") == {"u"}
+    [joined] = transitions(rt, "abandoned-cart")
+    assert (joined.kind, joined.occurred_at, joined.source) == ("entered", T0 + H, "reconcile")
+    # a later order does not undo the abandoned hour; the chain ages out of the 7 days
+    event("u", "order.completed", T0 + 2 * H)
+    assert active(rt, "abandoned-cart") == {"u"}
+    leaves_at = T0 + 7 * D + TICK
+    assert entries(rt, "abandoned-cart")[("abandoned-cart", "u")] == leaves_at
+    found = explain("abandoned-cart", "u", now=T0 + 3 * H, runtime=rt).to_dict()
+    assert found["leaves"][0]["detail"] == (
+        f"matched: 'cart.added' at {T0.isoformat()}, no 'order.completed' until"
+        f" {(T0 + H).isoformat()}"
+    )
+    assert found["leaves"][0]["next_at"] == leaves_at.isoformat()
+    # a new cart on the ingest path: it holds from an hour later, so when the first ages out
+    # the queue entry (a lower bound) finds the member still abandoned, until the new one ages out
+    event("u", "cart.added", T0 + 6 * D)
+    assert entries(rt, "abandoned-cart")[("abandoned-cart", "u")] == leaves_at
+    tick(rt, leaves_at)
+    assert active(rt, "abandoned-cart") == {"u"}
+    assert entries(rt, "abandoned-cart")[("abandoned-cart", "u")] == T0 + 13 * D + TICK
+    tick(rt, T0 + 13 * D + TICK)
+    assert active(rt, "abandoned-cart") == set()
+    [_, left] = transitions(rt, "abandoned-cart")
+    assert (left.kind, left.occurred_at, left.reason) == ("left", T0 + 13 * D + TICK, "criteria")

@@ -8,6 +8,7 @@ tree at once, so every error names the bucket and the path of the problem.
     b.prop("plan").eq("pro")
     b.event("purchase.completed").within("30d").where(b.prop("amount").gte(50)).at_least(2)
     b.all(b.event("feature.used").exists(), b.event("feature.used").within("7d").not_exists())
+    b.sequence(b.step("cart.added"), b.step("order.completed", gap="1h", absent=True), within="7d")
 """
 
 from __future__ import annotations
@@ -224,6 +225,33 @@ class CriteriaBuilder:
 
     def everyone(self) -> Criteria:
         return {"type": "everyone"}
+
+    def step(
+        self,
+        event: str,
+        *where: Criteria,
+        gap: timedelta | str | None = None,
+        absent: bool = False,
+    ) -> Criteria:
+        """One step of a sequence: an event named ``event`` whose properties satisfy every
+        ``where`` condition, at most ``gap`` after the previous step's event; ``absent``
+        (the last step only, with a ``gap``): no such event within ``gap``."""
+        found: Criteria = {"event": event}
+        if where:
+            found["where"] = list(where)
+        if gap is not None:
+            found["gap"] = gap
+        if absent:
+            found["absent"] = True
+        return found
+
+    def sequence(self, *steps: Criteria, within: timedelta | str | None = None) -> Criteria:
+        """Events in order: ``b.sequence(b.step("cart.added"), b.step("order.completed",
+        gap="1h", absent=True), within="7d")`` (the first step's event inside ``within``)."""
+        node: Criteria = {"type": "sequence", "steps": list(steps)}
+        if within is not None:
+            node["within"] = within
+        return node
 
     def sample(self, percent: float, salt: str | None = None) -> Criteria:
         """A stable ``percent`` of contacts (salted with the bucket id unless ``salt``)."""

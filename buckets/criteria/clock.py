@@ -23,9 +23,9 @@ leaf: :func:`~.compile.decisive_count`), and ``arrival`` its first matching even
 Composites combine the children's states: an ``and`` that holds may fail when its first child
 changes (the minimum); one that fails cannot hold before every failing child has changed (the
 maximum of theirs, never if one of them never changes). ``or`` mirrors that. Property leaves
-move with the clock through ``within_past`` / ``within_next`` and ``held_for``.
-:func:`exact_flip` walks the lower bounds to the instant the answer really flips (explain
-shows it).
+move with the clock through ``within_past`` / ``within_next`` and ``held_for``. Sequences: see
+:func:`sequence_state`. :func:`exact_flip` walks the lower bounds to the instant the answer really
+flips (explain shows it).
 """
 
 from __future__ import annotations
@@ -51,12 +51,14 @@ from buckets.criteria.model import (
     Aggregate,
     Composite,
     EventCondition,
+    EventSequence,
     Everyone,
     Leaf,
     Node,
     PropertyCondition,
     Sample,
 )
+from buckets.criteria.sequences import Chains, chains_of
 
 TICK = timedelta(microseconds=1)  # the resolution of timestamps (Python and PostgreSQL)
 EXACT_FLIP_STEPS = 10_000  # lower bounds walked by exact_flip before it gives up
@@ -186,6 +188,18 @@ def value_state(
     return State(value, instant + TICK if instant >= now else None)
 
 
+def sequence_state(sequence: EventSequence, chains: Chains) -> State:
+    """A sequence's state (:mod:`.sequences`): while a chain holds, at least until one
+    microsecond after its first event leaves ``within`` (the latest such first event; never
+    without ``within``); otherwise from the next start of a chain (an absent step's gap
+    elapsing, a future-stamped event arriving)."""
+    if chains.witness is not None:
+        if sequence.within is None:
+            return State(True, None)
+        return State(True, chains.witness + sequence.within + TICK)
+    return State(False, chains.upcoming)
+
+
 LeafStates = Callable[[Leaf], State]
 
 
@@ -264,6 +278,8 @@ def in_memory_leaf_states(
     def leaf_state(leaf: Leaf) -> State:
         if isinstance(leaf, PropertyCondition):
             return property_state(leaf, properties, now)
+        if isinstance(leaf, EventSequence):
+            return sequence_state(leaf, chains_of(leaf, events, now))
         if isinstance(leaf, EventCondition) and leaf.is_aggregate:
             return aggregate_state(
                 leaf,

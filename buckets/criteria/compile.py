@@ -32,7 +32,7 @@ the same data gives the same answer. Soft-deleted contacts never match.
 from __future__ import annotations
 
 import json
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
 from decimal import Decimal
@@ -50,6 +50,7 @@ from buckets.criteria.model import (
     INSTANT_OPERATORS,
     Composite,
     EventCondition,
+    EventSequence,
     Everyone,
     Node,
     PropertyCondition,
@@ -309,6 +310,8 @@ class CompiledCriteria:
     predicate: ColumnElement[bool]
     scope: tuple[ColumnElement[bool], ...] = ()  # restrictions on contacts.id
     columns: dict[EventCondition, LeafColumns] = field(default_factory=dict)
+    # with the clock: each sequence's (witness, upcoming) columns (.compile_sequence)
+    sequences: dict[EventSequence, tuple[Any, Any]] = field(default_factory=dict)
 
     def members(self) -> sa.Select[Any]:
         """``SELECT contacts.id`` of every non-deleted contact that matches."""
@@ -365,7 +368,21 @@ def compile_criteria(
         from_clause = from_clause.outerjoin(aggregate, aggregate.c.contact_id == contacts.c.id)
         columns.update(found)
     scope = _scope(contacts.c.id, contact_ids, id_range)
-    return CompiledCriteria(from_clause, _predicate(node, columns, now), tuple(scope), columns)
+
+    def events_scope(events: Any) -> list[ColumnElement[bool]]:
+        return _scope(events.c.contact_id, contact_ids, id_range)
+
+    sequences: dict[EventSequence, tuple[Any, Any]] = {}
+    if clock:
+        from buckets.criteria.compile_sequence import sequence_chains
+
+        for leaf in leaves(node):
+            if isinstance(leaf, EventSequence) and leaf not in sequences:
+                chains = sequence_chains(leaf, now, events_scope, f"seq{len(sequences)}")
+                from_clause = from_clause.outerjoin(chains, chains.c.contact_id == contacts.c.id)
+                sequences[leaf] = (chains.c.witness, chains.c.upcoming)
+    predicate = _predicate(node, columns, now, events_scope)
+    return CompiledCriteria(from_clause, predicate, tuple(scope), columns, sequences)
 
 
 def member_select(
@@ -518,11 +535,21 @@ def _aggregate_columns(
     return {field_: functions[field_] for field_ in fields}
 
 
+EventsScope = Callable[[Any], list[ColumnElement[bool]]]  # restrictions on user_events rows
+
+
 def _predicate(
-    node: Node, columns: dict[EventCondition, LeafColumns], now: datetime
+    node: Node,
+    columns: dict[EventCondition, LeafColumns],
+    now: datetime,
+    scope: EventsScope | None = None,
 ) -> ColumnElement[bool]:
     if isinstance(node, PropertyCondition):
         return property_predicate(node, contacts.c.properties, now, CONTACT_HISTORY)
+    if isinstance(node, EventSequence):
+        from buckets.criteria.compile_sequence import sequence_exists
+
+        return sequence_exists(node, now, contacts.c.id, scope)
     if isinstance(node, EventCondition) and node.is_aggregate:
         return aggregate_predicate(node, columns[node])
     if isinstance(node, EventCondition):
@@ -535,7 +562,7 @@ def _predicate(
     if isinstance(node, Sample):
         return sample_predicate(node, contacts.c.external_id)
     assert isinstance(node, Composite)
-    parts = [_predicate(child, columns, now) for child in node.conditions]
+    parts = [_predicate(child, columns, now, scope) for child in node.conditions]
     return _combine(node, parts)
 
 
@@ -688,6 +715,10 @@ def probe_predicate(
         return property_predicate(node, bag, now, kept)
     if isinstance(node, EventCondition):
         return _probe_leaf(node, now, contact)
+    if isinstance(node, EventSequence):
+        from buckets.criteria.compile_sequence import sequence_exists
+
+        return sequence_exists(node, now, contact)
     if isinstance(node, Everyone):
         return sa.true()
     if isinstance(node, Sample):

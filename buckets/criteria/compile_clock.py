@@ -33,6 +33,7 @@ from buckets.criteria.clock import (
     decisive_count,
     event_state,
     property_state,
+    sequence_state,
     state,
     static_state,
     threshold,
@@ -54,6 +55,7 @@ from buckets.criteria.compile import (
     user_events,
     value_predicate,
 )
+from buckets.criteria.compile_sequence import sequence_facts
 from buckets.criteria.evaluate import EventCounter
 from buckets.criteria.held import changed_at_sql, held_sql, with_history
 from buckets.criteria.instants import instant_sql
@@ -62,18 +64,23 @@ from buckets.criteria.model import (
     Aggregate,
     Composite,
     EventCondition,
+    EventSequence,
     Everyone,
     Leaf,
     Node,
     PropertyCondition,
     Sample,
 )
+from buckets.criteria.sequences import Chains
 
 # --- per contact ------------------------------------------------------------------------------
 
 
+FactLeaf = EventCondition | EventSequence  # the leaves whose facts come from the events
+
+
 def leaf_facts(
-    conditions: Sequence[EventCondition],
+    conditions: Sequence[FactLeaf],
     now: datetime,
     contact_ids: Sequence[int],
     *,
@@ -85,7 +92,8 @@ def leaf_facts(
     each key changed and ``created_at``, NULL unless asked for: only property leaves need them):
     ``r<i>`` the instants of the newest events counting for ``conditions[i]`` as of ``now``
     (at most :func:`~.clock.decisive_count`, newest first; NULL for none), ``a<i>`` its first
-    matching event after ``now``. With ``needs`` (per contact, aligned with ``contact_ids``, a
+    matching event after ``now``; for a sequence ``s<i>``, ``[witness, upcoming]`` of its
+    chains (:mod:`.compile_sequence`). With ``needs`` (per contact, aligned with ``contact_ids``, a
     string with ``"1"`` at position ``i`` when leaf ``i`` is wanted), a leaf is computed only
     for the contacts that want it (NULL for the others): a batch asks each contact only about
     the buckets its own event affects, at a constant cost per check; a ``"1"`` after the
@@ -109,7 +117,7 @@ def facts_params(
 
 @lru_cache(maxsize=256)
 def facts_statement(
-    conditions: tuple[EventCondition, ...], *, needs: bool, properties: bool
+    conditions: tuple[FactLeaf, ...], *, needs: bool, properties: bool
 ) -> sa.Select[Any]:
     """:func:`leaf_facts` as a statement built once per shape, with bound parameters
     (:func:`facts_params`): building it costs more than running it for a contact or two."""
@@ -125,6 +133,12 @@ def facts_statement(
     columns: list[Any] = []
     for index, condition in enumerate(conditions):
         asked = sa.func.substr(wanted.c.needs, index + 1, 1) == "1" if needs else None
+        if isinstance(condition, EventSequence):
+            chains = sequence_facts(condition, now, contacts.c.id)
+            if asked is not None:
+                chains = sa.case((asked, chains), else_=sa.null())
+            columns.append(chains.label(f"s{index}"))
+            continue
         if condition.is_aggregate:
             columns += _aggregate_facts(condition, index, now, asked)
             continue
@@ -229,12 +243,13 @@ class Facts:
     aggregates: Mapping[EventCondition, Aggregate] = field(default_factory=dict)
     oldest: Mapping[EventCondition, datetime | None] = field(default_factory=dict)
     now: datetime | None = None  # the facts' instant (property leaves that compare with it)
+    chains: Mapping[EventSequence, Chains] = field(default_factory=dict)
 
     @classmethod
     def of(
         cls,
         row: Any,
-        conditions: Sequence[EventCondition],
+        conditions: Sequence[FactLeaf],
         offset: int = 4,
         *,
         now: datetime | None = None,
@@ -243,8 +258,14 @@ class Facts:
         arrivals: dict[EventCondition, datetime | None] = {}
         aggregates: dict[EventCondition, Aggregate] = {}
         oldest: dict[EventCondition, datetime | None] = {}
+        chains: dict[EventSequence, Chains] = {}
         at = offset
         for condition in conditions:
+            if isinstance(condition, EventSequence):
+                witness, upcoming = row[at] or (None, None)
+                chains[condition] = Chains(witness, upcoming)
+                at += 1
+                continue
             if condition.is_aggregate:
                 oldest[condition], arrivals[condition] = row[at], row[at + 1]
                 numbers, total, low, high = row[at + 2] or (0, 0, None, None)
@@ -254,13 +275,24 @@ class Facts:
             recent[condition] = row[at] or ()
             arrivals[condition] = row[at + 1]
             at += 2
-        return cls(with_history(row), recent, arrivals, row.external_id, aggregates, oldest, now)
+        return cls(
+            with_history(row),
+            recent,
+            arrivals,
+            row.external_id,
+            aggregates,
+            oldest,
+            now,
+            chains,
+        )
 
     @property
     def counter(self) -> EventCounter:
         """The evaluator's counter (counts capped at what decides each leaf; aggregates)."""
 
-        def count(condition: EventCondition) -> int | Aggregate:
+        def count(condition: FactLeaf) -> int | Aggregate | Chains:
+            if isinstance(condition, EventSequence):
+                return self.chains[condition]
             if condition.is_aggregate:
                 return self.aggregates[condition]
             return len(self.recent[condition])
@@ -270,6 +302,8 @@ class Facts:
     def leaf_state(self, leaf: Leaf) -> State:
         if isinstance(leaf, PropertyCondition):
             return property_state(leaf, self.properties, self.now)
+        if isinstance(leaf, EventSequence):
+            return sequence_state(leaf, self.chains[leaf])
         if isinstance(leaf, EventCondition) and leaf.is_aggregate:
             return aggregate_state(
                 leaf, self.aggregates[leaf], self.oldest[leaf], self.arrivals[leaf]
@@ -308,7 +342,7 @@ def clock_select(
     the clock alone never changes its answer)."""
     compiled = compile_criteria(node, now, contact_ids=contact_ids, id_range=id_range, clock=True)
     nested: list[Any] = []
-    found = _state(node, compiled.columns, nested, now)
+    found = _state(node, compiled.columns, nested, now, sequences=compiled.sequences)
     next_at = sa.func.nullif(found.next_at, INFINITY)
     from_clause = compiled.from_clause
     for lateral in nested:  # children before parents: each reads the ones before it
@@ -371,6 +405,7 @@ def _state(
     now: datetime,
     *,
     root: bool = True,
+    sequences: Mapping[EventSequence, tuple[Any, Any]] | None = None,
 ) -> _SqlState:
     """A node's value and next change in SQL. A composite below the root is computed once per
     row in a lateral subquery of its own (``nested``) that its parent reads by column: the
@@ -380,15 +415,21 @@ def _state(
         return _property_state(node, now)
     if isinstance(node, EventCondition):
         return _event_state(node, columns[node])
+    if isinstance(node, EventSequence):
+        assert sequences is not None
+        return _sequence_state(node, *sequences[node])
     if isinstance(node, Everyone):
         return _SqlState(sa.true(), INFINITY)
     if isinstance(node, Sample):
         return _SqlState(sample_predicate(node, contacts.c.external_id), INFINITY)
     assert isinstance(node, Composite)
     if node.operator == "not":  # the same instants, the opposite value
-        inner = _state(node.conditions[0], columns, nested, now, root=root)
+        inner = _state(node.conditions[0], columns, nested, now, root=root, sequences=sequences)
         return _SqlState(sa.not_(inner.value), inner.next_at)
-    children = [_state(child, columns, nested, now, root=False) for child in node.conditions]
+    children = [
+        _state(child, columns, nested, now, root=False, sequences=sequences)
+        for child in node.conditions
+    ]
     holds = node.operator == "and"  # the children's value that does not decide alone
     values = [child.value for child in children]
     value = sa.and_(*values) if holds else sa.or_(*values)
@@ -414,6 +455,16 @@ def _state(
     )
     nested.append(lateral)
     return _SqlState(lateral.c.v, lateral.c.n)
+
+
+def _sequence_state(sequence: EventSequence, witness: Any, upcoming: Any) -> _SqlState:
+    """:func:`.clock.sequence_state` in SQL."""
+    value = witness.is_not(None)
+    holds: ColumnElement[Any] = INFINITY
+    if sequence.within is not None:
+        holds = witness + sa.literal(sequence.within + TICK, sa.Interval)
+    waits = sa.func.coalesce(upcoming, INFINITY)
+    return _SqlState(value, sa.case((value, holds), else_=waits))
 
 
 def _aggregate_state(condition: EventCondition, found: LeafColumns) -> _SqlState:

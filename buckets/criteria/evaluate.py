@@ -19,7 +19,7 @@ from __future__ import annotations
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
 from datetime import datetime, timedelta
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from buckets.criteria.held import held
 from buckets.criteria.instants import parse_instant
@@ -30,6 +30,7 @@ from buckets.criteria.model import (
     Aggregate,
     Composite,
     EventCondition,
+    EventSequence,
     Everyone,
     Node,
     PropertyCondition,
@@ -37,7 +38,11 @@ from buckets.criteria.model import (
     is_number,
 )
 
-EventCounter = Callable[[EventCondition], "int | Aggregate"]
+if TYPE_CHECKING:
+    from buckets.criteria.sequences import Chains
+
+# What a contact's events give a leaf: a count, an aggregate, or a sequence's chains.
+EventCounter = Callable[["EventCondition | EventSequence"], "int | Aggregate | Chains"]
 
 _MISSING = object()
 MISSING = _MISSING  # what lookup returns for a missing path
@@ -164,8 +169,10 @@ def evaluate(
     ``within_next`` only."""
     if isinstance(node, PropertyCondition):
         return property_matches(node, properties, now)
+    if isinstance(node, EventSequence):
+        return bool(count_events(node).value)  # type: ignore[union-attr]
     if isinstance(node, EventCondition):
-        return node.holds(count_events(node))
+        return node.holds(count_events(node))  # type: ignore[arg-type]
     if isinstance(node, Everyone):
         return True
     if isinstance(node, Sample):
@@ -214,7 +221,7 @@ def aggregate_of(condition: EventCondition, events: Iterable[Event], now: dateti
     return Aggregate.of([value for value in values if value is not None])
 
 
-def counts_counter(counts: Mapping[EventCondition, int]) -> EventCounter:
+def counts_counter(counts: Mapping[Any, Any]) -> EventCounter:
     """A counter over counts fetched beforehand (e.g. by :func:`~.compile.leaf_counts`)."""
     return counts.__getitem__
 
@@ -223,7 +230,11 @@ def in_memory_counter(events: Iterable[Event], now: datetime) -> EventCounter:
     """A counter over a contact's events held in memory."""
     history = tuple(events)
 
-    def count(condition: EventCondition) -> int | Aggregate:
+    def count(condition: EventCondition | EventSequence) -> int | Aggregate | Chains:
+        if isinstance(condition, EventSequence):
+            from buckets.criteria.sequences import chains_of
+
+            return chains_of(condition, history, now)
         if condition.is_aggregate:
             return aggregate_of(condition, history, now)
         return sum(1 for event in history if event_counts(condition, event, now))

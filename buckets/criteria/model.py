@@ -27,7 +27,11 @@ before any recursion could go deeper, with the path of the offending node):
   (members, clock) outer-join one aggregate per event name: about 450 of them exhaust Python's
   recursion limit while compiling, and PostgreSQL's planning time grows steeply with them
   (measured on PostgreSQL 15 without JIT, over 100 contacts: 0.16 s at 64, 0.4 s at 128,
-  3.9 s at 256, 17 s at 400). Property conditions are cheap.
+  3.9 s at 256, 17 s at 400). Property conditions are cheap. Each step of a sequence counts
+  as one event condition;
+* at most :data:`MAX_STEPS` (16) steps in a sequence: its SQL nests a level of subqueries per
+  step (the clock's window functions, the members' ``EXISTS``), and past about 40 levels
+  compiling it exhausts Python's recursion limit.
 """
 
 from __future__ import annotations
@@ -83,6 +87,7 @@ MAX_COUNT = 1_000_000_000
 MAX_DEPTH = 12
 MAX_CONDITIONS = 256
 MAX_EVENT_CONDITIONS = 64
+MAX_STEPS = 16  # of a sequence: its SQL nests a subquery per step (see the module docstring)
 
 Duration = Annotated[timedelta, BeforeValidator(parse_duration)]
 Scalar: TypeAlias = str | int | float | bool | None
@@ -524,10 +529,94 @@ class Sample(_Node):
         return int(digest[:8], 16) % 10_000 < self.threshold
 
 
-Node: TypeAlias = PropertyCondition | EventCondition | Composite | Everyone | Sample
-Leaf: TypeAlias = PropertyCondition | EventCondition | Everyone | Sample
-NODE_CLASSES = (PropertyCondition, EventCondition, Composite, Everyone, Sample)
-LEAF_CLASSES = (PropertyCondition, EventCondition, Everyone, Sample)
+class SequenceStep(_Node):
+    """One step of a :class:`EventSequence`: an event of a name (with ``where`` on its own
+    properties), at most ``gap`` after the previous step's event; the last step may be
+    ``absent``: no such event within ``gap`` after the previous one (SPEC §3.4)."""
+
+    event: str = Field(min_length=1)
+    where: tuple[PropertyCondition, ...] | None = None
+    gap: Duration | None = None
+    absent: bool = False
+
+    @model_validator(mode="after")
+    def _step_fields(self) -> SequenceStep:
+        _storable("event", self.event)
+        if self.event.startswith(RESERVED_EVENT_PREFIX):
+            raise _FieldError(
+                "event", f"event names starting with {RESERVED_EVENT_PREFIX!r} are reserved"
+            )
+        if self.where is not None and not self.where:
+            raise _FieldError("where", "must list at least one condition (or be left out)")
+        for index, where in enumerate(self.where or ()):
+            if where.operator in CLOCK_OPERATORS:
+                raise _FieldError(
+                    f"where[{index}].operator",
+                    f"{where.operator!r} compares with now and is not allowed in where"
+                    " (an event's properties are read as of each decision; use before/after)",
+                )
+        return self
+
+
+class EventSequence(_Node):
+    """Events in order (SPEC §3.4): true iff events ``e1 … ek`` exist for the steps that are
+    not absent, each matching its step, strictly increasing in ``occurred_at``, each at most
+    its step's ``gap`` after the previous one, all ``<= now``, ``e1`` inside ``within`` when
+    set; with an absent last step, ``ek + gap <= now`` and no event matching that step in
+    ``(ek, ek + gap]``. Any chain of events may witness it."""
+
+    type: Literal["sequence"] = "sequence"
+    steps: tuple[SequenceStep, ...]
+    within: Duration | None = None
+
+    @model_validator(mode="after")
+    def _steps_fit(self) -> EventSequence:
+        if len(self.steps) < 2:
+            raise _FieldError(
+                "steps", f"a sequence needs at least two steps, got {len(self.steps)}"
+            )
+        if len(self.steps) > MAX_STEPS:
+            raise _FieldError("steps", f"a sequence has at most {MAX_STEPS} steps (the limit)")
+        if self.steps[0].gap is not None:
+            raise _FieldError("steps[0].gap", "the first step has no gap (nothing comes before it)")
+        for index, step in enumerate(self.steps[:-1]):
+            if step.absent:
+                raise _FieldError(f"steps[{index}].absent", "only the last step may be absent")
+        last = self.steps[-1]
+        if last.absent and last.gap is None:
+            raise _FieldError(
+                f"steps[{len(self.steps) - 1}].gap",
+                "an absent step needs a gap (how long after the previous step it must not happen)",
+            )
+        if last.absent and self.within is not None:
+            assert last.gap is not None
+            # A chain holds from ek + gap to e1 + within, and ek >= e1: never when gap > within.
+            if last.gap > self.within:
+                raise _FieldError(
+                    f"steps[{len(self.steps) - 1}].gap",
+                    "an absent step's gap longer than the sequence's within can never be true",
+                )
+        return self
+
+    @builtins.property
+    def present(self) -> tuple[SequenceStep, ...]:
+        """The steps whose events must exist (all but an absent last step)."""
+        return self.steps[:-1] if self.steps[-1].absent else self.steps
+
+    @builtins.property
+    def absent(self) -> SequenceStep | None:
+        """The absent last step, if any."""
+        return self.steps[-1] if self.steps[-1].absent else None
+
+    @builtins.property
+    def event_names(self) -> tuple[str, ...]:
+        return tuple(dict.fromkeys(step.event for step in self.steps))
+
+
+Node: TypeAlias = PropertyCondition | EventCondition | Composite | Everyone | Sample | EventSequence
+Leaf: TypeAlias = PropertyCondition | EventCondition | Everyone | Sample | EventSequence
+NODE_CLASSES = (PropertyCondition, EventCondition, Composite, Everyone, Sample, EventSequence)
+LEAF_CLASSES = (PropertyCondition, EventCondition, Everyone, Sample, EventSequence)
 Composite.model_rebuild()
 NODE_TYPES: dict[str, type[_Node]] = {
     "property": PropertyCondition,
@@ -535,6 +624,7 @@ NODE_TYPES: dict[str, type[_Node]] = {
     "composite": Composite,
     "everyone": Everyone,
     "sample": Sample,
+    "sequence": EventSequence,
 }
 TYPE_NAMES = ", ".join(repr(name) for name in NODE_TYPES)
 
@@ -591,6 +681,10 @@ def _parse(data: object, path: str, depth: int, budget: _Budget) -> Node:
         fields["conditions"] = _parse_list(
             data, "conditions", path, lambda item, at: _parse(item, at, depth + 1, budget)
         )
+    elif kind == "sequence" and data.get("steps") is not None:
+        fields["steps"] = _parse_list(
+            data, "steps", path, lambda item, at: _parse_step(item, at, depth + 1, budget)
+        )
     else:
         budget.spend(path, event=kind == "event")
         if kind == "event" and data.get("where") is not None:
@@ -608,10 +702,45 @@ def _check_parsed(node: Node, path: str, depth: int, budget: _Budget) -> None:
         for index, child in enumerate(node.conditions):
             _check_parsed(child, f"{_join(path, 'conditions')}[{index}]", depth + 1, budget)
         return
+    if isinstance(node, EventSequence):
+        for index, step in enumerate(node.steps):
+            at = f"{_join(path, 'steps')}[{index}]"
+            if depth + 1 > MAX_DEPTH:
+                raise CriteriaError(at, f"nested deeper than {MAX_DEPTH} levels (the limit)")
+            budget.spend(at, event=True)
+            for number, where in enumerate(step.where or ()):
+                _check_parsed(where, f"{_join(at, 'where')}[{number}]", depth + 2, budget)
+        return
     budget.spend(path, event=isinstance(node, EventCondition))
     if isinstance(node, EventCondition):
         for index, where in enumerate(node.where or ()):
             _check_parsed(where, f"{_join(path, 'where')}[{index}]", depth + 1, budget)
+
+
+def _parse_step(data: object, path: str, depth: int, budget: _Budget) -> SequenceStep:
+    """A sequence's step: one event condition of the budget (each is a probe of its own)."""
+    if depth > MAX_DEPTH:
+        raise CriteriaError(path, f"nested deeper than {MAX_DEPTH} levels (the limit)")
+    if isinstance(data, SequenceStep):
+        budget.spend(path, event=True)
+        for index, where in enumerate(data.where or ()):
+            _check_parsed(where, f"{_join(path, 'where')}[{index}]", depth + 1, budget)
+        return data
+    if not isinstance(data, Mapping):
+        raise CriteriaError(path, f"expected a step object, got {type(data).__name__}")
+    text = data.get("event")
+    problem = text_problem(text) if isinstance(text, str) else None
+    if problem is not None:
+        raise CriteriaError(_join(path, "event"), problem)
+    budget.spend(path, event=True)
+    fields = dict(data)
+    if data.get("where") is not None:
+        fields["where"] = _parse_list(
+            data, "where", path, lambda item, at: _parse_where(item, at, depth + 1, budget)
+        )
+    step = _validated(SequenceStep, fields, path)
+    assert isinstance(step, SequenceStep)
+    return step
 
 
 def _parse_where(data: object, path: str, depth: int, budget: _Budget) -> PropertyCondition:
@@ -622,7 +751,7 @@ def _parse_where(data: object, path: str, depth: int, budget: _Budget) -> Proper
 
 
 def _parse_list(
-    data: Mapping[str, Any], key: str, path: str, parse: Callable[[object, str], Node]
+    data: Mapping[str, Any], key: str, path: str, parse: Callable[[object, str], _Node]
 ) -> Any:
     items = data.get(key)
     if items is None:
@@ -633,6 +762,12 @@ def _parse_list(
 
 
 def _validate(model: type[_Node], fields: dict[str, Any], path: str) -> Node:
+    node = _validated(model, fields, path)
+    assert isinstance(node, NODE_CLASSES)
+    return node
+
+
+def _validated(model: type[_Node], fields: dict[str, Any], path: str) -> _Node:
     try:
         node = model.model_validate(fields)
     except ValidationError as exc:
@@ -643,7 +778,6 @@ def _validate(model: type[_Node], fields: dict[str, Any], path: str) -> Node:
         if isinstance(cause, _FieldError):
             loc.append(cause.field)
         raise CriteriaError(_join(path, _format_loc(loc)), _message(error)) from None
-    assert isinstance(node, NODE_CLASSES)
     return node
 
 

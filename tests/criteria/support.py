@@ -25,7 +25,7 @@ from buckets.criteria import (
     probe_predicate,
 )
 from buckets.criteria.held import ContactProperties
-from buckets.criteria.model import leaves
+from buckets.criteria.model import EventSequence, leaves
 from buckets.models import Contact, UserEvent
 
 contacts = Contact.__table__
@@ -125,8 +125,12 @@ def probe_members(
     return set(conn.execute(query).scalars())
 
 
-def conditions_of(node: Node) -> list[EventCondition]:
-    return list(dict.fromkeys(leaf for leaf in leaves(node) if isinstance(leaf, EventCondition)))
+def conditions_of(node: Node) -> list[EventCondition | EventSequence]:
+    return list(
+        dict.fromkeys(
+            leaf for leaf in leaves(node) if isinstance(leaf, EventCondition | EventSequence)
+        )
+    )
 
 
 def counted_members(

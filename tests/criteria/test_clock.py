@@ -22,16 +22,19 @@ from buckets.criteria import Event, evaluate, in_memory_counter, parse_criteria
 from buckets.criteria.clock import TICK, exact_flip, in_memory_state
 from buckets.criteria.held import ContactProperties
 from buckets.criteria.instants import parse_instant
-from buckets.criteria.model import EventCondition, leaves
+from buckets.criteria.model import EventCondition, EventSequence, leaves
 from tests.criteria.support import NOW, Person, facts_states, load, python_states, sql_states
 from tests.criteria.test_differential import (
     EXAMPLES,
     INSTANT_POINTS,
     PROPERTY_KEYS,
+    SEQUENCE_EVENTS,
     VALID_INSTANTS,
     WINDOWS,
+    chains_by_brute_force,
     instant_text,
     property_leaf,
+    sequence_leaf,
 )
 
 # Instants around now (the brute force steps through their window edges).
@@ -181,3 +184,38 @@ def test_clock_executors_agree_on_clock_heavy_trees(
         assert sql_states(connection, node, NOW) == expected
     finally:
         savepoint.rollback()
+
+
+@settings(max_examples=EXAMPLES, deadline=None)
+@given(sequence=sequence_leaf(), events=st.lists(SEQUENCE_EVENTS, max_size=8))
+def test_a_sequences_next_change_is_a_lower_bound_and_exact_flip_is_exact(
+    sequence: dict[str, Any], events: list[Event]
+):
+    """A sequence changes only where a chain starts (its last event, or that plus an absent
+    step's gap) or ends (one microsecond after its first event leaves ``within``): the brute
+    force of SPEC §3.4 tried at every such instant finds the first flip."""
+    node = parse_criteria(sequence)
+    assert isinstance(node, EventSequence)
+    spans = [step.gap for step in node.steps if step.gap is not None]
+    instants = {e.occurred_at for e in events}
+    instants |= {e.occurred_at + span for e in events for span in spans}
+    if node.within is not None:
+        instants |= {e.occurred_at + node.within + TICK for e in events}
+    now_value = chains_by_brute_force(node, events, NOW)
+    flip = next(
+        (
+            at
+            for at in sorted(i for i in instants if i > NOW)
+            if chains_by_brute_force(node, events, at) != now_value
+        ),
+        None,
+    )
+    state = in_memory_state(node, {}, events, NOW)
+    assert state.value == now_value
+    assert exact_flip(node, {}, events, NOW) == flip
+    if state.next_at is not None:  # unchanged up to the bound, which is never past the flip
+        assert chains_by_brute_force(node, events, state.next_at - TICK) == now_value
+        assert flip is not None
+        assert state.next_at <= flip
+    else:
+        assert flip is None

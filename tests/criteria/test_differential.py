@@ -290,7 +290,7 @@ PEOPLE = st.lists(
 def test_sql_and_python_agree(
     connection: Connection, criteria: dict[str, Any], people: list[Person], subset: list[bool]
 ):
-    agree(connection, criteria, people, subset)
+    agree(connection, parse_criteria(criteria), people, subset)
 
 
 # held_for alone, dense at its edges: every leaf holds a key whose changed_at (or the contact's
@@ -339,14 +339,11 @@ HELD_PEOPLE = st.lists(
 def test_held_for_executors_agree_at_the_edges(
     connection: Connection, criteria: dict[str, Any], people: list[Person], subset: list[bool]
 ):
-    agree(connection, criteria, people, subset)
+    agree(connection, parse_criteria(criteria), people, subset)
 
 
-def agree(
-    connection: Connection, criteria: dict[str, Any], people: list[Person], subset: list[bool]
-) -> None:
-    """Every executor and clock form gives the evaluator's answer (see the module)."""
-    node = parse_criteria(criteria)
+def agree(connection: Connection, node: Any, people: list[Person], subset: list[bool]) -> None:
+    """Every executor and every clock form gives the evaluator's answer."""
     savepoint = connection.begin_nested()
     try:
         ids = load(connection, people)
@@ -380,3 +377,128 @@ def agree(
         }
     finally:
         savepoint.rollback()
+
+
+# --- sequences (SPEC §3.4) ------------------------------------------------------------------
+# Steps over two names (a name may repeat: [e1, e1]), gaps and windows drawn from a few
+# durations, and events on a lattice of instants built from the same durations, so that chains
+# land exactly on their bounds: equal timestamps across steps, a step exactly `gap` after the
+# previous one, a first event exactly at now - within, an absent step's event exactly at
+# ek + gap, and each of these one microsecond either side; events after now too.
+SEQUENCE_SPANS = (timedelta(hours=1), timedelta(hours=2), timedelta(days=1))
+SEQUENCE_WINDOWS = (None, timedelta(hours=2), timedelta(hours=3), timedelta(days=1))
+KINDS = st.sampled_from(["a", "b"])
+SEQUENCE_OFFSETS = sorted(
+    {
+        timedelta(hours=hours) + delta
+        for hours in (-2, -1, 0, 1, 2, 3, 4, 24, 25, 26)
+        for delta in (-US, timedelta(0), US)
+    }
+)
+
+
+@st.composite
+def sequence_step(draw: st.DrawFn, *, first: bool, absent: bool) -> dict[str, Any]:
+    step: dict[str, Any] = {"event": draw(st.sampled_from(EVENT_NAMES))}
+    if not first and (absent or draw(st.booleans())):
+        step["gap"] = draw(st.sampled_from(SEQUENCE_SPANS))
+    if absent:
+        step["absent"] = True
+    if draw(st.integers(0, 3)) == 0:
+        step["where"] = [
+            {"type": "property", "property": "kind", "operator": "eq", "value": draw(KINDS)}
+        ]
+    return step
+
+
+@st.composite
+def sequence_leaf(draw: st.DrawFn) -> dict[str, Any]:
+    length = draw(st.integers(2, 3))
+    absent = draw(st.booleans())
+    steps = [
+        draw(sequence_step(first=index == 0, absent=absent and index == length - 1))
+        for index in range(length)
+    ]
+    node: dict[str, Any] = {"type": "sequence", "steps": steps}
+    within = draw(st.sampled_from(SEQUENCE_WINDOWS))
+    if within is not None and not (absent and steps[-1]["gap"] > within):
+        node["within"] = within
+    return node
+
+
+SEQUENCE_EVENTS = st.builds(
+    lambda name, offset, kind: Event(name, NOW - offset, {} if kind is None else {"kind": kind}),
+    st.sampled_from(EVENT_NAMES),
+    st.sampled_from(SEQUENCE_OFFSETS),
+    st.one_of(st.none(), KINDS),
+)
+SEQUENCE_PEOPLE = st.lists(
+    st.builds(
+        Person,
+        st.dictionaries(st.sampled_from(PROPERTY_KEYS), JSON_VALUES, max_size=2),
+        st.lists(SEQUENCE_EVENTS, max_size=8),
+    ),
+    min_size=1,
+    max_size=5,
+)
+SEQUENCE_TREES = st.one_of(
+    sequence_leaf(),
+    sequence_leaf(),
+    composite(st.one_of(sequence_leaf(), event_leaf())),
+    composite(composite(st.one_of(sequence_leaf(), LEAVES))),
+)
+
+
+def chains_by_brute_force(node: Any, events: list[Event], now: datetime) -> bool:
+    """SPEC §3.4 read literally: try every choice of events for the steps."""
+    from itertools import product
+
+    from buckets.criteria.sequences import step_matches
+
+    present, absent = node.present, node.absent
+    choices = [[e for e in events if step_matches(step, e)] for step in present]
+    for chain in product(*choices):
+        times = [e.occurred_at for e in chain]
+        if any(t > now for t in times):
+            continue
+        if node.within is not None and times[0] < now - node.within:
+            continue
+        if any(
+            later <= earlier or (step.gap is not None and later - earlier > step.gap)
+            for earlier, later, step in zip(times, times[1:], present[1:], strict=False)
+        ):
+            continue
+        if absent is not None:
+            end = times[-1] + absent.gap
+            if end > now or any(
+                times[-1] < e.occurred_at <= end for e in events if step_matches(absent, e)
+            ):
+                continue
+        return True
+    return False
+
+
+@settings(
+    max_examples=EXAMPLES,
+    deadline=None,
+    suppress_health_check=[HealthCheck.function_scoped_fixture, HealthCheck.too_slow],
+)
+@given(
+    criteria=SEQUENCE_TREES,
+    people=SEQUENCE_PEOPLE,
+    subset=st.lists(st.booleans(), min_size=5, max_size=5),
+)
+def test_sequences_agree(
+    connection: Connection, criteria: dict[str, Any], people: list[Person], subset: list[bool]
+):
+    node = parse_criteria(criteria)
+    from buckets.criteria.model import EventSequence, leaves
+    from buckets.criteria.sequences import chains_of
+
+    for leaf in leaves(node):
+        if isinstance(leaf, EventSequence):
+            for person in people:
+                expected = chains_by_brute_force(leaf, list(person.events), NOW)
+                event(f"sequence: {expected}")
+                assert chains_of(leaf, person.events, NOW).value == expected
+    agree(connection, node, people, subset)

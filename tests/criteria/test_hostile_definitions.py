@@ -468,3 +468,43 @@ def test_the_clock_query_grows_with_the_tree_not_with_its_depth():
     ]
     assert sizes[1] < 300_000
     assert sizes[1] < 2 * sizes[0]
+
+
+def test_the_longest_sequences_compile_evaluate_and_run(make_runtime):
+    """Four sequences of 16 steps (the event-condition budget), the last step absent, with the
+    longest durations, under the deepest composites: the nested EXISTS, the window-function
+    clock and the per-contact facts all compile and run."""
+    steps = [b.step("e0")] + [b.step(f"e{i}", gap="36500d") for i in range(1, 15)]
+    steps.append(b.step("stop", gap="1h", absent=True))
+    sequence = b.sequence(*steps, within="36500d")
+    criteria = b.any(sequence, sequence, sequence, sequence)
+    for _ in range(MAX_DEPTH - 3):  # the steps' where would be one level deeper
+        criteria = b.any(criteria)
+    longest = define_bucket(id="longest", criteria=criteria)
+    rt = make_runtime(longest)
+    minute = timedelta(minutes=1)
+    for i in range(15):
+        at = T0 + i * minute
+        ingest_event("a", f"e{i}", occurred_at=at, now=at, runtime=rt)
+        ingest_event("b", f"e{i}", occurred_at=at, now=at, runtime=rt)
+    last = T0 + 14 * minute
+    ingest_event("b", "stop", occurred_at=last + minute, now=last + minute, runtime=rt)
+    done = last + timedelta(hours=1)
+    with rt.engine.connect() as conn:
+        for now, members in ((done - timedelta(microseconds=1), []), (done, ["a"])):
+            found = conn.execute(
+                sa.select(contacts.c.external_id).where(
+                    contacts.c.id.in_(member_select(longest.criteria, now))
+                )
+            ).scalars()
+            assert sorted(found) == members
+            probed = conn.execute(
+                sa.select(contacts.c.external_id).where(probe_predicate(longest.criteria, now))
+            ).scalars()
+            assert sorted(probed) == members
+            clocked = {row.id: row for row in conn.execute(clock_select(longest.criteria, now))}
+            assert sum(row.matches for row in clocked.values()) == len(members)
+    explained = explain("longest", "a", now=last, runtime=rt)
+    assert explained.next_change is not None
+    assert explained.next_change.at == done
+    assert explain("longest", "a", now=done, runtime=rt).matches is True

@@ -469,7 +469,166 @@ HELD_ERRORS = [
 ]
 
 
-MISUSES = INVALID + AGGREGATE_ERRORS + INSTANT_ERRORS + HELD_ERRORS
+# --- sequences ----------------------------------------------------------------------------
+
+CART = b.step("cart.added")
+NO_ORDER = b.step("order.completed", gap="1h", absent=True)
+ABANDONED = b.sequence(CART, NO_ORDER, within="7d")
+
+
+def test_sequence_builder_is_the_literal_form():
+    assert ABANDONED == {
+        "type": "sequence",
+        "steps": [
+            {"event": "cart.added"},
+            {"event": "order.completed", "gap": "1h", "absent": True},
+        ],
+        "within": "7d",
+    }
+    assert b.sequence(b.step("a", b.prop("k").eq(1), gap="2h"), b.step("b")) == {
+        "type": "sequence",
+        "steps": [
+            {"event": "a", "where": [b.prop("k").eq(1)], "gap": "2h"},
+            {"event": "b"},
+        ],
+    }
+    literal = define_bucket(id="x", criteria=json.loads(json.dumps(ABANDONED)))
+    assert literal.criteria == define_bucket(id="x", criteria=ABANDONED).criteria
+
+
+def test_sequence_fingerprints_and_index():
+    bucket = define_bucket(id="x", criteria=ABANDONED)
+    spelled = {
+        "type": "sequence",
+        "within": "168h",
+        "steps": [
+            {"event": "cart.added", "absent": False},
+            {"event": "order.completed", "gap": "60m", "absent": True},
+        ],
+    }
+    assert define_bucket(id="x", criteria=spelled).fingerprint == bucket.fingerprint
+    reordered = b.sequence(b.step("order.completed"), b.step("cart.added", gap="1h"))
+    assert define_bucket(id="x", criteria=reordered).fingerprint != bucket.fingerprint
+    # every step's name, the absent one included (its event breaks a chain)
+    assert bucket.event_names == {"cart.added", "order.completed"}
+    registry = Registry([bucket])
+    assert registry.affected("order.completed") == [bucket]
+    assert bucket.time_based
+    assert bucket.clocked
+
+
+def test_an_abandoned_cart_is_any_cart_without_an_order_within_the_gap():
+    now = datetime(2026, 3, 1, 12, tzinfo=UTC)
+    hour = timedelta(hours=1)
+    node = define_bucket(id="x", criteria=ABANDONED).criteria
+
+    def holds(*events: tuple[str, timedelta]) -> bool:
+        history = [Event(name, now - ago) for name, ago in events]
+        return evaluate(node, {}, in_memory_counter(history, now), now=now)
+
+    assert holds(("cart.added", 2 * hour))
+    assert not holds(("cart.added", 2 * hour), ("order.completed", hour))
+    assert holds(("cart.added", 2 * hour), ("order.completed", hour - timedelta(microseconds=1)))
+    # an order at the cart's instant is not in (cart, cart + 1h]: the cart is abandoned
+    assert holds(("cart.added", 2 * hour), ("order.completed", 2 * hour))
+    assert not holds(("cart.added", hour - timedelta(microseconds=1)))  # the hour is not over
+    assert holds(("cart.added", hour))  # exactly over
+    # an earlier cart whose hour had no order witnesses it, whatever came later
+    assert holds(("cart.added", 5 * hour), ("cart.added", 2 * hour), ("order.completed", hour))
+    assert holds(("cart.added", 7 * 24 * hour))  # the first event exactly at now - within
+    assert not holds(("cart.added", 7 * 24 * hour + timedelta(microseconds=1)))
+
+
+def test_sequence_steps_chain_strictly_in_order_within_their_gaps():
+    now = datetime(2026, 3, 1, 12, tzinfo=UTC)
+    hour = timedelta(hours=1)
+    node = define_bucket(
+        id="x", criteria=b.sequence(b.step("a"), b.step("b", gap="1h"), b.step("c"))
+    ).criteria
+
+    def holds(*events: tuple[str, timedelta]) -> bool:
+        history = [Event(name, now - ago) for name, ago in events]
+        return evaluate(node, {}, in_memory_counter(history, now), now=now)
+
+    assert holds(("a", 3 * hour), ("b", 2 * hour), ("c", hour))
+    assert not holds(("a", 3 * hour), ("b", 3 * hour), ("c", hour))  # equal: not after
+    assert not holds(("a", 4 * hour), ("b", 2 * hour), ("c", hour))  # b two hours after a
+    assert holds(("a", 4 * hour), ("a", 3 * hour), ("b", 2 * hour), ("c", hour))
+    assert not holds(("a", 3 * hour), ("b", 2 * hour), ("c", -hour))  # c in the future
+    assert not holds(("c", 4 * hour), ("a", 3 * hour), ("b", 2 * hour))
+
+
+def test_sequences_and_new_contacts_and_the_cron():
+    assert not define_bucket(id="x", criteria=ABANDONED).matches_new_contacts
+    assert define_bucket(id="x", criteria=ABANDONED).cron_joins  # the gap elapsing joins
+    plain = b.sequence(b.step("a"), b.step("b"), within="7d")
+    assert not define_bucket(id="x", criteria=plain).cron_joins
+    assert define_bucket(id="x", criteria=b.not_(plain)).cron_joins  # ages out: joins
+    assert define_bucket(id="x", criteria=b.not_(plain)).matches_new_contacts
+
+
+SEQUENCE_ERRORS = [
+    (b.sequence(CART), "x: criteria.steps: a sequence needs at least two steps, got 1"),
+    ({"type": "sequence"}, "x: criteria.steps: required"),
+    ({"type": "sequence", "steps": "cart"}, "x: criteria.steps: expected a list, got str"),
+    (
+        b.sequence(b.step("a", gap="1h"), b.step("b")),
+        "x: criteria.steps[0].gap: the first step has no gap",
+    ),
+    (
+        b.sequence(b.step("a"), b.step("b", gap="1h", absent=True), b.step("c")),
+        "x: criteria.steps[1].absent: only the last step may be absent",
+    ),
+    (
+        b.sequence(b.step("a"), b.step("b", absent=True)),
+        "x: criteria.steps[1].gap: an absent step needs a gap",
+    ),
+    (
+        b.sequence(b.step("a"), b.step("b", gap="8d", absent=True), within="7d"),
+        "x: criteria.steps[1].gap: an absent step's gap longer than the sequence's within",
+    ),
+    (b.sequence(b.step("a"), b.step("b", gap="0s")), "x: criteria.steps[1].gap: duration must"),
+    (b.sequence(b.step("a"), b.step("b"), within="1x"), "x: criteria.within: cannot parse"),
+    (
+        b.sequence(b.step("a"), b.step("bucket:entered:y")),
+        "x: criteria.steps[1].event: event names starting with 'bucket:' are reserved",
+    ),
+    (
+        b.sequence(b.step(""), b.step("b")),
+        "x: criteria.steps[0].event: String should have at least 1 character",
+    ),
+    (b.sequence(b.step("a\x00"), b.step("b")), "x: criteria.steps[0].event: contains a NUL"),
+    (
+        b.sequence(b.step("a"), {"event": "b", "absent": "yes", "gap": "1h"}),
+        "x: criteria.steps[1].absent: ",
+    ),
+    (
+        b.sequence(b.step("a"), {"event": "b", "after": "1h"}),
+        "x: criteria.steps[1].after: unknown key",
+    ),
+    (
+        {"type": "sequence", "steps": [b.step("a"), "b"]},
+        "x: criteria.steps[1]: expected a step object, got str",
+    ),
+    (
+        b.all(b.everyone(), b.sequence(b.step("a"), b.step("b", b.prop("t").within_past("1d")))),
+        "x: criteria.conditions[1].steps[1].where[0].operator: 'within_past' compares with now",
+    ),
+    (
+        b.sequence(b.step("a", {"type": "everyone"}), b.step("b")),
+        "x: criteria.steps[0].where[0].type: where conditions must be of type 'property'",
+    ),
+    (
+        b.sequence(*[b.step(f"e{i}") for i in range(17)]),
+        "x: criteria.steps: a sequence has at most 16 steps (the limit)",
+    ),
+    (
+        b.any(*[b.sequence(*[b.step(f"e{i}") for i in range(16)])] * 5),
+        "x: criteria.conditions[4].steps[0]: more than 64 event conditions",
+    ),
+]
+
+MISUSES = INVALID + AGGREGATE_ERRORS + INSTANT_ERRORS + HELD_ERRORS + SEQUENCE_ERRORS
 
 
 @pytest.mark.parametrize(("criteria", "message"), MISUSES, ids=[m for _, m in MISUSES])
