@@ -42,12 +42,21 @@ def test_the_demo_runs_on_the_embedded_database_and_leaves_it_to_explore(tmp_pat
         assert "using the embedded PostgreSQL" in run.stderr
         report = json.loads(run.stdout)
         assert report["contacts"] == 10_000
-        assert set(report["backfilled"]) == {"power-users", "went-dormant", "trial", "trial-ending"}
-        assert all(count > 0 for count in report["backfilled"].values())
+        assert set(report["backfilled"]) == {
+            "power-users",
+            "went-dormant",
+            "trial",
+            "trial-ending",
+            "abandoned-cart",
+        }
+        historical = {k: v for k, v in report["backfilled"].items() if k != "abandoned-cart"}
+        assert all(count > 0 for count in historical.values())  # the history has no carts
         assert len(report["steps"]) == 4
         assert sum(sum(step["enrolled"].values()) for step in report["steps"]) > 100
         # the clock joins trials as their end comes within 3 days (a due-queue flip)
         assert all(step["enrolled"].get("trial-ending-reminder", 0) > 0 for step in report["steps"])
+        # abandoned carts: a sequence whose absent step's hour elapses
+        assert all(step["enrolled"].get("cart-reminder", 0) > 0 for step in report["steps"])
         assert report["explain"]["member"] is True
         assert report["seconds"] < 60
 
@@ -102,10 +111,10 @@ def test_the_demo_draws_one_progress_bar_on_a_terminal(clone_db: CloneDB):
     assert process.wait(timeout=240) == 0, output.decode(errors="replace")
     os.close(primary)
     text = re.sub(r"\x1b\[[0-9;?]*[A-Za-z]", "", output.decode(errors="replace"))
-    # 1 load + 4 first-time backfills + 2 days; the bar's last frame shows it complete
-    assert "7/7" in text
-    assert "/8" not in text
-    assert "/6" not in text
+    # 1 load + 5 first-time backfills + 2 days; the bar's last frame shows it complete
+    assert "8/8" in text
+    assert "/9" not in text
+    assert "/7" not in text
     assert "demo finished" in text
     assert "first-time backfill of went-dormant" in text
     assert text.count("demo finished") == 1
@@ -123,4 +132,4 @@ def test_run_demo_reports_each_stage_once(clone_db: CloneDB):
         say=lambda _: None,
         progress=lambda done, total: calls.append((done, total)),
     )
-    assert calls == [(done, 7) for done in range(8)]
+    assert calls == [(done, 8) for done in range(9)]

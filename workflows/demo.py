@@ -3,13 +3,15 @@
 1. migrate the database (the embedded PostgreSQL unless one is configured) and load ~10k
    synthetic contacts with their last 90 days of events (:mod:`workflows.synthetic`);
 2. deploy :mod:`workflows.demo_buckets` — a power-users count bucket, the went-dormant
-   lapsed pair with an entry limit and a max dwell, a trial property bucket with a max dwell —
-   and run their first-time backfills: every historical match joins **silently**;
+   lapsed pair with an entry limit and a max dwell, a trial property bucket with a max dwell,
+   trial-ending (an instant within the next 3 days) and abandoned-cart (a sequence with an
+   absent step) — and run their first-time backfills: every historical match joins **silently**;
 3. simulate a few days in steps of ``now``: each day some contacts come back, some keep
-   working, a few start trials or upgrade; the events are ingested (real-time joins and
-   leaves), the cron reconcile runs (dormancy joins, window and TTL leaves), and the
-   dispatcher enrolls journeys. Each day prints its transitions, the emissions the entry limits
-   suppressed, and the journey enrollments;
+   working, some fill a cart (most order within the hour), a few start trials or upgrade; the
+   events are ingested (real-time joins and leaves), the cron reconcile runs (dormancy joins,
+   window and TTL leaves, abandoned carts), and the dispatcher enrolls journeys. Each day
+   prints its transitions, the emissions the entry limits suppressed, and the journey
+   enrollments;
 4. explain one contact.
 
 The database is left as it ends, to explore with the other commands (``--definitions
@@ -23,6 +25,7 @@ from collections import Counter
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from datetime import datetime, timedelta
+from itertools import groupby
 from typing import Any
 
 import sqlalchemy as sa
@@ -101,6 +104,19 @@ def _day_of_events(rng: random.Random, now: datetime, contacts_count: int, day: 
             events.append({"external_id": who, "event": "feature.used", "occurred_at": at()})
         if rng.random() < 0.1:
             events.append({"external_id": who, "event": "page.viewed", "occurred_at": at()})
+    for contact in rng.sample(range(1, contacts_count + 1), contacts_count // 50):
+        who, added = f"u{contact:08d}", now - timedelta(seconds=rng.randint(60, 86_000))
+        events.append({"external_id": who, "event": "cart.added", "occurred_at": added.isoformat()})
+        if rng.random() < 0.6:  # most carts are ordered within the hour; the rest are abandoned
+            ordered = added + timedelta(seconds=rng.randint(30, 3_000))
+            if ordered <= now:
+                events.append(
+                    {
+                        "external_id": who,
+                        "event": "order.completed",
+                        "occurred_at": ordered.isoformat(),
+                    }
+                )
     for signup in range(contacts_count // 100):
         signed_up = now - timedelta(seconds=rng.randint(60, 86_000))
         events.append(
@@ -124,6 +140,16 @@ def _day_of_events(rng: random.Random, now: datetime, contacts_count: int, day: 
             }
         )
     return events
+
+
+def _ingest_as_they_happen(rt: Runtime, events: list[dict[str, Any]]) -> None:
+    """Ingest a day's events hour by hour in time order, each hour as of its last event, as a
+    live stream would arrive (an order placed 20 minutes after its cart is seen before the
+    cart's hour is up, so the cart is never abandoned)."""
+    events = sorted(events, key=lambda event: str(event["occurred_at"]))
+    for _, hour in groupby(events, key=lambda event: str(event["occurred_at"])[:13]):
+        batch = list(hour)
+        ingest_events(batch, now=datetime.fromisoformat(batch[-1]["occurred_at"]), runtime=rt)
 
 
 def run_demo(
@@ -180,7 +206,7 @@ def run_demo(
             mark = conn.execute(
                 sa.select(sa.func.coalesce(sa.func.max(bucket_transitions.c.id), 0))
             ).scalar_one()
-        ingest_events(events, now=at, runtime=rt)
+        _ingest_as_they_happen(rt, events)
         reconcile(at, runtime=rt)
         dispatched = dispatch_once(rt, now=at)
         step = Step(at, len(events), exited=dispatched.exited)

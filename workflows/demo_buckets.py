@@ -48,6 +48,23 @@ trial_ending = define_bucket(
 )
 
 
+abandoned_cart = define_bucket(
+    id="abandoned-cart",
+    name="Abandoned cart",
+    description="Added to the cart, no order within the hour (carts of the last 7 days).",
+    criteria=b.sequence(
+        b.step("cart.added"), b.step("order.completed", gap="1h", absent=True), within="7d"
+    ),
+    entry_limit="once_per_period",
+    entry_period="1d",
+)
+
+
+@journey(id="cart-reminder", trigger=abandoned_cart.entered, exit_on=[abandoned_cart.left])
+def cart_reminder(enrollment: Enrollment) -> None:
+    DELIVERED.append(enrollment)
+
+
 @journey(id="winback", trigger=went_dormant.entered, exit_on=[went_dormant.left])
 def winback(enrollment: Enrollment) -> None:
     DELIVERED.append(enrollment)
