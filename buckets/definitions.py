@@ -68,7 +68,6 @@ from buckets.inputs import InputError, load_yaml, loads_json, shorten, text_prob
 
 EntryLimit = Literal["unlimited", "once", "once_per_period"]
 ENTRY_LIMITS = ("unlimited", "once", "once_per_period")
-CLOCK_JOINABLE_COUNT_OPERATORS = frozenset({"lt", "lte", "eq"})
 _SLUG = re.compile(r"[a-z0-9]+(?:[-_][a-z0-9]+)*")
 MAX_ID_LENGTH = 64
 MAX_DOCUMENT_DEPTH = 80
@@ -136,10 +135,10 @@ class Bucket:
 
     @cached_property
     def time_based(self) -> bool:
-        """The criteria contain a ``within`` window, or compare a property with now
-        (``within_past`` / ``within_next``)."""
+        """The criteria contain a ``within`` window or an ``older_than`` age, or compare a
+        property with now (``within_past`` / ``within_next``)."""
         return any(
-            (isinstance(leaf, EventCondition) and leaf.within)
+            (isinstance(leaf, EventCondition) and (leaf.within or leaf.older_than))
             or (isinstance(leaf, PropertyCondition) and leaf.operator in CLOCK_OPERATORS)
             for leaf in leaves(self.criteria)
         )
@@ -298,13 +297,23 @@ def clock_joinable(leaf: Leaf) -> bool:
     """Time alone can turn the leaf from false to true (SPEC §6.2, §6.7)."""
     if isinstance(leaf, PropertyCondition):  # an instant coming into the window
         return leaf.operator in CLOCK_OPERATORS
-    if not isinstance(leaf, EventCondition) or leaf.within is None:
+    if not isinstance(leaf, EventCondition):
         return False
-    if leaf.is_aggregate:  # values leaving the window move a windowed aggregate either way
-        return True
-    return leaf.check == "not_exists" or (
-        leaf.check == "count" and leaf.operator in CLOCK_JOINABLE_COUNT_OPERATORS
-    )
+    return _event_moves(leaf, to=True)
+
+
+def _event_moves(leaf: EventCondition, *, to: bool) -> bool:
+    """Time alone can turn the event leaf to ``to``: events leave a ``within`` window (the
+    count falls) and age into ``older_than`` (it rises); an aggregate moves either way."""
+    falls, rises = leaf.within is not None, leaf.older_than is not None
+    if leaf.is_aggregate:
+        return falls or rises
+    kind = threshold(leaf)[0]
+    if kind == "eq":
+        return falls or rises
+    if (kind == "below") == to:  # "below" turns true as the count falls, "at_least" false
+        return falls
+    return rises
 
 
 def clock_can_join(node: Node, negated: bool = False) -> bool:
@@ -318,9 +327,7 @@ def clock_can_join(node: Node, negated: bool = False) -> bool:
         return isinstance(node, EventCondition | PropertyCondition) and clock_joinable(node)
     if isinstance(node, PropertyCondition):  # an instant leaving the window
         return node.operator in CLOCK_OPERATORS
-    if not isinstance(node, EventCondition) or node.within is None:
-        return False
-    return node.is_aggregate or threshold(node)[0] in ("at_least", "eq")
+    return isinstance(node, EventCondition) and _event_moves(node, to=False)
 
 
 def empty_contact_values(node: Node) -> set[bool]:
@@ -385,6 +392,8 @@ def canonical_criteria(node: Node) -> dict[str, Any]:
         out["property"] = node.property if isinstance(node.property, str) else list(node.aggregated)
     if node.within is not None:
         out["within"] = duration_seconds(node.within)
+    if node.older_than is not None:  # absent from older definitions: their hash is unchanged
+        out["older_than"] = duration_seconds(node.older_than)
     if node.where is not None:
         out["where"] = [canonical_criteria(where) for where in node.where]
     return out

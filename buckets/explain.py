@@ -154,6 +154,8 @@ def describe(node: Node) -> str:
             text += " where " + " and ".join(describe(w) for w in node.where)
         if node.within is not None:
             text += f" within {format_duration(node.within)}"
+        if node.older_than is not None:
+            text += f" older_than {format_duration(node.older_than)}"
         if node.check == "count":
             return f"{text} count {node.operator} {node.value}"
         if node.is_aggregate:
@@ -294,6 +296,11 @@ def _leaf(
     count = sum(1 for event in events if event_counts(node, event, now))
     detail = _aggregate_detail(node, aggregate_of(node, events, now)) if node.is_aggregate else None
     window = (now - node.within, now) if node.within is not None else None
+    if node.older_than is not None:  # counted: occurred_at before now - older_than
+        cutoff = now - node.older_than
+        window = (window[0], cutoff) if window is not None else None
+        aged = f"events before {cutoff.isoformat()} (exclusive) count"
+        detail = aged if detail is None else f"{detail}; {aged}"
     return Leaf(
         path,
         describe(node),

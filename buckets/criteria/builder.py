@@ -91,18 +91,25 @@ class EventBuilder:
         name: str,
         within: timedelta | str | None = None,
         where: tuple[Criteria, ...] = (),
+        older_than: timedelta | str | None = None,
     ) -> None:
         self._name = name
         self._within = within
         self._where = where
+        self._older_than = older_than
 
     def within(self, duration: timedelta | str) -> EventBuilder:
         """Count only events in ``[now - duration, now]``."""
-        return EventBuilder(self._name, duration, self._where)
+        return EventBuilder(self._name, duration, self._where, self._older_than)
+
+    def older_than(self, duration: timedelta | str) -> EventBuilder:
+        """Count only events with ``occurred_at < now - duration`` (with :meth:`within`:
+        ``now - within <= occurred_at < now - duration``)."""
+        return EventBuilder(self._name, self._within, self._where, duration)
 
     def where(self, *conditions: Criteria) -> EventBuilder:
         """Count only events whose own properties satisfy every condition."""
-        return EventBuilder(self._name, self._within, self._where + conditions)
+        return EventBuilder(self._name, self._within, self._where + conditions, self._older_than)
 
     def _leaf(
         self,
@@ -119,6 +126,8 @@ class EventBuilder:
             leaf["value"] = value
         if self._within is not None:
             leaf["within"] = self._within
+        if self._older_than is not None:
+            leaf["older_than"] = self._older_than
         if self._where:
             leaf["where"] = list(self._where)
         return leaf

@@ -13,7 +13,8 @@ leaf: :func:`~.compile.decisive_count`), and ``arrival`` its first matching even
 ``now``:
 
 * an event *departs* from a window one microsecond after ``occurred_at + within``;
-* an event *arrives* at its ``occurred_at`` (a future-stamped event starts to count);
+* an event *arrives* at its ``occurred_at`` (a future-stamped event starts to count), or with
+  ``older_than: D`` one microsecond after ``occurred_at + D`` (it ages into the count);
 * "at least ``n``" leaves (``exists``, ``count gte|gt``) that hold stop holding when the ``n``-th
   newest event departs; that fail start holding no earlier than the next arrival;
 * "fewer than ``n``" leaves (``not_exists``, ``count lt|lte``) mirror that;
@@ -195,14 +196,15 @@ def counting(condition: EventCondition, events: Iterable[Event], now: datetime) 
 
 
 def arrival(condition: EventCondition, events: Iterable[Event], now: datetime) -> datetime | None:
-    """The first event matching ``condition`` (name, ``where``; for an aggregate, with a
-    numeric value) stamped after ``now``."""
+    """The first instant after ``now`` an event matching ``condition`` (name, ``where``; for an
+    aggregate, with a numeric value) starts to count: one stamped after ``now``, or with
+    ``older_than`` one that is not old enough yet (:attr:`~.EventCondition.lag`)."""
     return earliest(
         *(
-            e.occurred_at
+            e.occurred_at + condition.lag
             for e in events
             if e.name == condition.event
-            and e.occurred_at > now
+            and e.occurred_at + condition.lag > now
             and all(property_matches(w, e.properties) for w in condition.where or ())
             and (not condition.is_aggregate or aggregated_value(condition, e) is not None)
         )

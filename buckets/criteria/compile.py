@@ -374,9 +374,11 @@ def _aggregate(
             counting.append(occurred <= at)
         if condition.within is not None and condition.within != widest:
             counting.append(occurred >= sa.literal(now - condition.within, TIMESTAMP))
+        if condition.older_than is not None:
+            counting.append(occurred < sa.literal(now - condition.older_than, TIMESTAMP))
 
         columns, newest, arrival, extra[condition] = _condition_columns(
-            condition, position, matching, counting, at, clock=clock
+            condition, position, matching, counting, now, clock=clock
         )
         selected.extend(columns)
         names[condition] = (f"n{position}", newest, arrival)
@@ -407,7 +409,7 @@ def _condition_columns(
     position: int,
     matching: list[ColumnElement[bool]],
     counting: list[ColumnElement[bool]],
-    at: ColumnElement[Any],
+    now: datetime,
     *,
     clock: bool,
 ) -> tuple[list[Any], dict[int, str], str | None, dict[str, str]]:
@@ -437,8 +439,8 @@ def _condition_columns(
             selected.append(value.label(label))
             newest[rank] = label
         arrival = f"a{position}"
-        first = _filtered(sa.func.min(occurred), [*matching, occurred > at])
-        selected.append(first.label(arrival))
+        first = _filtered(sa.func.min(occurred), [*matching, not_yet_counting(condition, now)])
+        selected.append(arrival_instant(condition, first).label(arrival))
     return selected, newest, arrival, extra
 
 
@@ -501,6 +503,24 @@ def _count_predicate(node: EventCondition, count: ColumnElement[Any]) -> ColumnE
 # --- forms restricted to known contacts ---------------------------------------------------
 
 
+def not_yet_counting(
+    condition: EventCondition, now: datetime | ColumnElement[Any]
+) -> ColumnElement[bool]:
+    """Events (matching name and ``where``) that start to count after ``now``: stamped after
+    it, or with ``older_than: D`` not older than ``D`` yet (``occurred_at >= now - D``)."""
+    occurred = user_events.c.occurred_at
+    if condition.older_than is None:
+        return occurred > (now if isinstance(now, ColumnElement) else sa.literal(now, TIMESTAMP))
+    return occurred >= shifted(now, -condition.older_than)
+
+
+def arrival_instant(condition: EventCondition, first: ColumnElement[Any]) -> ColumnElement[Any]:
+    """When the event stamped ``first`` starts to count (:attr:`.EventCondition.lag`)."""
+    if condition.older_than is None:
+        return first
+    return first + sa.literal(condition.lag, sa.Interval)
+
+
 def leaf_event_scope(
     condition: EventCondition,
     now: datetime | ColumnElement[Any],
@@ -509,13 +529,13 @@ def leaf_event_scope(
     future: bool = False,
 ) -> list[ColumnElement[bool]]:
     """The events of the contact ``contact_id`` counting for ``condition`` as of ``now`` (with
-    ``future``: those matching its name and ``where`` stamped after ``now``). ``now`` may be a
-    bound parameter (a statement built once, executed for many instants)."""
+    ``future``: those matching its name and ``where`` that start to count after ``now``).
+    ``now`` may be a bound parameter (a statement built once, executed for many instants)."""
     bound = isinstance(now, ColumnElement)
     at = now if isinstance(now, ColumnElement) else sa.literal(now, TIMESTAMP)
     scope = [user_events.c.contact_id == contact_id, user_events.c.event == condition.event]
     if future:
-        scope.append(user_events.c.occurred_at > at)
+        scope.append(not_yet_counting(condition, now))
     else:
         scope.append(user_events.c.occurred_at <= at)
         if condition.within is not None:
@@ -525,6 +545,8 @@ def leaf_event_scope(
                 assert isinstance(now, datetime)
                 start = sa.literal(now - condition.within, TIMESTAMP)
             scope.append(user_events.c.occurred_at >= start)
+        if condition.older_than is not None:
+            scope.append(user_events.c.occurred_at < shifted(now, -condition.older_than))
     scope.extend(
         property_predicate(where, user_events.c.properties) for where in condition.where or ()
     )

@@ -43,6 +43,7 @@ from buckets.criteria.compile import (
     LeafColumns,
     _count_predicate,
     aggregate_predicate,
+    arrival_instant,
     compile_criteria,
     contacts,
     event_number,
@@ -145,7 +146,7 @@ def facts_statement(
             .scalar_subquery()
         )
         arrival: ColumnElement[Any] = (
-            sa.select(sa.func.min(occurred))
+            sa.select(arrival_instant(condition, sa.func.min(occurred)))
             .where(*leaf_event_scope(condition, now, contacts.c.id, future=True))
             .correlate_except(user_events)
             .scalar_subquery()
@@ -199,7 +200,7 @@ def _aggregate_facts(
     )
     return [
         scalar(sa.func.min(occurred), counting).label(f"r{index}"),
-        scalar(sa.func.min(occurred), future).label(f"a{index}"),
+        scalar(arrival_instant(condition, sa.func.min(occurred)), future).label(f"a{index}"),
         scalar(values, counting).label(f"g{index}"),
     ]
 

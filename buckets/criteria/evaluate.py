@@ -182,8 +182,9 @@ class Event:
 
 
 def event_counts(condition: EventCondition, event: Event, now: datetime) -> bool:
-    """Whether ``event`` counts for ``condition`` as of ``now`` (SPEC §1: bounds inclusive)."""
-    if event.name != condition.event or event.occurred_at > now:
+    """Whether ``event`` counts for ``condition`` as of ``now`` (SPEC §1: bounds inclusive;
+    with ``older_than: D`` only events with ``occurred_at < now - D``, SPEC §3.4)."""
+    if event.name != condition.event or event.occurred_at + condition.lag > now:
         return False
     if condition.within is not None and event.occurred_at < now - condition.within:
         return False

@@ -44,7 +44,7 @@ from typing import Annotated, Any, Literal, TypeAlias
 
 from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, ValidationError, model_validator
 
-from buckets.criteria.durations import parse_duration
+from buckets.criteria.durations import format_duration, parse_duration
 from buckets.criteria.instants import parse_instant
 from buckets.inputs import text_problem
 
@@ -268,6 +268,7 @@ class EventCondition(_Node):
     within: Duration | None = None
     where: tuple[PropertyCondition, ...] | None = None
     property: Annotated[str | tuple[str, ...] | None, BeforeValidator(_path_form)] = None
+    older_than: Duration | None = None  # only events with occurred_at < now - older_than count
 
     @model_validator(mode="after")
     def _count_fields_fit_check(self) -> EventCondition:
@@ -287,6 +288,16 @@ class EventCondition(_Node):
             raise _FieldError("property", f"check {self.check!r} takes no property")
         if self.where is not None and not self.where:
             raise _FieldError("where", "must list at least one condition (or be left out)")
+        if (
+            self.older_than is not None
+            and self.within is not None
+            and self.older_than >= self.within
+        ):
+            raise _FieldError(
+                "older_than",
+                f"older_than ({format_duration(self.older_than)}) must be shorter than within"
+                f" ({format_duration(self.within)}): no event could count",
+            )
         for index, where in enumerate(self.where or ()):
             if where.operator in CLOCK_OPERATORS:
                 raise _FieldError(
@@ -336,6 +347,14 @@ class EventCondition(_Node):
     @builtins.property
     def is_aggregate(self) -> bool:
         return self.check in AGGREGATE_CHECKS
+
+    @builtins.property
+    def lag(self) -> timedelta:
+        """How long after its ``occurred_at`` an event starts to count: at once, or with
+        ``older_than: D`` one microsecond after ``occurred_at + D`` (``occurred_at < now - D``)."""
+        if self.older_than is None:
+            return timedelta(0)
+        return self.older_than + timedelta(microseconds=1)
 
     def satisfied_by(self, count: int) -> bool:
         """Whether ``count`` matching events satisfy this (counting) condition."""

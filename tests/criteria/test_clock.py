@@ -23,6 +23,7 @@ from buckets.criteria.instants import parse_instant
 from buckets.criteria.model import EventCondition, leaves
 from tests.criteria.support import NOW, Person, facts_states, load, python_states, sql_states
 from tests.criteria.test_differential import (
+    AGES,
     EXAMPLES,
     INSTANT_POINTS,
     PROPERTY_KEYS,
@@ -45,7 +46,7 @@ OFFSETS = st.sampled_from(
     [timedelta(0), TICK, -TICK, -timedelta(minutes=3), -timedelta(days=2)]
     + [
         edge + delta
-        for edge in WINDOWS
+        for edge in (*WINDOWS, *AGES)
         for delta in (-TICK, timedelta(0), TICK, timedelta(hours=2))
     ]
 )
@@ -66,6 +67,10 @@ def clock_leaf(draw: st.DrawFn) -> dict[str, Any]:
         leaf["value"] = draw(st.integers(min_value=1 if operator == "lt" else 0, max_value=3))
     if draw(st.integers(0, 3)):  # mostly windowed
         leaf["within"] = draw(st.sampled_from(WINDOWS))
+    if not draw(st.integers(0, 2)):  # events ageing in
+        ages = [age for age in AGES if age < leaf.get("within", timedelta.max)]
+        if ages:
+            leaf["older_than"] = draw(st.sampled_from(ages))
     if not draw(st.integers(0, 5)):
         leaf["where"] = [{"type": "property", "property": "k", "operator": "eq", "value": 1}]
     return leaf
@@ -98,8 +103,10 @@ EVENTS = st.lists(
 
 def brute_force_flip(node: Any, properties: dict[str, Any], events: list[Event]) -> datetime | None:
     windows = {leaf.within for leaf in leaves(node) if isinstance(leaf, EventCondition)}
+    ages = {leaf.older_than for leaf in leaves(node) if isinstance(leaf, EventCondition)}
     instants = {e.occurred_at for e in events}
     instants |= {e.occurred_at + w + TICK for e in events for w in windows if w is not None}
+    instants |= {e.occurred_at + a + TICK for e in events for a in ages if a is not None}
     at = parse_instant(properties.get("at"))
     if at is not None:  # within_past / within_next edges
         instants |= {at, at + TICK} | {at + w + TICK for w in WINDOWS} | {at - w for w in WINDOWS}

@@ -47,6 +47,8 @@ EVENT_NAMES = ("e1", "e2")
 EVENT_KEYS = ("amount", "kind", "meta", "at")
 EVENT_PATHS = (("meta", "kind"), ("amount", "x"))
 WINDOWS = (timedelta(hours=1), timedelta(days=1), timedelta(days=7))
+# older_than ages (SPEC §3.4): shorter than some windows, equal to others' (1h, 1d).
+AGES = (timedelta(minutes=30), timedelta(hours=1), timedelta(days=1))
 US = timedelta(microseconds=1)
 
 # Values chosen to collide across JSON types: 0/1/True/False, 5 vs "5", 1 vs 1.0, "" vs null.
@@ -123,7 +125,7 @@ LISTS = st.lists(st.one_of(st.booleans(), NUMBERS, STRINGS), min_size=1, max_siz
 # Event times relative to now: window edges (on, 1us inside, 1us outside), now, the future.
 OFFSETS = st.sampled_from(
     [timedelta(0), -US, -timedelta(hours=1), timedelta(days=30)]
-    + [edge + delta for edge in WINDOWS for delta in (-US, timedelta(0), US)]
+    + [edge + delta for edge in (*WINDOWS, *AGES) for delta in (-US, timedelta(0), US)]
 )
 
 
@@ -169,7 +171,7 @@ STATIC_LEAVES = st.one_of(
 
 
 @st.composite
-def event_leaf(draw: st.DrawFn) -> dict[str, Any]:
+def event_leaf(draw: st.DrawFn, *, aged: bool = False) -> dict[str, Any]:
     leaf: dict[str, Any] = {"type": "event", "event": draw(st.sampled_from(EVENT_NAMES))}
     check = draw(st.sampled_from(["exists", "not_exists", "count", "sum", "avg", "min", "max"]))
     leaf["check"] = check
@@ -184,6 +186,10 @@ def event_leaf(draw: st.DrawFn) -> dict[str, Any]:
     within = draw(st.sampled_from((None, *WINDOWS)))
     if within is not None:
         leaf["within"] = within
+    if aged or draw(st.integers(0, 2)) == 0:  # events ageing into the count
+        ages = [age for age in AGES if within is None or age < within]
+        if ages:
+            leaf["older_than"] = draw(st.sampled_from(ages))
     if draw(st.integers(0, 2)) == 0:
         leaf["where"] = draw(
             st.lists(property_leaf(EVENT_KEYS, EVENT_PATHS, clock=False), min_size=1, max_size=2)
@@ -222,6 +228,7 @@ TREES = st.one_of(
     # event leaves alone: the clock's edges (departures, arrivals, equal timestamps) more often
     composite(event_leaf()),
     composite(composite(event_leaf())),
+    composite(event_leaf(aged=True)),  # older_than's edges: events at now - D +- 1us
 )
 
 EVENTS = st.builds(

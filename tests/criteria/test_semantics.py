@@ -13,10 +13,20 @@ import pytest
 from sqlalchemy.engine import Connection
 
 from buckets.criteria import Event, b, member_select, parse_criteria
-from tests.criteria.support import NOW, Person, load, python_members, sql_members
+from tests.criteria.support import (
+    NOW,
+    Person,
+    counted_members,
+    load,
+    probe_members,
+    python_members,
+    sql_members,
+    sql_states,
+)
 
 US = timedelta(microseconds=1)
 H = timedelta(hours=1)
+D = timedelta(days=1)
 
 
 def prop(key: str, operator: str, *value: Any) -> dict[str, Any]:
@@ -218,6 +228,56 @@ CASES: list[tuple[str, dict[str, Any], Person, bool]] = [
         Person({}, [ev("buy", currency="EUR")]),
         True,
     ),
+    # --- older_than (SPEC §3.4): occurred_at < now - D, with within: >= now - within ---
+    (
+        "older_than: at now - D",
+        b.event("x").older_than("1d").exists(),
+        Person({}, [ev("x", D)]),
+        False,
+    ),
+    (
+        "older_than: 1us before",
+        b.event("x").older_than("1d").exists(),
+        Person({}, [ev("x", D + US)]),
+        True,
+    ),
+    ("older_than: recent", b.event("x").older_than("1d").not_exists(), Person({}, [ev("x")]), True),
+    (
+        "older_than and within: at now - within",
+        b.event("x").within("7d").older_than("1d").exists(),
+        Person({}, [ev("x", 7 * D)]),
+        True,
+    ),
+    (
+        "older_than and within: 1us before the window",
+        b.event("x").within("7d").older_than("1d").exists(),
+        Person({}, [ev("x", 7 * D + US), ev("x", D)]),
+        False,
+    ),
+    (
+        "older_than count",
+        b.event("x").older_than("1h").exactly(2),
+        Person({}, [ev("x", H + US), ev("x", 2 * D), ev("x", H), ev("x", -H)]),
+        True,
+    ),
+    (
+        "older_than sum",
+        b.event("x").within("7d").older_than("1d").sum("amount").eq(3),
+        Person({}, [ev("x", 2 * D, amount=1), ev("x", 3 * D, amount=2), ev("x", H, amount=4)]),
+        True,
+    ),
+    (
+        "first time in the last 7 days",
+        b.all(b.event("x").within("7d").exists(), b.event("x").older_than("7d").not_exists()),
+        Person({}, [ev("x", 7 * D), ev("x", H)]),
+        True,
+    ),
+    (
+        "not the first time in the last 7 days",
+        b.all(b.event("x").within("7d").exists(), b.event("x").older_than("7d").not_exists()),
+        Person({}, [ev("x", 7 * D + US), ev("x", H)]),
+        False,
+    ),
     # --- composites ---
     (
         "and",
@@ -272,8 +332,12 @@ def test_both_executors_agree_with_the_spec(
 ):
     node = parse_criteria(criteria)
     ids = load(connection, [person])
-    assert python_members(node, [person], ids, NOW) == ({ids[0]} if expected else set())
-    assert sql_members(connection, node, NOW) == ({ids[0]} if expected else set())
+    wanted = {ids[0]} if expected else set()
+    assert python_members(node, [person], ids, NOW) == wanted
+    assert sql_members(connection, node, NOW) == wanted
+    assert probe_members(connection, node, NOW, ids) == wanted
+    assert counted_members(connection, node, NOW, ids) == wanted
+    assert sql_states(connection, node, NOW)[ids[0]].value is expected
 
 
 def test_deleted_contacts_never_match_in_sql(connection: Connection):

@@ -1,0 +1,127 @@
+"""Event conditions of SPEC §3.4: ``older_than``, ``check: last``, ``check: regularly`` —
+builder == literal == file forms, fingerprints, validation (located errors) and which buckets
+the clock can join."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from buckets import b, define_bucket
+from buckets.definitions import DefinitionError, load_definitions
+
+OLDER_THAN_FORMS: list[tuple[dict[str, Any], dict[str, Any]]] = [
+    (
+        b.event("x").within("7d").older_than("1d").exists(),
+        {"type": "event", "event": "x", "check": "exists", "within": "7d", "older_than": "1d"},
+    ),
+    (
+        b.event("x").older_than("30d").where(b.prop("k").eq(1)).at_least(2),
+        {
+            "type": "event",
+            "event": "x",
+            "check": "count",
+            "operator": "gte",
+            "value": 2,
+            "older_than": "30d",
+            "where": [{"type": "property", "property": "k", "operator": "eq", "value": 1}],
+        },
+    ),
+    (
+        b.event("o").within("30d").older_than("7d").sum("amount").gte(100),
+        {
+            "type": "event",
+            "event": "o",
+            "check": "sum",
+            "property": "amount",
+            "operator": "gte",
+            "value": 100,
+            "within": "30d",
+            "older_than": "7d",
+        },
+    ),
+]
+FORMS = [*OLDER_THAN_FORMS]
+
+
+@pytest.mark.parametrize(("built", "literal"), FORMS)
+def test_builder_is_the_literal_form(built: Any, literal: Any):
+    assert built == literal
+    one, other = define_bucket(id="x", criteria=built), define_bucket(id="x", criteria=literal)
+    assert (one.criteria, one.fingerprint) == (other.criteria, other.fingerprint)
+
+
+def test_file_forms_load_the_same_buckets(tmp_path: Path):
+    import yaml
+
+    buckets = [{"id": f"b{index}", "criteria": literal} for index, (_, literal) in enumerate(FORMS)]
+    (tmp_path / "a.yaml").write_text(yaml.safe_dump({"buckets": buckets}))
+    (tmp_path / "a.json").write_text(json.dumps({"buckets": buckets}))
+    from_yaml = [bucket.fingerprint for bucket in load_definitions(tmp_path / "a.yaml")]
+    from_json = [bucket.fingerprint for bucket in load_definitions(tmp_path / "a.json")]
+    built = [define_bucket(id="b", criteria=built).fingerprint for built, _ in FORMS]
+    assert from_yaml == from_json == built
+
+
+def test_new_fields_hash_only_when_present():
+    plain = define_bucket(id="x", criteria=b.event("x").within("7d").exists())
+    # what the fingerprint of this definition was before these fields existed
+    canonical = '{"check":"exists","event":"x","type":"event","within":604800}'
+    assert plain.fingerprint == hashlib.sha256(canonical.encode()).hexdigest()
+    unset = define_bucket(id="x", criteria=dict(FORMS[0][1], older_than=None))
+    assert unset.fingerprint == plain.fingerprint
+    aged = define_bucket(id="x", criteria=FORMS[0][0])
+    assert aged.fingerprint != plain.fingerprint
+    same = define_bucket(id="x", criteria=dict(FORMS[0][1], older_than="24h"))
+    assert aged.fingerprint == same.fingerprint
+
+
+ERRORS = [
+    (
+        b.event("x").within("1d").older_than("1d").exists(),
+        "x: criteria.older_than: older_than (1d) must be shorter than within (1d):"
+        " no event could count",
+    ),
+    (
+        b.event("x").within("1h").older_than("2h").exists(),
+        "x: criteria.older_than: older_than (2h) must be shorter than within (1h):"
+        " no event could count",
+    ),
+    (
+        b.event("x").older_than("0d").exists(),
+        "x: criteria.older_than: duration must be positive",
+    ),
+    (
+        b.all(b.event("x").older_than(7).exists()),  # type: ignore[arg-type]
+        "x: criteria.conditions[0].older_than: duration must be a timedelta or a string like"
+        " '7d', got int 7",
+    ),
+]
+
+
+@pytest.mark.parametrize(("criteria", "message"), ERRORS, ids=[m for _, m in ERRORS])
+def test_misuse_is_a_located_error(criteria: Any, message: str):
+    with pytest.raises(DefinitionError) as raised:
+        define_bucket(id="x", criteria=criteria)
+    assert str(raised.value) == message
+
+
+@pytest.mark.parametrize(
+    ("criteria", "time_based", "cron_joins"),
+    [
+        (b.event("x").older_than("1d").exists(), True, True),  # events age into it
+        (b.event("x").older_than("1d").not_exists(), True, False),  # only ever grows
+        (b.not_(b.event("x").older_than("1d").not_exists()), True, True),
+        (b.event("x").within("7d").older_than("1d").not_exists(), True, True),  # ages out
+        (b.not_(b.event("x").older_than("1d").exists()), True, False),
+        (b.event("x").older_than("1d").exactly(2), True, True),
+        (b.event("x").older_than("1d").sum("a").gt(1), True, True),
+    ],
+)
+def test_which_buckets_the_clock_can_join(criteria: Any, time_based: bool, cron_joins: bool):
+    bucket = define_bucket(id="x", criteria=criteria)
+    assert (bucket.time_based, bucket.cron_joins) == (time_based, cron_joins)
