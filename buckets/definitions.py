@@ -306,6 +306,8 @@ def _event_moves(leaf: EventCondition, *, to: bool) -> bool:
     """Time alone can turn the event leaf to ``to``: events leave a ``within`` window (the
     count falls) and age into ``older_than`` (it rises); an aggregate moves either way."""
     falls, rises = leaf.within is not None, leaf.older_than is not None
+    if leaf.is_last:  # the last event leaving the window turns it false (none is newer)
+        return falls and not to
     if leaf.is_aggregate:
         return falls or rises
     kind = threshold(leaf)[0]

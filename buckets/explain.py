@@ -37,6 +37,8 @@ from buckets.criteria.evaluate import (
     MISSING,
     aggregate_of,
     event_counts,
+    last_event,
+    last_matches,
     lookup,
     property_matches,
 )
@@ -256,10 +258,12 @@ def _events(conn: Connection, contact_id: int, bucket: Bucket) -> list[Event]:
     if not bucket.event_names:
         return []
     rows = conn.execute(
-        sa.select(user_events.c.event, user_events.c.occurred_at, user_events.c.properties).where(
+        sa.select(user_events.c.event, user_events.c.occurred_at, user_events.c.properties)
+        .where(
             user_events.c.contact_id == contact_id,
             user_events.c.event.in_(sorted(bucket.event_names)),
         )
+        .order_by(user_events.c.id)  # ingestion order: check 'last' breaks ties by it
     )
     return [Event(row.event, row.occurred_at, row.properties) for row in rows]
 
@@ -296,6 +300,8 @@ def _leaf(
     count = sum(1 for event in events if event_counts(node, event, now))
     detail = _aggregate_detail(node, aggregate_of(node, events, now)) if node.is_aggregate else None
     window = (now - node.within, now) if node.within is not None else None
+    if node.is_last:
+        detail = _last_detail(node, last_event(node, events, now))
     if node.older_than is not None:  # counted: occurred_at before now - older_than
         cutoff = now - node.older_than
         window = (window[0], cutoff) if window is not None else None
@@ -310,6 +316,14 @@ def _leaf(
         detail=detail,
         next_at=found(node).next_at,
     )
+
+
+def _last_detail(node: EventCondition, last: Event | None) -> str:
+    if last is None:
+        return "no event counts: there is no last event"
+    verdict = "satisfies" if last_matches(node, last) else "does not satisfy"
+    shown = dict(last.properties)
+    return f"the last event, at {last.occurred_at.isoformat()}, {verdict} where: {shown}"
 
 
 def _aggregate_detail(node: EventCondition, found: Aggregate) -> str:

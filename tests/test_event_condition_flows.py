@@ -5,8 +5,9 @@ from a due-queue entry at its exact instant (SPEC §6.7)."""
 from __future__ import annotations
 
 from datetime import timedelta
+from typing import Any
 
-from buckets import b, define_bucket
+from buckets import b, define_bucket, ingest_event
 from buckets.criteria.clock import TICK
 from buckets.explain import explain
 from tests.test_due import T0, D, entries, ship, tick, used
@@ -61,3 +62,55 @@ def test_first_time_in_the_last_week_leaves_when_the_first_event_ages_in(make_ru
     assert active(rt, "first-week") == set()
     [left] = transitions(rt, "first-week")[-1:]
     assert (left.kind, left.occurred_at, left.reason) == ("left", instant, "criteria")
+
+
+PRO_NOW = define_bucket(
+    id="pro-now",
+    criteria=b.event("plan.changed").within("30d").where(b.prop("to").eq("pro")).last(),
+)
+
+
+def test_the_last_event_decides_and_leaves_through_the_queue(make_runtime):
+    rt = make_runtime(PRO_NOW)
+
+    def changed(to: str, at: Any, now: Any = None) -> None:
+        ingest_event("u", "plan.changed", {"to": to}, occurred_at=at, now=now or at, runtime=rt)
+
+    changed("pro", T0)
+    assert active(rt, "pro-now") == {"u"}
+    changed("free", T0 + D)  # the newest event decides: no longer pro
+    assert active(rt, "pro-now") == set()
+    changed("pro", T0 + 2 * D)
+    assert active(rt, "pro-now") == {"u"}
+    ship(rt, T0 + 2 * D)
+    instant = T0 + 32 * D + TICK  # the last event leaves the 30-day window
+    assert entries(rt, "pro-now")[("pro-now", "u")] == instant
+    found = explain("pro-now", "u", now=T0 + 3 * D, runtime=rt).to_dict()
+    [leaf] = found["leaves"]
+    assert leaf["condition"] == "event 'plan.changed' where property 'to' eq 'pro' within 30d last"
+    assert leaf["value"] is True
+    assert leaf["detail"] == (
+        f"the last event, at {(T0 + 2 * D).isoformat()}, satisfies where: {{'to': 'pro'}}"
+    )
+    assert leaf["next_at"] == instant.isoformat()
+    tick(rt, instant - TICK)
+    assert active(rt, "pro-now") == {"u"}
+    at = tick(rt, instant)["pro-now"]
+    assert (at.passes_ran, at.due) == ("no", 1)
+    assert active(rt, "pro-now") == set()
+    [left] = transitions(rt, "pro-now")[-1:]
+    assert (left.kind, left.occurred_at, left.reason) == ("left", instant, "criteria")
+
+
+def test_a_future_stamped_event_becomes_last_when_now_reaches_it(make_runtime):
+    rt = make_runtime(PRO_NOW)
+    ingest_event("u", "plan.changed", {"to": "pro"}, now=T0, runtime=rt)
+    soon = T0 + timedelta(seconds=30)  # inside the allowed clock skew
+    ingest_event("u", "plan.changed", {"to": "free"}, occurred_at=soon, now=T0, runtime=rt)
+    assert active(rt, "pro-now") == {"u"}  # the free event is not last yet
+    assert entries(rt, "pro-now")[("pro-now", "u")] == soon
+    ship(rt, T0)
+    tick(rt, soon - TICK)
+    assert active(rt, "pro-now") == {"u"}
+    tick(rt, soon)
+    assert active(rt, "pro-now") == set()

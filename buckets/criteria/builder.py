@@ -138,6 +138,11 @@ class EventBuilder:
     def not_exists(self) -> Criteria:
         return self._leaf("not_exists")
 
+    def last(self) -> Criteria:
+        """The most recent event (inside :meth:`within`, if given) satisfies every
+        :meth:`where` condition: ``b.event("plan.set").where(b.prop("to").eq("pro")).last()``."""
+        return self._leaf("last")
+
     def count(self, operator: str, value: int) -> Criteria:
         """``count(op, n)`` with ``op`` one of gt, gte, lt, lte, eq."""
         return self._leaf("count", operator, value)

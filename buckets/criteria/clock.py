@@ -40,6 +40,8 @@ from buckets.criteria.evaluate import (
     aggregate_of,
     aggregated_value,
     event_counts,
+    last_event,
+    last_matches,
     lookup,
     property_matches,
 )
@@ -92,7 +94,7 @@ def decisive_count(condition: EventCondition) -> int:
 
 def threshold(condition: EventCondition) -> tuple[str, int]:
     """``("at_least", n)``, ``("below", n)`` or ``("eq", n)``: the leaf in terms of its count."""
-    if condition.check == "exists":
+    if condition.check in ("exists", "last"):  # last: 1 when the last event holds
         return "at_least", 1
     if condition.check == "not_exists":
         return "below", 1
@@ -127,6 +129,19 @@ def event_state(
     if kind == "below":
         return State(value, arrival if value else departs(n))
     return State(value, earliest(arrival, departs(n) if value else departs(n + 1)))
+
+
+def last_state(
+    condition: EventCondition, value: bool, last_at: datetime | None, arrival: datetime | None
+) -> State:
+    """A ``check: last`` leaf's state: any event of the name arriving (stamped after ``now``)
+    becomes the last one; with ``within``, a last event that holds leaves the window one
+    microsecond after ``occurred_at + within``, and no other event counts then (they are no
+    newer), so the leaf turns false."""
+    departs = None
+    if value and condition.within is not None and last_at is not None:
+        departs = last_at + condition.within + TICK
+    return State(value, earliest(arrival, departs))
 
 
 def aggregate_state(
@@ -205,7 +220,7 @@ def arrival(condition: EventCondition, events: Iterable[Event], now: datetime) -
             for e in events
             if e.name == condition.event
             and e.occurred_at + condition.lag > now
-            and all(property_matches(w, e.properties) for w in condition.where or ())
+            and all(property_matches(w, e.properties) for w in condition.filtering or ())
             and (not condition.is_aggregate or aggregated_value(condition, e) is not None)
         )
     )
@@ -250,6 +265,10 @@ def in_memory_leaf_states(
                 oldest_number(leaf, events, now),
                 arrival(leaf, events, now),
             )
+        if isinstance(leaf, EventCondition) and leaf.is_last:
+            last = last_event(leaf, events, now)
+            last_at = last.occurred_at if last is not None else None
+            return last_state(leaf, last_matches(leaf, last), last_at, arrival(leaf, events, now))
         if isinstance(leaf, EventCondition):
             return event_state(leaf, counting(leaf, events, now), arrival(leaf, events, now))
         found = static_state(leaf, external_id)

@@ -346,7 +346,7 @@ def _aggregate(
     widest: timedelta | None = None
     if all(window is not None for window in windows):
         widest = max(window for window in windows if window is not None)
-    wheres = {condition.where for condition in conditions}
+    wheres = {condition.filtering for condition in conditions}
     shared_where = next(iter(wheres)) if len(wheres) == 1 else None
     at = sa.literal(now, TIMESTAMP)
     occurred = user_events.c.occurred_at
@@ -365,9 +365,9 @@ def _aggregate(
     extra: dict[EventCondition, dict[str, str]] = {}  # aggregates: field -> label
     for position, condition in enumerate(conditions):
         matching: list[ColumnElement[bool]] = []  # name, where (beyond the shared scope)
-        if condition.where is not None and shared_where is None:
+        if condition.filtering is not None and shared_where is None:
             matching.extend(
-                property_predicate(where, user_events.c.properties) for where in condition.where
+                property_predicate(where, user_events.c.properties) for where in condition.filtering
             )
         counting = list(matching)
         if clock:
@@ -416,7 +416,10 @@ def _condition_columns(
     """One condition's columns in its name's aggregate: the count, an aggregate's functions,
     and with ``clock`` the newest counting events' instants and the next arrival."""
     occurred = user_events.c.occurred_at
-    selected: list[Any] = [_filtered(sa.func.count(), counting).label(f"n{position}")]
+    count = _filtered(sa.func.count(), counting)
+    if condition.is_last:  # 1 when the last counting event satisfies where, else 0
+        count = sa.case((last_holds(condition, _last_properties(counting)), 1), else_=0)
+    selected: list[Any] = [count.label(f"n{position}")]
     newest: dict[int, str] = {}
     arrival: str | None = None
     extra: dict[str, str] = {}
@@ -442,6 +445,22 @@ def _condition_columns(
         first = _filtered(sa.func.min(occurred), [*matching, not_yet_counting(condition, now)])
         selected.append(arrival_instant(condition, first).label(arrival))
     return selected, newest, arrival, extra
+
+
+def _last_properties(counting: list[ColumnElement[bool]]) -> ColumnElement[Any]:
+    """The properties of the last counting event: the latest ``occurred_at``, of equal ones
+    the later ingested (the higher id)."""
+    ordered = aggregate_order_by(
+        user_events.c.properties, user_events.c.occurred_at.desc(), user_events.c.id.desc()
+    )
+    found: ColumnElement[Any] = _filtered(sa.func.array_agg(ordered, type_=ARRAY(JSONB)), counting)
+    return found[1]
+
+
+def last_holds(condition: EventCondition, properties: ColumnElement[Any]) -> ColumnElement[bool]:
+    """The last event (its ``properties``; NULL: there is none) satisfies every ``where``."""
+    tests = [property_predicate(where, properties) for where in condition.where or ()]
+    return sa.func.coalesce(sa.and_(properties.is_not(None), *tests), sa.false())
 
 
 def _aggregate_columns(
@@ -491,7 +510,7 @@ def _combine(node: Composite, parts: list[ColumnElement[bool]]) -> ColumnElement
 
 
 def _count_predicate(node: EventCondition, count: ColumnElement[Any]) -> ColumnElement[bool]:
-    if node.check == "exists":
+    if node.check in ("exists", "last"):
         return count > 0
     if node.check == "not_exists":
         return count == 0
@@ -548,7 +567,7 @@ def leaf_event_scope(
         if condition.older_than is not None:
             scope.append(user_events.c.occurred_at < shifted(now, -condition.older_than))
     scope.extend(
-        property_predicate(where, user_events.c.properties) for where in condition.where or ()
+        property_predicate(where, user_events.c.properties) for where in condition.filtering or ()
     )
     return scope
 
@@ -599,11 +618,40 @@ def _probe_aggregate(
     return sa.exists(probe)
 
 
+def last_event_select(
+    condition: EventCondition, now: datetime | ColumnElement[Any], contact_id: ColumnElement[Any]
+) -> Any:
+    """``SELECT occurred_at, properties`` of the contact's last event counting by time for
+    ``check: last`` (latest ``occurred_at``, then the higher id): one index probe."""
+    occurred = user_events.c.occurred_at
+    return (
+        sa.select(occurred, user_events.c.properties)
+        .where(*leaf_event_scope(condition, now, contact_id))
+        .order_by(occurred.desc(), user_events.c.id.desc())
+        .limit(1)
+        .correlate_except(user_events)
+    )
+
+
+def _probe_last(
+    condition: EventCondition, now: datetime, contact_id: ColumnElement[Any]
+) -> ColumnElement[bool]:
+    last = last_event_select(condition, now, contact_id).subquery("last_event")
+    return sa.exists(
+        sa.select(sa.literal(1))
+        .select_from(last)
+        .where(last_holds(condition, last.c.properties))
+        .correlate_except(last)
+    )
+
+
 def _probe_leaf(
     condition: EventCondition, now: datetime, contact_id: ColumnElement[Any]
 ) -> ColumnElement[bool]:
     if condition.is_aggregate:
         return _probe_aggregate(condition, now, contact_id)
+    if condition.is_last:
+        return _probe_last(condition, now, contact_id)
     if condition.check == "exists":
         return _reached(condition, 1, now, contact_id)
     if condition.check == "not_exists":

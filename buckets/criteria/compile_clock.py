@@ -32,6 +32,7 @@ from buckets.criteria.clock import (
     aggregate_state,
     decisive_count,
     event_state,
+    last_state,
     property_state,
     state,
     static_state,
@@ -47,6 +48,8 @@ from buckets.criteria.compile import (
     compile_criteria,
     contacts,
     event_number,
+    last_event_select,
+    last_holds,
     leaf_event_scope,
     property_predicate,
     property_value,
@@ -125,6 +128,9 @@ def facts_statement(
         asked = sa.func.substr(wanted.c.needs, index + 1, 1) == "1" if needs else None
         if condition.is_aggregate:
             columns += _aggregate_facts(condition, index, now, asked)
+            continue
+        if condition.is_last:
+            columns += _last_facts(condition, index, now, asked)
             continue
         # Explicit correlation: auto-correlation does not reach through the derived table.
         newest = (
@@ -205,6 +211,28 @@ def _aggregate_facts(
     ]
 
 
+def _last_facts(
+    condition: EventCondition, index: int, now: ColumnElement[Any], asked: Any
+) -> list[Any]:
+    """A ``check: last`` leaf's facts: the last event's instant (``r``), the next event of
+    the name stamped after now (``a``) and whether the last event satisfies ``where`` (``w``)."""
+    occurred = user_events.c.occurred_at
+    last = last_event_select(condition, now, contacts.c.id).subquery(f"last{index}")
+    instant: Any = sa.select(last.c.occurred_at).scalar_subquery()
+    holds: Any = sa.select(last_holds(condition, last.c.properties)).scalar_subquery()
+    arrival: Any = (
+        sa.select(sa.func.min(occurred))
+        .where(*leaf_event_scope(condition, now, contacts.c.id, future=True))
+        .correlate_except(user_events)
+        .scalar_subquery()
+    )
+    if asked is not None:
+        instant, holds, arrival = (
+            sa.case((asked, column), else_=sa.null()) for column in (instant, holds, arrival)
+        )
+    return [instant.label(f"r{index}"), arrival.label(f"a{index}"), holds.label(f"w{index}")]
+
+
 @dataclass(frozen=True)
 class Facts:
     """One contact's row of :func:`leaf_facts`: its properties and, per event leaf asked
@@ -215,6 +243,7 @@ class Facts:
     arrivals: Mapping[EventCondition, datetime | None]
     external_id: str | None = None
     aggregates: Mapping[EventCondition, Aggregate] = field(default_factory=dict)
+    # aggregates: the oldest counting number's instant; last: the last event's
     oldest: Mapping[EventCondition, datetime | None] = field(default_factory=dict)
     now: datetime | None = None  # the facts' instant (property leaves that compare with it)
 
@@ -237,6 +266,11 @@ class Facts:
                 oldest[condition], arrivals[condition] = row[at], row[at + 1]
                 numbers, total, low, high = row[at + 2] or (0, 0, None, None)
                 aggregates[condition] = Aggregate(int(numbers), Decimal(total), low, high)
+                at += 3
+                continue
+            if condition.is_last:  # the last event's instant, when it holds
+                oldest[condition], arrivals[condition] = row[at], row[at + 1]
+                recent[condition] = (row[at],) if row[at + 2] else ()
                 at += 3
                 continue
             recent[condition] = row[at] or ()
@@ -262,6 +296,9 @@ class Facts:
             return aggregate_state(
                 leaf, self.aggregates[leaf], self.oldest[leaf], self.arrivals[leaf]
             )
+        if isinstance(leaf, EventCondition) and leaf.is_last:
+            recent = self.recent[leaf]
+            return last_state(leaf, bool(recent), self.oldest[leaf], self.arrivals[leaf])
         if isinstance(leaf, EventCondition):
             return event_state(leaf, self.recent[leaf], self.arrivals[leaf])
         found = static_state(leaf, self.external_id)
@@ -402,6 +439,14 @@ def _event_state(condition: EventCondition, found: LeafColumns) -> _SqlState:
         return _aggregate_state(condition, found)
     count = sa.func.coalesce(found.count, 0)
     value = _count_predicate(condition, count)
+    arrival = sa.func.coalesce(found.arrival, INFINITY) if found.arrival is not None else INFINITY
+    if condition.is_last:  # :func:`.clock.last_state`
+        leaves_at: ColumnElement[Any] = INFINITY
+        newest = found.newest.get(1)
+        if condition.within is not None and newest is not None:
+            instant = newest + sa.literal(condition.within + TICK, sa.Interval)
+            leaves_at = sa.case((value, sa.func.coalesce(instant, INFINITY)), else_=INFINITY)
+        return _SqlState(value, sa.func.least(arrival, leaves_at))
     kind, n = threshold(condition)
     assert condition.within is not None or not found.newest
 
@@ -413,7 +458,6 @@ def _event_state(condition: EventCondition, found: LeafColumns) -> _SqlState:
         instant = column + sa.literal(condition.within + TICK, sa.Interval)
         return sa.func.coalesce(instant, INFINITY)
 
-    arrival = sa.func.coalesce(found.arrival, INFINITY) if found.arrival is not None else INFINITY
     nxt: ColumnElement[Any]
     if kind == "at_least":
         nxt = sa.case((value, departs(n)), else_=arrival)

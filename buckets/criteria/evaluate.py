@@ -188,7 +188,27 @@ def event_counts(condition: EventCondition, event: Event, now: datetime) -> bool
         return False
     if condition.within is not None and event.occurred_at < now - condition.within:
         return False
-    return all(property_matches(where, event.properties) for where in condition.where or ())
+    return all(property_matches(where, event.properties) for where in condition.filtering or ())
+
+
+def last_event(condition: EventCondition, events: Iterable[Event], now: datetime) -> Event | None:
+    """The most recent event counting for ``check: last`` by time (name, window, not
+    ``where``); of equal ``occurred_at`` the later ingested: events are given in ingestion
+    order (SPEC §3.4)."""
+    found: Event | None = None
+    for event in events:
+        if event_counts(condition, event, now) and (
+            found is None or event.occurred_at >= found.occurred_at
+        ):
+            found = event
+    return found
+
+
+def last_matches(condition: EventCondition, last: Event | None) -> bool:
+    """Whether the last event exists and satisfies every ``where`` condition."""
+    return last is not None and all(
+        property_matches(where, last.properties) for where in condition.where or ()
+    )
 
 
 def aggregated_value(condition: EventCondition, event: Event) -> Any:
@@ -209,12 +229,14 @@ def counts_counter(counts: Mapping[EventCondition, int]) -> EventCounter:
 
 
 def in_memory_counter(events: Iterable[Event], now: datetime) -> EventCounter:
-    """A counter over a contact's events held in memory."""
+    """A counter over a contact's events held in memory (in ingestion order)."""
     history = tuple(events)
 
     def count(condition: EventCondition) -> int | Aggregate:
         if condition.is_aggregate:
             return aggregate_of(condition, history, now)
+        if condition.is_last:
+            return int(last_matches(condition, last_event(condition, history, now)))
         return sum(1 for event in history if event_counts(condition, event, now))
 
     return count

@@ -66,7 +66,7 @@ PropertyOperator = Literal[
     "within_next",
 ]
 CountOperator = Literal["gt", "gte", "lt", "lte", "eq"]
-EventCheck = Literal["exists", "not_exists", "count", "sum", "avg", "min", "max"]
+EventCheck = Literal["exists", "not_exists", "count", "sum", "avg", "min", "max", "last"]
 AGGREGATE_CHECKS = frozenset({"sum", "avg", "min", "max"})
 
 VALUELESS_OPERATORS = frozenset({"exists", "not_exists"})
@@ -288,6 +288,8 @@ class EventCondition(_Node):
             raise _FieldError("property", f"check {self.check!r} takes no property")
         if self.where is not None and not self.where:
             raise _FieldError("where", "must list at least one condition (or be left out)")
+        if self.older_than is not None and self.check == "last":
+            raise _FieldError("older_than", f"not allowed with check {self.check!r}")
         if (
             self.older_than is not None
             and self.within is not None
@@ -356,9 +358,21 @@ class EventCondition(_Node):
             return timedelta(0)
         return self.older_than + timedelta(microseconds=1)
 
+    @builtins.property
+    def is_last(self) -> bool:
+        """``check: last``: the most recent event counting by time must satisfy ``where``
+        (which then tests that one event instead of choosing the events that count)."""
+        return self.check == "last"
+
+    @builtins.property
+    def filtering(self) -> tuple[PropertyCondition, ...] | None:
+        """The ``where`` conditions that choose which events count (none for ``last``)."""
+        return None if self.is_last else self.where
+
     def satisfied_by(self, count: int) -> bool:
-        """Whether ``count`` matching events satisfy this (counting) condition."""
-        if self.check == "exists":
+        """Whether ``count`` matching events satisfy this (counting) condition (``last``: 1
+        when the last event satisfies ``where``, else 0)."""
+        if self.check in ("exists", "last"):
             return count > 0
         if self.check == "not_exists":
             return count == 0

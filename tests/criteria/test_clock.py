@@ -55,7 +55,9 @@ OFFSETS = st.sampled_from(
 @st.composite
 def clock_leaf(draw: st.DrawFn) -> dict[str, Any]:
     leaf: dict[str, Any] = {"type": "event", "event": draw(st.sampled_from(NAMES))}
-    check = draw(st.sampled_from(["exists", "not_exists", "count", "count", "sum", "avg", "max"]))
+    check = draw(
+        st.sampled_from(["exists", "not_exists", "count", "count", "sum", "avg", "max", "last"])
+    )
     leaf["check"] = check
     if check in ("sum", "avg", "max"):  # windowed aggregates decay (SPEC §6.7)
         leaf["property"] = "k"
@@ -67,7 +69,7 @@ def clock_leaf(draw: st.DrawFn) -> dict[str, Any]:
         leaf["value"] = draw(st.integers(min_value=1 if operator == "lt" else 0, max_value=3))
     if draw(st.integers(0, 3)):  # mostly windowed
         leaf["within"] = draw(st.sampled_from(WINDOWS))
-    if not draw(st.integers(0, 2)):  # events ageing in
+    if check != "last" and not draw(st.integers(0, 2)):  # events ageing in
         ages = [age for age in AGES if age < leaf.get("within", timedelta.max)]
         if ages:
             leaf["older_than"] = draw(st.sampled_from(ages))

@@ -173,7 +173,8 @@ STATIC_LEAVES = st.one_of(
 @st.composite
 def event_leaf(draw: st.DrawFn, *, aged: bool = False) -> dict[str, Any]:
     leaf: dict[str, Any] = {"type": "event", "event": draw(st.sampled_from(EVENT_NAMES))}
-    check = draw(st.sampled_from(["exists", "not_exists", "count", "sum", "avg", "min", "max"]))
+    checks = ["exists", "not_exists", "count", "sum", "avg", "min", "max", "last"]
+    check = draw(st.sampled_from(checks[:-1] if aged else checks))
     leaf["check"] = check
     if check in ("sum", "avg", "min", "max"):
         leaf["property"] = draw(st.sampled_from(AGGREGATED))
@@ -186,7 +187,7 @@ def event_leaf(draw: st.DrawFn, *, aged: bool = False) -> dict[str, Any]:
     within = draw(st.sampled_from((None, *WINDOWS)))
     if within is not None:
         leaf["within"] = within
-    if aged or draw(st.integers(0, 2)) == 0:  # events ageing into the count
+    if check != "last" and (aged or draw(st.integers(0, 2)) == 0):  # events ageing in
         ages = [age for age in AGES if within is None or age < within]
         if ages:
             leaf["older_than"] = draw(st.sampled_from(ages))
@@ -194,6 +195,19 @@ def event_leaf(draw: st.DrawFn, *, aged: bool = False) -> dict[str, Any]:
         leaf["where"] = draw(
             st.lists(property_leaf(EVENT_KEYS, EVENT_PATHS, clock=False), min_size=1, max_size=2)
         )
+    return leaf
+
+
+@st.composite
+def last_leaf(draw: st.DrawFn) -> dict[str, Any]:
+    """``check: last`` over events of one name whose ``where`` key is often set, often not."""
+    leaf: dict[str, Any] = {"type": "event", "event": "e1", "check": "last"}
+    within = draw(st.sampled_from((None, *WINDOWS)))
+    if within is not None:
+        leaf["within"] = within
+    if draw(st.integers(0, 3)):  # about half the events have "kind"
+        kind = {"type": "property", "property": "kind", "operator": "eq", "value": "a"}
+        leaf["where"] = [draw(st.one_of(st.just(kind), property_leaf(EVENT_KEYS, clock=False)))]
     return leaf
 
 
@@ -229,6 +243,7 @@ TREES = st.one_of(
     composite(event_leaf()),
     composite(composite(event_leaf())),
     composite(event_leaf(aged=True)),  # older_than's edges: events at now - D +- 1us
+    composite(last_leaf()),  # check last: equal timestamps (ties by ingestion), the future
 )
 
 EVENTS = st.builds(
@@ -266,6 +281,39 @@ PEOPLE = st.lists(
 def test_sql_and_python_agree(
     connection: Connection, criteria: dict[str, Any], people: list[Person], subset: list[bool]
 ):
+    all_executors_agree(connection, criteria, people, subset)
+
+
+# Few instants, so that events share them: check last's ties (the later ingested wins).
+CROWDED = st.lists(
+    st.builds(
+        lambda offset, kind: Event("e1", NOW - offset, {} if kind is None else {"kind": kind}),
+        st.sampled_from([timedelta(0), timedelta(hours=1), -timedelta(hours=1), WINDOWS[1]]),
+        st.sampled_from([None, "a", "b"]),
+    ),
+    max_size=6,
+)
+
+
+@settings(
+    max_examples=max(EXAMPLES // 4, 50),
+    deadline=None,
+    suppress_health_check=[HealthCheck.function_scoped_fixture, HealthCheck.too_slow],
+)
+@given(
+    criteria=st.one_of(last_leaf(), composite(last_leaf())),
+    people=st.lists(st.builds(Person, st.just({}), CROWDED), min_size=1, max_size=4),
+    subset=st.lists(st.booleans(), min_size=5, max_size=5),
+)
+def test_last_breaks_ties_alike(
+    connection: Connection, criteria: dict[str, Any], people: list[Person], subset: list[bool]
+):
+    all_executors_agree(connection, criteria, people, subset)
+
+
+def all_executors_agree(
+    connection: Connection, criteria: dict[str, Any], people: list[Person], subset: list[bool]
+) -> None:
     node = parse_criteria(criteria)
     savepoint = connection.begin_nested()
     try:

@@ -45,7 +45,22 @@ OLDER_THAN_FORMS: list[tuple[dict[str, Any], dict[str, Any]]] = [
         },
     ),
 ]
-FORMS = [*OLDER_THAN_FORMS]
+LAST_FORMS: list[tuple[dict[str, Any], dict[str, Any]]] = [
+    (
+        b.event("plan.changed").where(b.prop("to").eq("pro")).last(),
+        {
+            "type": "event",
+            "event": "plan.changed",
+            "check": "last",
+            "where": [{"type": "property", "property": "to", "operator": "eq", "value": "pro"}],
+        },
+    ),
+    (
+        b.event("seen").within("30d").last(),
+        {"type": "event", "event": "seen", "check": "last", "within": "30d"},
+    ),
+]
+FORMS = [*OLDER_THAN_FORMS, *LAST_FORMS]
 
 
 @pytest.mark.parametrize(("built", "literal"), FORMS)
@@ -103,6 +118,29 @@ ERRORS = [
 ]
 
 
+ERRORS += [
+    (
+        b.event("x").older_than("1d").last(),
+        "x: criteria.older_than: not allowed with check 'last'",
+    ),
+    (
+        {"type": "event", "event": "x", "check": "last", "operator": "eq", "value": 1},
+        "x: criteria.operator: check 'last' takes no operator or value",
+    ),
+    (
+        {"type": "event", "event": "x", "check": "last", "property": "k"},
+        "x: criteria.property: check 'last' takes no property",
+    ),
+    (
+        b.event("x")
+        .where({"type": "property", "property": "t", "operator": "within_past", "value": "1d"})
+        .last(),
+        "x: criteria.where[0].operator: 'within_past' compares with now and is not allowed in"
+        " where (an event's properties are read as of each decision; use before/after)",
+    ),
+]
+
+
 @pytest.mark.parametrize(("criteria", "message"), ERRORS, ids=[m for _, m in ERRORS])
 def test_misuse_is_a_located_error(criteria: Any, message: str):
     with pytest.raises(DefinitionError) as raised:
@@ -120,6 +158,9 @@ def test_misuse_is_a_located_error(criteria: Any, message: str):
         (b.not_(b.event("x").older_than("1d").exists()), True, False),
         (b.event("x").older_than("1d").exactly(2), True, True),
         (b.event("x").older_than("1d").sum("a").gt(1), True, True),
+        (b.event("x").last(), False, False),  # only new (or future-stamped) events change it
+        (b.event("x").within("7d").last(), True, False),  # the last one ages out: false
+        (b.not_(b.event("x").within("7d").last()), True, True),
     ],
 )
 def test_which_buckets_the_clock_can_join(criteria: Any, time_based: bool, cron_joins: bool):

@@ -278,6 +278,51 @@ CASES: list[tuple[str, dict[str, Any], Person, bool]] = [
         Person({}, [ev("x", 7 * D + US), ev("x", H)]),
         False,
     ),
+    # --- check last (SPEC §3.4): the most recent event counting by time satisfies where ---
+    ("last: none", b.event("x").last(), Person({}, [ev("y")]), False),
+    ("last: any", b.event("x").last(), Person({}, [ev("x", 9 * D)]), True),
+    (
+        "last: the newest decides",
+        b.event("p").where(b.prop("to").eq("pro")).last(),
+        Person({}, [ev("p", H, to="free"), ev("p", 2 * H, to="pro")]),
+        False,
+    ),
+    (
+        "last: where does not choose the events",
+        b.event("p").where(b.prop("to").eq("pro")).last(),
+        Person({}, [ev("p", 2 * H, to="free"), ev("p", H, to="pro")]),
+        True,
+    ),
+    (
+        "last: a future event is not last yet",
+        b.event("p").where(b.prop("to").eq("pro")).last(),
+        Person({}, [ev("p", -US, to="free"), ev("p", timedelta(0), to="pro")]),
+        True,
+    ),
+    (
+        "last: equal instants, the later ingested",
+        b.event("p").where(b.prop("to").eq("pro")).last(),
+        Person({}, [ev("p", H, to="pro"), ev("p", H, to="free")]),
+        False,
+    ),
+    (
+        "last: equal instants, the later ingested holds",
+        b.event("p").where(b.prop("to").eq("pro")).last(),
+        Person({}, [ev("p", H, to="free"), ev("p", H, to="pro")]),
+        True,
+    ),
+    (
+        "last: within, at the window's edge",
+        b.event("p").within("1d").where(b.prop("to").eq("pro")).last(),
+        Person({}, [ev("p", D, to="pro"), ev("p", 2 * D, to="free")]),
+        True,
+    ),
+    (
+        "last: within, out of the window",
+        b.event("p").within("1d").last(),
+        Person({}, [ev("p", D + US)]),
+        False,
+    ),
     # --- composites ---
     (
         "and",
