@@ -138,7 +138,7 @@ class Bucket:
         """The criteria contain a ``within`` window or an ``older_than`` age, or compare a
         property with now (``within_past`` / ``within_next``)."""
         return any(
-            (isinstance(leaf, EventCondition) and (leaf.within or leaf.older_than))
+            (isinstance(leaf, EventCondition) and (leaf.within or leaf.older_than or leaf.period))
             or (isinstance(leaf, PropertyCondition) and leaf.operator in CLOCK_OPERATORS)
             for leaf in leaves(self.criteria)
         )
@@ -306,6 +306,8 @@ def _event_moves(leaf: EventCondition, *, to: bool) -> bool:
     """Time alone can turn the event leaf to ``to``: events leave a ``within`` window (the
     count falls) and age into ``older_than`` (it rises); an aggregate moves either way."""
     falls, rises = leaf.within is not None, leaf.older_than is not None
+    if leaf.is_regularly:  # events move from period to period, and out of the last one
+        return True
     if leaf.is_last:  # the last event leaving the window turns it false (none is newer)
         return falls and not to
     if leaf.is_aggregate:
@@ -340,7 +342,7 @@ def empty_contact_values(node: Node) -> set[bool]:
 
         return {property_matches(node, {})}
     if isinstance(node, EventCondition):
-        return {node.holds(Aggregate() if node.is_aggregate else 0)}
+        return {node.holds(Aggregate() if node.is_aggregate else node.count_without_events)}
     if isinstance(node, Everyone):
         return {True}
     if isinstance(node, Sample):
@@ -396,6 +398,12 @@ def canonical_criteria(node: Node) -> dict[str, Any]:
         out["within"] = duration_seconds(node.within)
     if node.older_than is not None:  # absent from older definitions: their hash is unchanged
         out["older_than"] = duration_seconds(node.older_than)
+    if node.is_regularly:  # the per-period count written out: gte 1 when left out
+        assert node.period is not None
+        out["period"] = duration_seconds(node.period)
+        out["periods"], out["min_periods"] = node.periods, node.min_periods
+        out["operator"] = node.operator or "gte"
+        out["value"] = 1 if node.value is None else node.value
     if node.where is not None:
         out["where"] = [canonical_criteria(where) for where in node.where]
     return out

@@ -40,6 +40,7 @@ from buckets.criteria.evaluate import (
     last_event,
     last_matches,
     lookup,
+    period_counts,
     property_matches,
 )
 from buckets.criteria.instants import parse_instant
@@ -160,6 +161,13 @@ def describe(node: Node) -> str:
             text += f" older_than {format_duration(node.older_than)}"
         if node.check == "count":
             return f"{text} count {node.operator} {node.value}"
+        if node.is_regularly:
+            assert node.period is not None
+            each = f"{node.operator or 'gte'} {1 if node.value is None else node.value}"
+            return (
+                f"{text} regularly: {node.min_periods} of {node.periods} periods of"
+                f" {format_duration(node.period)} with count {each}"
+            )
         if node.is_aggregate:
             key = node.property if isinstance(node.property, str) else list(node.aggregated)
             return f"{text} {node.check} {key!r} {node.operator} {node.value}"
@@ -302,6 +310,13 @@ def _leaf(
     window = (now - node.within, now) if node.within is not None else None
     if node.is_last:
         detail = _last_detail(node, last_event(node, events, now))
+    if node.is_regularly:
+        counts = period_counts(node, events, now)
+        counted = [index for index, n in enumerate(counts) if node.period_holds(n)]
+        detail = (
+            f"periods that counted: {counted} of counts {counts} (period 0 ends now),"
+            f" {len(counted)} of {node.min_periods} needed"
+        )
     if node.older_than is not None:  # counted: occurred_at before now - older_than
         cutoff = now - node.older_than
         window = (window[0], cutoff) if window is not None else None

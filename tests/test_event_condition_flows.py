@@ -114,3 +114,40 @@ def test_a_future_stamped_event_becomes_last_when_now_reaches_it(make_runtime):
     assert active(rt, "pro-now") == {"u"}
     tick(rt, soon)
     assert active(rt, "pro-now") == set()
+
+
+HABIT = define_bucket(
+    id="habit", criteria=b.event("used").regularly("1d", periods=3, min_periods=2)
+)
+
+
+def test_regularly_joins_on_ingest_and_leaves_when_a_period_empties(make_runtime):
+    rt = make_runtime(HABIT)
+    used(rt, "u", T0)
+    assert active(rt, "habit") == set()
+    used(rt, "u", T0 + D + H)  # periods 0 and 1 now hold an event each
+    assert active(rt, "habit") == {"u"}
+    ship(rt, T0 + D + H)
+    # the T0 event crosses into period 2 at T0 + 2d (still 2 of 3), out at T0 + 3d
+    first = T0 + 2 * D
+    assert entries(rt, "habit")[("habit", "u")] == first
+    found = explain("habit", "u", now=T0 + D + H, runtime=rt).to_dict()
+    [leaf] = found["leaves"]
+    assert leaf["condition"] == ("event 'used' regularly: 2 of 3 periods of 1d with count gte 1")
+    assert leaf["detail"] == (
+        "periods that counted: [0, 1] of counts [1, 1, 0] (period 0 ends now), 2 of 2 needed"
+    )
+    assert leaf["next_at"] == first.isoformat()
+    assert found["next_change"]["at"] == (T0 + 3 * D).isoformat()
+    tick(rt, first)
+    assert active(rt, "habit") == {"u"}
+    instant = T0 + 3 * D  # the T0 event leaves the third period: one period left
+    assert entries(rt, "habit")[("habit", "u")] == T0 + 2 * D + H
+    tick(rt, T0 + 2 * D + H)
+    assert entries(rt, "habit")[("habit", "u")] == instant
+    tick(rt, instant - TICK)
+    assert active(rt, "habit") == {"u"}
+    tick(rt, instant)
+    assert active(rt, "habit") == set()
+    [left] = transitions(rt, "habit")[-1:]
+    assert (left.kind, left.occurred_at, left.reason) == ("left", instant, "criteria")

@@ -143,6 +143,21 @@ class EventBuilder:
         :meth:`where` condition: ``b.event("plan.set").where(b.prop("to").eq("pro")).last()``."""
         return self._leaf("last")
 
+    def regularly(
+        self,
+        period: timedelta | str,
+        periods: int,
+        min_periods: int,
+        operator: str | None = None,
+        value: int | None = None,
+    ) -> Criteria:
+        """At least ``min_periods`` of the last ``periods`` periods of ``period`` each hold a
+        count of events satisfying ``operator value`` (default: at least one):
+        ``b.event("app.opened").regularly("1d", periods=7, min_periods=4)``."""
+        leaf = self._leaf("regularly", operator, value)
+        leaf.update(period=period, periods=periods, min_periods=min_periods)
+        return leaf
+
     def count(self, operator: str, value: int) -> Criteria:
         """``count(op, n)`` with ``op`` one of gt, gte, lt, lte, eq."""
         return self._leaf("count", operator, value)

@@ -44,6 +44,7 @@ from buckets.criteria.evaluate import (
     last_matches,
     lookup,
     property_matches,
+    regular_periods,
 )
 from buckets.criteria.instants import parse_instant
 from buckets.criteria.model import (
@@ -142,6 +143,31 @@ def last_state(
     if value and condition.within is not None and last_at is not None:
         departs = last_at + condition.within + TICK
     return State(value, earliest(arrival, departs))
+
+
+def regularly_state(
+    condition: EventCondition, satisfied: int, crossing: datetime | None, arrival: datetime | None
+) -> State:
+    """A ``check: regularly`` leaf's state: its periods' counts change only when an event
+    crosses a period boundary (an event at ``t`` is in period ``i`` while
+    ``t + i·period <= now < t + (i+1)·period``; ``crossing``: the first such instant after now
+    of any counting event) or a future-stamped event arrives in period 0."""
+    return State(condition.satisfied_by(satisfied), earliest(arrival, crossing))
+
+
+def next_crossing(
+    condition: EventCondition, events: Iterable[Event], now: datetime
+) -> datetime | None:
+    """The first instant after ``now`` a counting event of ``check: regularly`` moves to the
+    next period (or out of the last one)."""
+    assert condition.period is not None
+    return earliest(
+        *(
+            now + condition.period - (now - e.occurred_at) % condition.period
+            for e in events
+            if event_counts(condition, e, now)
+        )
+    )
 
 
 def aggregate_state(
@@ -263,6 +289,13 @@ def in_memory_leaf_states(
                 leaf,
                 aggregate_of(leaf, events, now),
                 oldest_number(leaf, events, now),
+                arrival(leaf, events, now),
+            )
+        if isinstance(leaf, EventCondition) and leaf.is_regularly:
+            return regularly_state(
+                leaf,
+                regular_periods(leaf, events, now),
+                next_crossing(leaf, events, now),
                 arrival(leaf, events, now),
             )
         if isinstance(leaf, EventCondition) and leaf.is_last:

@@ -204,6 +204,7 @@ class LeafColumns:
     low: ColumnElement[Any] | None = None
     high: ColumnElement[Any] | None = None
     oldest: ColumnElement[Any] | None = None  # the oldest one's occurred_at (clock)
+    crossing: ColumnElement[Any] | None = None  # regularly: an event's next period (clock)
 
 
 def event_number(condition: EventCondition) -> tuple[ColumnElement[Any], ColumnElement[bool]]:
@@ -296,9 +297,21 @@ def compile_criteria(
     columns: dict[EventCondition, LeafColumns] = {}
     from_clause: sa.FromClause = contacts
     by_name: dict[str, list[EventCondition]] = {}
+    regular: list[EventCondition] = []  # check regularly: a subquery each
     for leaf in leaves(node):
-        if isinstance(leaf, EventCondition) and leaf not in by_name.get(leaf.event, []):
+        if isinstance(leaf, EventCondition) and leaf.is_regularly:
+            if leaf not in regular:
+                regular.append(leaf)
+        elif isinstance(leaf, EventCondition) and leaf not in by_name.get(leaf.event, []):
             by_name.setdefault(leaf.event, []).append(leaf)
+    for index, condition in enumerate(regular):
+        periods, arrivals, found_ = _regular_aggregate(
+            index, condition, now, contact_ids=contact_ids, id_range=id_range, clock=clock
+        )
+        from_clause = from_clause.outerjoin(periods, periods.c.contact_id == contacts.c.id)
+        if arrivals is not None:
+            from_clause = from_clause.outerjoin(arrivals, arrivals.c.contact_id == contacts.c.id)
+        columns[condition] = found_
     for index, (name, conditions) in enumerate(by_name.items()):
         aggregate, found = _aggregate(
             index, name, conditions, now, contact_ids=contact_ids, id_range=id_range, clock=clock
@@ -400,6 +413,110 @@ def _aggregate(
     return subquery, found
 
 
+def _micros(instant: datetime | ColumnElement[Any]) -> ColumnElement[Any]:
+    """Microseconds since the epoch, exactly (``numeric``)."""
+    at = instant if isinstance(instant, ColumnElement) else sa.literal(instant, TIMESTAMP)
+    return sa.extract("epoch", at) * 1_000_000
+
+
+def period_rows(
+    condition: EventCondition,
+    now: datetime | ColumnElement[Any],
+    where: list[ColumnElement[bool]],
+    *,
+    by_contact: bool,
+) -> sa.Subquery:
+    """``check: regularly``: one row per (contact,) period with events — its index ``i``, its
+    count ``c`` and ``m``, the largest ``(now - occurred_at) mod period`` in it in
+    microseconds (its oldest event's; the next crossing is ``now + period - m``). ``where``:
+    the events (name, ``where``, the span, ``occurred_at <= now``, the contacts)."""
+    assert condition.period is not None
+    ago = _micros(now) - _micros(user_events.c.occurred_at)
+    length = sa.literal(int(condition.period / timedelta(microseconds=1)), sa.Numeric)
+    index = sa.func.div(ago, length)
+    keys = [user_events.c.contact_id] if by_contact else []
+    return (
+        sa.select(
+            *keys,
+            index.label("i"),
+            sa.func.count().label("c"),
+            sa.func.max(sa.func.mod(ago, length)).label("m"),
+        )
+        .where(*where)
+        .group_by(*keys, index)
+        .correlate_except(user_events)  # per contact: the contact belongs to the outer query
+        .subquery("periods")
+    )
+
+
+def regular_columns(
+    condition: EventCondition, periods: sa.Subquery, now: datetime | ColumnElement[Any]
+) -> tuple[ColumnElement[Any], ColumnElement[Any]]:
+    """Over :func:`period_rows`: how many periods satisfy their count (periods without
+    events count when an empty period does) and the next crossing (NULL: none)."""
+    assert condition.period is not None
+    assert condition.periods is not None
+    if condition.operator is None:
+        holds: ColumnElement[bool] = periods.c.c >= 1
+    else:
+        holds = periods.c.c.op(_SQL_OPERATORS[condition.operator])(condition.value)
+    satisfied = _filtered(sa.func.count(), [holds])
+    if condition.period_holds(0):
+        satisfied = satisfied + (condition.periods - sa.func.count())
+    length = sa.literal(int(condition.period / timedelta(microseconds=1)), sa.Numeric)
+    at = now if isinstance(now, ColumnElement) else sa.literal(now, TIMESTAMP)
+    step = sa.literal(timedelta(microseconds=1), sa.Interval)
+    remaining = (length - sa.func.max(periods.c.m)).self_group()  # microseconds to go
+    crossing = at + step.op("*", return_type=sa.Interval())(remaining).self_group()
+    return satisfied, crossing
+
+
+def _regular_aggregate(
+    index: int,
+    condition: EventCondition,
+    now: datetime,
+    *,
+    contact_ids: Sequence[int] | None,
+    id_range: IdRange | None,
+    clock: bool,
+) -> tuple[sa.Subquery, sa.Subquery | None, LeafColumns]:
+    """A ``check: regularly`` condition over every contact in scope: the periods that
+    satisfy their count and (with ``clock``) the next crossing and arrival."""
+    scope = [
+        user_events.c.event == condition.event,
+        *(property_predicate(where, user_events.c.properties) for where in condition.where or ()),
+        *_scope(user_events.c.contact_id, contact_ids, id_range),
+    ]
+    span = [
+        user_events.c.occurred_at <= sa.literal(now, TIMESTAMP),
+        user_events.c.occurred_at > sa.literal(now - condition.span, TIMESTAMP),
+    ]
+    periods = period_rows(condition, now, [*scope, *span], by_contact=True)
+    satisfied, crossing = regular_columns(condition, periods, now)
+    selected = [periods.c.contact_id, satisfied.label("n")]
+    if clock:
+        selected.append(crossing.label("x"))
+    grouped = sa.select(*selected).group_by(periods.c.contact_id).subquery(f"rg{index}")
+    arrivals = None
+    if clock:
+        arrivals = (
+            sa.select(
+                user_events.c.contact_id,
+                sa.func.min(user_events.c.occurred_at).label("a"),
+            )
+            .where(*scope, user_events.c.occurred_at > sa.literal(now, TIMESTAMP))
+            .group_by(user_events.c.contact_id)
+            .subquery(f"ra{index}")
+        )
+    found = LeafColumns(
+        grouped.c.n,
+        {},
+        arrivals.c.a if arrivals is not None else None,
+        crossing=grouped.c.x if clock else None,
+    )
+    return grouped, arrivals, found
+
+
 def _filtered(aggregate: Any, where: list[ColumnElement[bool]]) -> Any:
     return aggregate.filter(sa.and_(*where)) if where else aggregate
 
@@ -487,6 +604,8 @@ def _predicate(
         return property_predicate(node, contacts.c.properties, now)
     if isinstance(node, EventCondition) and node.is_aggregate:
         return aggregate_predicate(node, columns[node])
+    if isinstance(node, EventCondition) and node.is_regularly:
+        return regular_predicate(node, columns[node].count)
     if isinstance(node, EventCondition):
         count = columns[node].count
         if node.satisfied_by(0):  # no events row => NULL: count it as 0
@@ -499,6 +618,16 @@ def _predicate(
     assert isinstance(node, Composite)
     parts = [_predicate(child, columns, now) for child in node.conditions]
     return _combine(node, parts)
+
+
+def regular_predicate(
+    condition: EventCondition, satisfied: ColumnElement[Any]
+) -> ColumnElement[bool]:
+    """``check: regularly`` from its satisfied periods (NULL: a contact without events in
+    its span, whose periods are all empty)."""
+    assert condition.min_periods is not None
+    counted = sa.func.coalesce(satisfied, condition.count_without_events)
+    return counted >= condition.min_periods
 
 
 def _combine(node: Composite, parts: list[ColumnElement[bool]]) -> ColumnElement[bool]:
@@ -566,6 +695,8 @@ def leaf_event_scope(
             scope.append(user_events.c.occurred_at >= start)
         if condition.older_than is not None:
             scope.append(user_events.c.occurred_at < shifted(now, -condition.older_than))
+        if condition.is_regularly:
+            scope.append(user_events.c.occurred_at > shifted(now, -condition.span))
     scope.extend(
         property_predicate(where, user_events.c.properties) for where in condition.filtering or ()
     )
@@ -652,6 +783,13 @@ def _probe_leaf(
         return _probe_aggregate(condition, now, contact_id)
     if condition.is_last:
         return _probe_last(condition, now, contact_id)
+    if condition.is_regularly:
+        periods = period_rows(
+            condition, now, leaf_event_scope(condition, now, contact_id), by_contact=False
+        )
+        satisfied, _ = regular_columns(condition, periods, now)
+        probe = sa.select(satisfied).select_from(periods).correlate_except(user_events, periods)
+        return regular_predicate(condition, probe.scalar_subquery())
     if condition.check == "exists":
         return _reached(condition, 1, now, contact_id)
     if condition.check == "not_exists":

@@ -34,6 +34,7 @@ from buckets.criteria.clock import (
     event_state,
     last_state,
     property_state,
+    regularly_state,
     state,
     static_state,
     threshold,
@@ -51,8 +52,11 @@ from buckets.criteria.compile import (
     last_event_select,
     last_holds,
     leaf_event_scope,
+    period_rows,
     property_predicate,
     property_value,
+    regular_columns,
+    regular_predicate,
     sample_predicate,
     shifted,
     user_events,
@@ -131,6 +135,9 @@ def facts_statement(
             continue
         if condition.is_last:
             columns += _last_facts(condition, index, now, asked)
+            continue
+        if condition.is_regularly:
+            columns += _regular_facts(condition, index, now, asked)
             continue
         # Explicit correlation: auto-correlation does not reach through the derived table.
         newest = (
@@ -233,6 +240,35 @@ def _last_facts(
     return [instant.label(f"r{index}"), arrival.label(f"a{index}"), holds.label(f"w{index}")]
 
 
+def _regular_facts(
+    condition: EventCondition, index: int, now: ColumnElement[Any], asked: Any
+) -> list[Any]:
+    """A ``check: regularly`` leaf's facts: the next crossing of a period boundary (``r``),
+    the next arrival (``a``) and how many periods satisfy their count (``w``)."""
+    occurred = user_events.c.occurred_at
+    periods = period_rows(
+        condition, now, leaf_event_scope(condition, now, contacts.c.id), by_contact=False
+    )
+    satisfied, crossing = regular_columns(condition, periods, now)
+
+    def scalar(column: Any) -> Any:
+        return sa.select(column).select_from(periods).scalar_subquery()
+
+    found: Any = scalar(satisfied)
+    boundary: Any = scalar(crossing)
+    arrival: Any = (
+        sa.select(sa.func.min(occurred))
+        .where(*leaf_event_scope(condition, now, contacts.c.id, future=True))
+        .correlate_except(user_events)
+        .scalar_subquery()
+    )
+    if asked is not None:
+        found, boundary, arrival = (
+            sa.case((asked, column), else_=sa.null()) for column in (found, boundary, arrival)
+        )
+    return [boundary.label(f"r{index}"), arrival.label(f"a{index}"), found.label(f"w{index}")]
+
+
 @dataclass(frozen=True)
 class Facts:
     """One contact's row of :func:`leaf_facts`: its properties and, per event leaf asked
@@ -246,6 +282,7 @@ class Facts:
     # aggregates: the oldest counting number's instant; last: the last event's
     oldest: Mapping[EventCondition, datetime | None] = field(default_factory=dict)
     now: datetime | None = None  # the facts' instant (property leaves that compare with it)
+    regular: Mapping[EventCondition, int] = field(default_factory=dict)  # satisfied periods
 
     @classmethod
     def of(
@@ -260,12 +297,21 @@ class Facts:
         arrivals: dict[EventCondition, datetime | None] = {}
         aggregates: dict[EventCondition, Aggregate] = {}
         oldest: dict[EventCondition, datetime | None] = {}
+        regular: dict[EventCondition, int] = {}
         at = offset
         for condition in conditions:
             if condition.is_aggregate:
                 oldest[condition], arrivals[condition] = row[at], row[at + 1]
                 numbers, total, low, high = row[at + 2] or (0, 0, None, None)
                 aggregates[condition] = Aggregate(int(numbers), Decimal(total), low, high)
+                at += 3
+                continue
+            if condition.is_regularly:  # the next crossing, the satisfied periods
+                oldest[condition], arrivals[condition] = row[at], row[at + 1]
+                satisfied = row[at + 2]
+                regular[condition] = (
+                    condition.count_without_events if satisfied is None else satisfied
+                )
                 at += 3
                 continue
             if condition.is_last:  # the last event's instant, when it holds
@@ -276,7 +322,16 @@ class Facts:
             recent[condition] = row[at] or ()
             arrivals[condition] = row[at + 1]
             at += 2
-        return cls(row.properties or {}, recent, arrivals, row.external_id, aggregates, oldest, now)
+        return cls(
+            row.properties or {},
+            recent,
+            arrivals,
+            row.external_id,
+            aggregates,
+            oldest,
+            now,
+            regular,
+        )
 
     @property
     def counter(self) -> EventCounter:
@@ -285,6 +340,8 @@ class Facts:
         def count(condition: EventCondition) -> int | Aggregate:
             if condition.is_aggregate:
                 return self.aggregates[condition]
+            if condition.is_regularly:
+                return self.regular[condition]
             return len(self.recent[condition])
 
         return count
@@ -296,6 +353,8 @@ class Facts:
             return aggregate_state(
                 leaf, self.aggregates[leaf], self.oldest[leaf], self.arrivals[leaf]
             )
+        if isinstance(leaf, EventCondition) and leaf.is_regularly:
+            return regularly_state(leaf, self.regular[leaf], self.oldest[leaf], self.arrivals[leaf])
         if isinstance(leaf, EventCondition) and leaf.is_last:
             recent = self.recent[leaf]
             return last_state(leaf, bool(recent), self.oldest[leaf], self.arrivals[leaf])
@@ -437,9 +496,13 @@ def _aggregate_state(condition: EventCondition, found: LeafColumns) -> _SqlState
 def _event_state(condition: EventCondition, found: LeafColumns) -> _SqlState:
     if condition.is_aggregate:
         return _aggregate_state(condition, found)
+    arrival = sa.func.coalesce(found.arrival, INFINITY) if found.arrival is not None else INFINITY
+    if condition.is_regularly:  # :func:`.clock.regularly_state`
+        crossing = found.crossing if found.crossing is not None else INFINITY
+        next_at = sa.func.least(arrival, sa.func.coalesce(crossing, INFINITY))
+        return _SqlState(regular_predicate(condition, found.count), next_at)
     count = sa.func.coalesce(found.count, 0)
     value = _count_predicate(condition, count)
-    arrival = sa.func.coalesce(found.arrival, INFINITY) if found.arrival is not None else INFINITY
     if condition.is_last:  # :func:`.clock.last_state`
         leaves_at: ColumnElement[Any] = INFINITY
         newest = found.newest.get(1)

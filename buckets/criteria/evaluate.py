@@ -188,6 +188,8 @@ def event_counts(condition: EventCondition, event: Event, now: datetime) -> bool
         return False
     if condition.within is not None and event.occurred_at < now - condition.within:
         return False
+    if condition.is_regularly and event.occurred_at <= now - condition.span:
+        return False
     return all(property_matches(where, event.properties) for where in condition.filtering or ())
 
 
@@ -209,6 +211,23 @@ def last_matches(condition: EventCondition, last: Event | None) -> bool:
     return last is not None and all(
         property_matches(where, last.properties) for where in condition.where or ()
     )
+
+
+def period_counts(condition: EventCondition, events: Iterable[Event], now: datetime) -> list[int]:
+    """``check: regularly``: the matching events in each period, period ``i`` (0-based)
+    covering ``(now - (i+1)·period, now - i·period]``."""
+    assert condition.period is not None
+    assert condition.periods is not None
+    counts = [0] * condition.periods
+    for event in events:
+        if event_counts(condition, event, now):
+            counts[(now - event.occurred_at) // condition.period] += 1
+    return counts
+
+
+def regular_periods(condition: EventCondition, events: Iterable[Event], now: datetime) -> int:
+    """How many periods satisfy their count (what ``min_periods`` is compared with)."""
+    return sum(1 for n in period_counts(condition, events, now) if condition.period_holds(n))
 
 
 def aggregated_value(condition: EventCondition, event: Event) -> Any:
@@ -237,6 +256,8 @@ def in_memory_counter(events: Iterable[Event], now: datetime) -> EventCounter:
             return aggregate_of(condition, history, now)
         if condition.is_last:
             return int(last_matches(condition, last_event(condition, history, now)))
+        if condition.is_regularly:
+            return regular_periods(condition, history, now)
         return sum(1 for event in history if event_counts(condition, event, now))
 
     return count

@@ -31,6 +31,7 @@ from tests.criteria.test_differential import (
     WINDOWS,
     instant_text,
     property_leaf,
+    regular_leaf,
 )
 
 # Instants around now (the brute force steps through their window edges).
@@ -56,8 +57,12 @@ OFFSETS = st.sampled_from(
 def clock_leaf(draw: st.DrawFn) -> dict[str, Any]:
     leaf: dict[str, Any] = {"type": "event", "event": draw(st.sampled_from(NAMES))}
     check = draw(
-        st.sampled_from(["exists", "not_exists", "count", "count", "sum", "avg", "max", "last"])
+        st.sampled_from(
+            ["exists", "not_exists", "count", "count", "sum", "avg", "max", "last", "regularly"]
+        )
     )
+    if check == "regularly":
+        return draw(regular_leaf(leaf["event"]))
     leaf["check"] = check
     if check in ("sum", "avg", "max"):  # windowed aggregates decay (SPEC §6.7)
         leaf["property"] = "k"
@@ -109,6 +114,11 @@ def brute_force_flip(node: Any, properties: dict[str, Any], events: list[Event])
     instants = {e.occurred_at for e in events}
     instants |= {e.occurred_at + w + TICK for e in events for w in windows if w is not None}
     instants |= {e.occurred_at + a + TICK for e in events for a in ages if a is not None}
+    for leaf in leaves(node):  # regularly: an event moves to the next period at t + j·period
+        if isinstance(leaf, EventCondition) and leaf.period is not None:
+            assert leaf.periods is not None
+            span = range(leaf.periods + 1)
+            instants |= {e.occurred_at + j * leaf.period for e in events for j in span}
     at = parse_instant(properties.get("at"))
     if at is not None:  # within_past / within_next edges
         instants |= {at, at + TICK} | {at + w + TICK for w in WINDOWS} | {at - w for w in WINDOWS}

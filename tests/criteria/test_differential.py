@@ -173,8 +173,10 @@ STATIC_LEAVES = st.one_of(
 @st.composite
 def event_leaf(draw: st.DrawFn, *, aged: bool = False) -> dict[str, Any]:
     leaf: dict[str, Any] = {"type": "event", "event": draw(st.sampled_from(EVENT_NAMES))}
-    checks = ["exists", "not_exists", "count", "sum", "avg", "min", "max", "last"]
-    check = draw(st.sampled_from(checks[:-1] if aged else checks))
+    checks = ["exists", "not_exists", "count", "sum", "avg", "min", "max", "last", "regularly"]
+    check = draw(st.sampled_from(checks[:-2] if aged else checks))
+    if check == "regularly":
+        return draw(regular_leaf(leaf["event"]))
     leaf["check"] = check
     if check in ("sum", "avg", "min", "max"):
         leaf["property"] = draw(st.sampled_from(AGGREGATED))
@@ -195,6 +197,30 @@ def event_leaf(draw: st.DrawFn, *, aged: bool = False) -> dict[str, Any]:
         leaf["where"] = draw(
             st.lists(property_leaf(EVENT_KEYS, EVENT_PATHS, clock=False), min_size=1, max_size=2)
         )
+    return leaf
+
+
+PERIODS = (timedelta(hours=1), timedelta(days=1))
+
+
+@st.composite
+def regular_leaf(draw: st.DrawFn, name: str = "e1") -> dict[str, Any]:
+    """``check: regularly`` with a few short periods (events land on their boundaries)."""
+    periods = draw(st.integers(1, 4))
+    leaf: dict[str, Any] = {
+        "type": "event",
+        "event": name,
+        "check": "regularly",
+        "period": draw(st.sampled_from(PERIODS)),
+        "periods": periods,
+        "min_periods": draw(st.integers(1, periods)),
+    }
+    if draw(st.booleans()):  # the per-period count, zero-satisfied ones included
+        operator = draw(st.sampled_from(["gt", "gte", "lt", "lte", "eq"]))
+        leaf["operator"] = operator
+        leaf["value"] = draw(st.integers(min_value=1 if operator == "lt" else 0, max_value=2))
+    if not draw(st.integers(0, 3)):
+        leaf["where"] = [draw(property_leaf(EVENT_KEYS, clock=False))]
     return leaf
 
 
@@ -306,6 +332,37 @@ CROWDED = st.lists(
     subset=st.lists(st.booleans(), min_size=5, max_size=5),
 )
 def test_last_breaks_ties_alike(
+    connection: Connection, criteria: dict[str, Any], people: list[Person], subset: list[bool]
+):
+    all_executors_agree(connection, criteria, people, subset)
+
+
+# Events on the periods' boundaries: k periods ago, 1us either side, and in the future.
+ON_BOUNDARIES = st.lists(
+    st.builds(
+        lambda period, k, delta, kind: Event(
+            "e1", NOW - k * period + delta, {} if kind is None else {"kind": kind}
+        ),
+        st.sampled_from(PERIODS),
+        st.integers(-1, 5),
+        st.sampled_from([-US, timedelta(0), US]),
+        st.sampled_from([None, "a"]),
+    ),
+    max_size=8,
+)
+
+
+@settings(
+    max_examples=max(EXAMPLES // 4, 50),
+    deadline=None,
+    suppress_health_check=[HealthCheck.function_scoped_fixture, HealthCheck.too_slow],
+)
+@given(
+    criteria=st.one_of(regular_leaf(), composite(regular_leaf())),
+    people=st.lists(st.builds(Person, st.just({}), ON_BOUNDARIES), min_size=1, max_size=4),
+    subset=st.lists(st.booleans(), min_size=5, max_size=5),
+)
+def test_regularly_at_period_boundaries(
     connection: Connection, criteria: dict[str, Any], people: list[Person], subset: list[bool]
 ):
     all_executors_agree(connection, criteria, people, subset)

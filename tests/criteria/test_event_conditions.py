@@ -60,7 +60,47 @@ LAST_FORMS: list[tuple[dict[str, Any], dict[str, Any]]] = [
         {"type": "event", "event": "seen", "check": "last", "within": "30d"},
     ),
 ]
-FORMS = [*OLDER_THAN_FORMS, *LAST_FORMS]
+REGULARLY_FORMS: list[tuple[dict[str, Any], dict[str, Any]]] = [
+    (
+        b.event("app.opened").regularly("1d", periods=7, min_periods=4),
+        {
+            "type": "event",
+            "event": "app.opened",
+            "check": "regularly",
+            "period": "1d",
+            "periods": 7,
+            "min_periods": 4,
+        },
+    ),
+    (
+        b.event("order").where(b.prop("amount").gt(0)).regularly("1w", 4, 3, "gte", 2),
+        {
+            "type": "event",
+            "event": "order",
+            "check": "regularly",
+            "operator": "gte",
+            "value": 2,
+            "period": "1w",
+            "periods": 4,
+            "min_periods": 3,
+            "where": [{"type": "property", "property": "amount", "operator": "gt", "value": 0}],
+        },
+    ),
+]
+FORMS = [*OLDER_THAN_FORMS, *LAST_FORMS, *REGULARLY_FORMS]
+
+
+def test_regularly_hashes_its_default_count_like_the_written_one():
+    default = define_bucket(id="x", criteria=REGULARLY_FORMS[0][0])
+    written = define_bucket(id="x", criteria=b.event("app.opened").regularly("24h", 7, 4, "gte", 1))
+    assert default.fingerprint == written.fingerprint
+
+
+def regularly(**fields: Any) -> dict[str, Any]:
+    leaf: dict[str, Any] = {"type": "event", "event": "x", "check": "regularly", "period": "1d"}
+    leaf.update(periods=7, min_periods=4)
+    leaf.update(fields)
+    return {key: value for key, value in leaf.items() if value is not None}
 
 
 @pytest.mark.parametrize(("built", "literal"), FORMS)
@@ -141,6 +181,60 @@ ERRORS += [
 ]
 
 
+ERRORS += [
+    (regularly(min_periods=8), "x: criteria.min_periods: must be between 1 and periods (7), got 8"),
+    (regularly(min_periods=0), "x: criteria.min_periods: must be between 1 and periods (7), got 0"),
+    (regularly(periods=53), "x: criteria.periods: must be between 1 and 52, got 53"),
+    (regularly(periods=0), "x: criteria.periods: must be between 1 and 52, got 0"),
+    (regularly(periods=None), "x: criteria.periods: check 'regularly' needs periods (1 to 52)"),
+    (
+        regularly(min_periods=None),
+        "x: criteria.min_periods: check 'regularly' needs min_periods (1 to 7)",
+    ),
+    (regularly(periods="7"), "x: criteria.periods: Input should be a valid integer"),
+    (regularly(period=None), "x: criteria.period: check 'regularly' needs a period (a duration)"),
+    (regularly(period="0d"), "x: criteria.period: duration must be positive"),
+    (
+        regularly(period="1000d", periods=52),
+        "x: criteria.periods: periods x period must be at most 36,500 days (got 52 x 1000d)",
+    ),
+    (
+        regularly(within="7d"),
+        "x: criteria.within: not allowed with check 'regularly' (periods set the span)",
+    ),
+    (regularly(older_than="1d"), "x: criteria.older_than: not allowed with check 'regularly'"),
+    (
+        regularly(operator="gte"),
+        "x: criteria.value: a period's count needs both operator and value (or neither)",
+    ),
+    (
+        regularly(value=2),
+        "x: criteria.operator: a period's count needs both operator and value (or neither)",
+    ),
+    (regularly(operator="lt", value=0), "x: criteria.value: count lt 0 can never be true"),
+    (
+        regularly(operator="gte", value=1.5),
+        "x: criteria.value: check 'regularly' needs an integer value >= 0",
+    ),
+    (regularly(property="k"), "x: criteria.property: check 'regularly' takes no property"),
+    (
+        {"type": "event", "event": "x", "check": "exists", "period": "1d"},
+        "x: criteria.period: only allowed with check 'regularly'",
+    ),
+    (
+        {
+            "type": "event",
+            "event": "x",
+            "check": "count",
+            "operator": "gte",
+            "value": 1,
+            "min_periods": 2,
+        },
+        "x: criteria.min_periods: only allowed with check 'regularly'",
+    ),
+]
+
+
 @pytest.mark.parametrize(("criteria", "message"), ERRORS, ids=[m for _, m in ERRORS])
 def test_misuse_is_a_located_error(criteria: Any, message: str):
     with pytest.raises(DefinitionError) as raised:
@@ -161,6 +255,8 @@ def test_misuse_is_a_located_error(criteria: Any, message: str):
         (b.event("x").last(), False, False),  # only new (or future-stamped) events change it
         (b.event("x").within("7d").last(), True, False),  # the last one ages out: false
         (b.not_(b.event("x").within("7d").last()), True, True),
+        (b.event("x").regularly("1d", 7, 4), True, True),  # events move between periods
+        (b.not_(b.event("x").regularly("1d", 7, 4)), True, True),
     ],
 )
 def test_which_buckets_the_clock_can_join(criteria: Any, time_based: bool, cron_joins: bool):

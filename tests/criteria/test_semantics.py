@@ -323,6 +323,67 @@ CASES: list[tuple[str, dict[str, Any], Person, bool]] = [
         Person({}, [ev("p", D + US)]),
         False,
     ),
+    # --- check regularly (SPEC §3.4): period i covers (now - (i+1)·P, now - i·P] ---
+    (
+        "regularly: 2 of 3 days",
+        b.event("x").regularly("1d", 3, 2),
+        Person({}, [ev("x", H), ev("x", 2 * D + H)]),
+        True,
+    ),
+    (
+        "regularly: two events in one period count once",
+        b.event("x").regularly("1d", 3, 2),
+        Person({}, [ev("x", H), ev("x", 2 * H)]),
+        False,
+    ),
+    (
+        "regularly: now - P is in period 1",
+        b.event("x").regularly("1d", 2, 2),
+        Person({}, [ev("x", D), ev("x", D - US)]),
+        True,
+    ),
+    (
+        "regularly: now - P and 1us before share period 1",
+        b.event("x").regularly("1d", 2, 2),
+        Person({}, [ev("x", D), ev("x", D + US)]),
+        False,
+    ),
+    (
+        "regularly: now - K·P is out",
+        b.event("x").regularly("1d", 2, 2),
+        Person({}, [ev("x", D + US), ev("x", 2 * D)]),
+        False,
+    ),
+    (
+        "regularly: 1us inside the last period",
+        b.event("x").regularly("1d", 2, 2),
+        Person({}, [ev("x", H), ev("x", 2 * D - US)]),
+        True,
+    ),
+    (
+        "regularly: a future event is not counted",
+        b.event("x").regularly("1d", 1, 1),
+        Person({}, [ev("x", -US)]),
+        False,
+    ),
+    (
+        "regularly: count per period",
+        b.event("x").regularly("1d", 2, 2, "gte", 2),
+        Person({}, [ev("x", H), ev("x", 2 * H), ev("x", D + H), ev("x", D + 2 * H)]),
+        True,
+    ),
+    (
+        "regularly: empty periods satisfy eq 0",
+        b.event("x").regularly("1d", 3, 3, "eq", 0),
+        Person({}, [ev("y")]),
+        True,
+    ),
+    (
+        "regularly: where filters the events",
+        b.event("x").where(b.prop("k").eq(1)).regularly("1h", 2, 2),
+        Person({}, [ev("x", timedelta(minutes=5), k=1), ev("x", 90 * timedelta(minutes=1))]),
+        False,
+    ),
     # --- composites ---
     (
         "and",
