@@ -70,7 +70,6 @@ from buckets.inputs import InputError, load_yaml, loads_json, shorten, text_prob
 
 EntryLimit = Literal["unlimited", "once", "once_per_period"]
 ENTRY_LIMITS = ("unlimited", "once", "once_per_period")
-CLOCK_JOINABLE_COUNT_OPERATORS = frozenset({"lt", "lte", "eq"})
 _SLUG = re.compile(r"[a-z0-9]+(?:[-_][a-z0-9]+)*")
 MAX_ID_LENGTH = 64
 MAX_DOCUMENT_DEPTH = 80
@@ -138,10 +137,10 @@ class Bucket:
 
     @cached_property
     def time_based(self) -> bool:
-        """The criteria contain a ``within`` window, or compare a property with now
-        (``within_past`` / ``within_next``, ``held_for``)."""
+        """The criteria contain a ``within`` window or an ``older_than`` age, or compare a
+        property with now (``within_past`` / ``within_next``, ``held_for``)."""
         return any(
-            (isinstance(leaf, EventCondition) and leaf.within)
+            (isinstance(leaf, EventCondition) and (leaf.within or leaf.older_than or leaf.period))
             or (
                 isinstance(leaf, PropertyCondition)
                 and (leaf.operator in CLOCK_OPERATORS or leaf.held_for is not None)
@@ -310,13 +309,27 @@ def clock_joinable(leaf: Leaf) -> bool:
         return leaf.operator in CLOCK_OPERATORS or (held is not None and held.at_least is not None)
     if isinstance(leaf, EventSequence):  # an absent step's gap elapsing
         return leaf.absent is not None
-    if not isinstance(leaf, EventCondition) or leaf.within is None:
+    if not isinstance(leaf, EventCondition):
         return False
-    if leaf.is_aggregate:  # values leaving the window move a windowed aggregate either way
+    return _event_moves(leaf, to=True)
+
+
+def _event_moves(leaf: EventCondition, *, to: bool) -> bool:
+    """Time alone can turn the event leaf to ``to``: events leave a ``within`` window (the
+    count falls) and age into ``older_than`` (it rises); an aggregate moves either way."""
+    falls, rises = leaf.within is not None, leaf.older_than is not None
+    if leaf.is_regularly:  # events move from period to period, and out of the last one
         return True
-    return leaf.check == "not_exists" or (
-        leaf.check == "count" and leaf.operator in CLOCK_JOINABLE_COUNT_OPERATORS
-    )
+    if leaf.is_last:  # the last event leaving the window turns it false (none is newer)
+        return falls and not to
+    if leaf.is_aggregate:
+        return falls or rises
+    kind = threshold(leaf)[0]
+    if kind == "eq":
+        return falls or rises
+    if (kind == "below") == to:  # "below" turns true as the count falls, "at_least" false
+        return falls
+    return rises
 
 
 def clock_can_join(node: Node, negated: bool = False) -> bool:
@@ -335,9 +348,7 @@ def clock_can_join(node: Node, negated: bool = False) -> bool:
         return node.operator in CLOCK_OPERATORS or (held is not None and held.less_than is not None)
     if isinstance(node, EventSequence):  # its first event leaving the window
         return node.within is not None
-    if not isinstance(node, EventCondition) or node.within is None:
-        return False
-    return node.is_aggregate or threshold(node)[0] in ("at_least", "eq")
+    return isinstance(node, EventCondition) and _event_moves(node, to=False)
 
 
 def empty_contact_values(node: Node) -> set[bool]:
@@ -351,7 +362,7 @@ def empty_contact_values(node: Node) -> set[bool]:
         # less_than holds; both are kept possible (a decision may be as of a later instant)
         return {value} if node.held_for is None else {value, False}
     if isinstance(node, EventCondition):
-        return {node.holds(Aggregate() if node.is_aggregate else 0)}
+        return {node.holds(Aggregate() if node.is_aggregate else node.count_without_events)}
     if isinstance(node, EventSequence):  # no events, no chain
         return {False}
     if isinstance(node, Everyone):
@@ -406,6 +417,14 @@ def canonical_criteria(node: Node) -> dict[str, Any]:
         out["property"] = node.property if isinstance(node.property, str) else list(node.aggregated)
     if node.within is not None:
         out["within"] = duration_seconds(node.within)
+    if node.older_than is not None:  # absent from older definitions: their hash is unchanged
+        out["older_than"] = duration_seconds(node.older_than)
+    if node.is_regularly:  # the per-period count written out: gte 1 when left out
+        assert node.period is not None
+        out["period"] = duration_seconds(node.period)
+        out["periods"], out["min_periods"] = node.periods, node.min_periods
+        out["operator"] = node.operator or "gte"
+        out["value"] = 1 if node.value is None else node.value
     if node.where is not None:
         out["where"] = [canonical_criteria(where) for where in node.where]
     return out

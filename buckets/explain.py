@@ -38,7 +38,10 @@ from buckets.criteria.evaluate import (
     MISSING,
     aggregate_of,
     event_counts,
+    last_event,
+    last_matches,
     lookup,
+    period_counts,
     property_matches,
 )
 from buckets.criteria.held import changed_at, with_history
@@ -144,17 +147,7 @@ class Explanation:
 def describe(node: Node) -> str:
     """A one-line reading of a leaf."""
     if isinstance(node, PropertyCondition):
-        value = "" if node.operator in ("exists", "not_exists") else f" {node.value!r}"
-        if isinstance(node.value, tuple):
-            value = f" {list(node.value)!r}"
-        if isinstance(node.value, timedelta):
-            value = f" {format_duration(node.value)}"
-        key = node.property if isinstance(node.property, str) else list(node.path)
-        held = ""
-        if node.held_for is not None:
-            kind = "at least" if node.held_for.at_least is not None else "less than"
-            held = f", held for {kind} {format_duration(node.held_for.span)}"
-        return f"property {key!r} {node.operator}{value}{held}"
+        return _describe_property(node)
     if isinstance(node, EventSequence):
         return _describe_sequence(node)
     if isinstance(node, Everyone):
@@ -167,14 +160,37 @@ def describe(node: Node) -> str:
             text += " where " + " and ".join(describe(w) for w in node.where)
         if node.within is not None:
             text += f" within {format_duration(node.within)}"
+        if node.older_than is not None:
+            text += f" older_than {format_duration(node.older_than)}"
         if node.check == "count":
             return f"{text} count {node.operator} {node.value}"
+        if node.is_regularly:
+            assert node.period is not None
+            each = f"{node.operator or 'gte'} {1 if node.value is None else node.value}"
+            return (
+                f"{text} regularly: {node.min_periods} of {node.periods} periods of"
+                f" {format_duration(node.period)} with count {each}"
+            )
         if node.is_aggregate:
             key = node.property if isinstance(node.property, str) else list(node.aggregated)
             return f"{text} {node.check} {key!r} {node.operator} {node.value}"
         return f"{text} {node.check}"
     assert isinstance(node, Composite)
     return f"{node.operator} of {len(node.conditions)}"
+
+
+def _describe_property(node: PropertyCondition) -> str:
+    value = "" if node.operator in ("exists", "not_exists") else f" {node.value!r}"
+    if isinstance(node.value, tuple):
+        value = f" {list(node.value)!r}"
+    if isinstance(node.value, timedelta):
+        value = f" {format_duration(node.value)}"
+    key = node.property if isinstance(node.property, str) else list(node.path)
+    held = ""
+    if node.held_for is not None:
+        kind = "at least" if node.held_for.at_least is not None else "less than"
+        held = f", held for {kind} {format_duration(node.held_for.span)}"
+    return f"property {key!r} {node.operator}{value}{held}"
 
 
 def _describe_sequence(node: EventSequence) -> str:
@@ -284,10 +300,12 @@ def _events(conn: Connection, contact_id: int, bucket: Bucket) -> list[Event]:
     if not bucket.event_names:
         return []
     rows = conn.execute(
-        sa.select(user_events.c.event, user_events.c.occurred_at, user_events.c.properties).where(
+        sa.select(user_events.c.event, user_events.c.occurred_at, user_events.c.properties)
+        .where(
             user_events.c.contact_id == contact_id,
             user_events.c.event.in_(sorted(bucket.event_names)),
         )
+        .order_by(user_events.c.id)  # ingestion order: check 'last' breaks ties by it
     )
     return [Event(row.event, row.occurred_at, row.properties) for row in rows]
 
@@ -338,6 +356,20 @@ def _leaf(
     count = sum(1 for event in events if event_counts(node, event, now))
     detail = _aggregate_detail(node, aggregate_of(node, events, now)) if node.is_aggregate else None
     window = (now - node.within, now) if node.within is not None else None
+    if node.is_last:
+        detail = _last_detail(node, last_event(node, events, now))
+    if node.is_regularly:
+        counts = period_counts(node, events, now)
+        counted = [index for index, n in enumerate(counts) if node.period_holds(n)]
+        detail = (
+            f"periods that counted: {counted} of counts {counts} (period 0 ends now),"
+            f" {len(counted)} of {node.min_periods} needed"
+        )
+    if node.older_than is not None:  # counted: occurred_at before now - older_than
+        cutoff = now - node.older_than
+        window = (window[0], cutoff) if window is not None else None
+        aged = f"events before {cutoff.isoformat()} (exclusive) count"
+        detail = aged if detail is None else f"{detail}; {aged}"
     return Leaf(
         path,
         describe(node),
@@ -371,6 +403,14 @@ def _sequence_detail(node: EventSequence, events: list[Event], now: datetime) ->
     if pending is not None:
         return f"waiting: no {absent.event!r} yet; its gap elapses at {pending.isoformat()}"
     return f"missing: every chain is followed by {absent.event!r} within its gap"
+
+
+def _last_detail(node: EventCondition, last: Event | None) -> str:
+    if last is None:
+        return "no event counts: there is no last event"
+    verdict = "satisfies" if last_matches(node, last) else "does not satisfy"
+    shown = dict(last.properties)
+    return f"the last event, at {last.occurred_at.isoformat()}, {verdict} where: {shown}"
 
 
 def _aggregate_detail(node: EventCondition, found: Aggregate) -> str:

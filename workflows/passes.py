@@ -60,7 +60,7 @@ def lapsed_pair(node: Any) -> bool:
     if not isinstance(node, Composite) or node.operator != "and" or len(node.conditions) != 2:
         return False
     events = [child for child in node.conditions if isinstance(child, EventCondition)]
-    ever = [c for c in events if c.check == "exists" and c.within is None]
+    ever = [c for c in events if c.check == "exists" and c.within is c.older_than is None]
     recent = [c for c in events if c.check == "not_exists" and c.within is not None]
     return (
         len(ever) == 1

@@ -107,18 +107,25 @@ class EventBuilder:
         name: str,
         within: timedelta | str | None = None,
         where: tuple[Criteria, ...] = (),
+        older_than: timedelta | str | None = None,
     ) -> None:
         self._name = name
         self._within = within
         self._where = where
+        self._older_than = older_than
 
     def within(self, duration: timedelta | str) -> EventBuilder:
         """Count only events in ``[now - duration, now]``."""
-        return EventBuilder(self._name, duration, self._where)
+        return EventBuilder(self._name, duration, self._where, self._older_than)
+
+    def older_than(self, duration: timedelta | str) -> EventBuilder:
+        """Count only events with ``occurred_at < now - duration`` (with :meth:`within`:
+        ``now - within <= occurred_at < now - duration``)."""
+        return EventBuilder(self._name, self._within, self._where, duration)
 
     def where(self, *conditions: Criteria) -> EventBuilder:
         """Count only events whose own properties satisfy every condition."""
-        return EventBuilder(self._name, self._within, self._where + conditions)
+        return EventBuilder(self._name, self._within, self._where + conditions, self._older_than)
 
     def _leaf(
         self,
@@ -135,6 +142,8 @@ class EventBuilder:
             leaf["value"] = value
         if self._within is not None:
             leaf["within"] = self._within
+        if self._older_than is not None:
+            leaf["older_than"] = self._older_than
         if self._where:
             leaf["where"] = list(self._where)
         return leaf
@@ -144,6 +153,26 @@ class EventBuilder:
 
     def not_exists(self) -> Criteria:
         return self._leaf("not_exists")
+
+    def last(self) -> Criteria:
+        """The most recent event (inside :meth:`within`, if given) satisfies every
+        :meth:`where` condition: ``b.event("plan.set").where(b.prop("to").eq("pro")).last()``."""
+        return self._leaf("last")
+
+    def regularly(
+        self,
+        period: timedelta | str,
+        periods: int,
+        min_periods: int,
+        operator: str | None = None,
+        value: int | None = None,
+    ) -> Criteria:
+        """At least ``min_periods`` of the last ``periods`` periods of ``period`` each hold a
+        count of events satisfying ``operator value`` (default: at least one):
+        ``b.event("app.opened").regularly("1d", periods=7, min_periods=4)``."""
+        leaf = self._leaf("regularly", operator, value)
+        leaf.update(period=period, periods=periods, min_periods=min_periods)
+        return leaf
 
     def count(self, operator: str, value: int) -> Criteria:
         """``count(op, n)`` with ``op`` one of gt, gte, lt, lte, eq."""

@@ -13,7 +13,8 @@ leaf: :func:`~.compile.decisive_count`), and ``arrival`` its first matching even
 ``now``:
 
 * an event *departs* from a window one microsecond after ``occurred_at + within``;
-* an event *arrives* at its ``occurred_at`` (a future-stamped event starts to count);
+* an event *arrives* at its ``occurred_at`` (a future-stamped event starts to count), or with
+  ``older_than: D`` one microsecond after ``occurred_at + D`` (it ages into the count);
 * "at least ``n``" leaves (``exists``, ``count gte|gt``) that hold stop holding when the ``n``-th
   newest event departs; that fail start holding no earlier than the next arrival;
 * "fewer than ``n``" leaves (``not_exists``, ``count lt|lte``) mirror that;
@@ -40,8 +41,11 @@ from buckets.criteria.evaluate import (
     aggregate_of,
     aggregated_value,
     event_counts,
+    last_event,
+    last_matches,
     lookup,
     property_matches,
+    regular_periods,
     value_matches,
 )
 from buckets.criteria.held import changed_at
@@ -96,7 +100,7 @@ def decisive_count(condition: EventCondition) -> int:
 
 def threshold(condition: EventCondition) -> tuple[str, int]:
     """``("at_least", n)``, ``("below", n)`` or ``("eq", n)``: the leaf in terms of its count."""
-    if condition.check == "exists":
+    if condition.check in ("exists", "last"):  # last: 1 when the last event holds
         return "at_least", 1
     if condition.check == "not_exists":
         return "below", 1
@@ -131,6 +135,44 @@ def event_state(
     if kind == "below":
         return State(value, arrival if value else departs(n))
     return State(value, earliest(arrival, departs(n) if value else departs(n + 1)))
+
+
+def last_state(
+    condition: EventCondition, value: bool, last_at: datetime | None, arrival: datetime | None
+) -> State:
+    """A ``check: last`` leaf's state: any event of the name arriving (stamped after ``now``)
+    becomes the last one; with ``within``, a last event that holds leaves the window one
+    microsecond after ``occurred_at + within``, and no other event counts then (they are no
+    newer), so the leaf turns false."""
+    departs = None
+    if value and condition.within is not None and last_at is not None:
+        departs = last_at + condition.within + TICK
+    return State(value, earliest(arrival, departs))
+
+
+def regularly_state(
+    condition: EventCondition, satisfied: int, crossing: datetime | None, arrival: datetime | None
+) -> State:
+    """A ``check: regularly`` leaf's state: its periods' counts change only when an event
+    crosses a period boundary (an event at ``t`` is in period ``i`` while
+    ``t + i·period <= now < t + (i+1)·period``; ``crossing``: the first such instant after now
+    of any counting event) or a future-stamped event arrives in period 0."""
+    return State(condition.satisfied_by(satisfied), earliest(arrival, crossing))
+
+
+def next_crossing(
+    condition: EventCondition, events: Iterable[Event], now: datetime
+) -> datetime | None:
+    """The first instant after ``now`` a counting event of ``check: regularly`` moves to the
+    next period (or out of the last one)."""
+    assert condition.period is not None
+    return earliest(
+        *(
+            now + condition.period - (now - e.occurred_at) % condition.period
+            for e in events
+            if event_counts(condition, e, now)
+        )
+    )
 
 
 def aggregate_state(
@@ -232,15 +274,16 @@ def counting(condition: EventCondition, events: Iterable[Event], now: datetime) 
 
 
 def arrival(condition: EventCondition, events: Iterable[Event], now: datetime) -> datetime | None:
-    """The first event matching ``condition`` (name, ``where``; for an aggregate, with a
-    numeric value) stamped after ``now``."""
+    """The first instant after ``now`` an event matching ``condition`` (name, ``where``; for an
+    aggregate, with a numeric value) starts to count: one stamped after ``now``, or with
+    ``older_than`` one that is not old enough yet (:attr:`~.EventCondition.lag`)."""
     return earliest(
         *(
-            e.occurred_at
+            e.occurred_at + condition.lag
             for e in events
             if e.name == condition.event
-            and e.occurred_at > now
-            and all(property_matches(w, e.properties) for w in condition.where or ())
+            and e.occurred_at + condition.lag > now
+            and all(property_matches(w, e.properties) for w in condition.filtering or ())
             and (not condition.is_aggregate or aggregated_value(condition, e) is not None)
         )
     )
@@ -287,6 +330,17 @@ def in_memory_leaf_states(
                 oldest_number(leaf, events, now),
                 arrival(leaf, events, now),
             )
+        if isinstance(leaf, EventCondition) and leaf.is_regularly:
+            return regularly_state(
+                leaf,
+                regular_periods(leaf, events, now),
+                next_crossing(leaf, events, now),
+                arrival(leaf, events, now),
+            )
+        if isinstance(leaf, EventCondition) and leaf.is_last:
+            last = last_event(leaf, events, now)
+            last_at = last.occurred_at if last is not None else None
+            return last_state(leaf, last_matches(leaf, last), last_at, arrival(leaf, events, now))
         if isinstance(leaf, EventCondition):
             return event_state(leaf, counting(leaf, events, now), arrival(leaf, events, now))
         found = static_state(leaf, external_id)

@@ -264,6 +264,7 @@ class LeafColumns:
     low: ColumnElement[Any] | None = None
     high: ColumnElement[Any] | None = None
     oldest: ColumnElement[Any] | None = None  # the oldest one's occurred_at (clock)
+    crossing: ColumnElement[Any] | None = None  # regularly: an event's next period (clock)
 
 
 def event_number(condition: EventCondition) -> tuple[ColumnElement[Any], ColumnElement[bool]]:
@@ -358,9 +359,21 @@ def compile_criteria(
     columns: dict[EventCondition, LeafColumns] = {}
     from_clause: sa.FromClause = contacts
     by_name: dict[str, list[EventCondition]] = {}
+    regular: list[EventCondition] = []  # check regularly: a subquery each
     for leaf in leaves(node):
-        if isinstance(leaf, EventCondition) and leaf not in by_name.get(leaf.event, []):
+        if isinstance(leaf, EventCondition) and leaf.is_regularly:
+            if leaf not in regular:
+                regular.append(leaf)
+        elif isinstance(leaf, EventCondition) and leaf not in by_name.get(leaf.event, []):
             by_name.setdefault(leaf.event, []).append(leaf)
+    for index, condition in enumerate(regular):
+        periods, arrivals, found_ = _regular_aggregate(
+            index, condition, now, contact_ids=contact_ids, id_range=id_range, clock=clock
+        )
+        from_clause = from_clause.outerjoin(periods, periods.c.contact_id == contacts.c.id)
+        if arrivals is not None:
+            from_clause = from_clause.outerjoin(arrivals, arrivals.c.contact_id == contacts.c.id)
+        columns[condition] = found_
     for index, (name, conditions) in enumerate(by_name.items()):
         aggregate, found = _aggregate(
             index, name, conditions, now, contact_ids=contact_ids, id_range=id_range, clock=clock
@@ -422,7 +435,7 @@ def _aggregate(
     widest: timedelta | None = None
     if all(window is not None for window in windows):
         widest = max(window for window in windows if window is not None)
-    wheres = {condition.where for condition in conditions}
+    wheres = {condition.filtering for condition in conditions}
     shared_where = next(iter(wheres)) if len(wheres) == 1 else None
     at = sa.literal(now, TIMESTAMP)
     occurred = user_events.c.occurred_at
@@ -441,18 +454,20 @@ def _aggregate(
     extra: dict[EventCondition, dict[str, str]] = {}  # aggregates: field -> label
     for position, condition in enumerate(conditions):
         matching: list[ColumnElement[bool]] = []  # name, where (beyond the shared scope)
-        if condition.where is not None and shared_where is None:
+        if condition.filtering is not None and shared_where is None:
             matching.extend(
-                property_predicate(where, user_events.c.properties) for where in condition.where
+                property_predicate(where, user_events.c.properties) for where in condition.filtering
             )
         counting = list(matching)
         if clock:
             counting.append(occurred <= at)
         if condition.within is not None and condition.within != widest:
             counting.append(occurred >= sa.literal(now - condition.within, TIMESTAMP))
+        if condition.older_than is not None:
+            counting.append(occurred < sa.literal(now - condition.older_than, TIMESTAMP))
 
         columns, newest, arrival, extra[condition] = _condition_columns(
-            condition, position, matching, counting, at, clock=clock
+            condition, position, matching, counting, now, clock=clock
         )
         selected.extend(columns)
         names[condition] = (f"n{position}", newest, arrival)
@@ -474,6 +489,110 @@ def _aggregate(
     return subquery, found
 
 
+def _micros(instant: datetime | ColumnElement[Any]) -> ColumnElement[Any]:
+    """Microseconds since the epoch, exactly (``numeric``)."""
+    at = instant if isinstance(instant, ColumnElement) else sa.literal(instant, TIMESTAMP)
+    return sa.extract("epoch", at) * 1_000_000
+
+
+def period_rows(
+    condition: EventCondition,
+    now: datetime | ColumnElement[Any],
+    where: list[ColumnElement[bool]],
+    *,
+    by_contact: bool,
+) -> sa.Subquery:
+    """``check: regularly``: one row per (contact,) period with events — its index ``i``, its
+    count ``c`` and ``m``, the largest ``(now - occurred_at) mod period`` in it in
+    microseconds (its oldest event's; the next crossing is ``now + period - m``). ``where``:
+    the events (name, ``where``, the span, ``occurred_at <= now``, the contacts)."""
+    assert condition.period is not None
+    ago = _micros(now) - _micros(user_events.c.occurred_at)
+    length = sa.literal(int(condition.period / timedelta(microseconds=1)), sa.Numeric)
+    index = sa.func.div(ago, length)
+    keys = [user_events.c.contact_id] if by_contact else []
+    return (
+        sa.select(
+            *keys,
+            index.label("i"),
+            sa.func.count().label("c"),
+            sa.func.max(sa.func.mod(ago, length)).label("m"),
+        )
+        .where(*where)
+        .group_by(*keys, index)
+        .correlate_except(user_events)  # per contact: the contact belongs to the outer query
+        .subquery("periods")
+    )
+
+
+def regular_columns(
+    condition: EventCondition, periods: sa.Subquery, now: datetime | ColumnElement[Any]
+) -> tuple[ColumnElement[Any], ColumnElement[Any]]:
+    """Over :func:`period_rows`: how many periods satisfy their count (periods without
+    events count when an empty period does) and the next crossing (NULL: none)."""
+    assert condition.period is not None
+    assert condition.periods is not None
+    if condition.operator is None:
+        holds: ColumnElement[bool] = periods.c.c >= 1
+    else:
+        holds = periods.c.c.op(_SQL_OPERATORS[condition.operator])(condition.value)
+    satisfied = _filtered(sa.func.count(), [holds])
+    if condition.period_holds(0):
+        satisfied = satisfied + (condition.periods - sa.func.count())
+    length = sa.literal(int(condition.period / timedelta(microseconds=1)), sa.Numeric)
+    at = now if isinstance(now, ColumnElement) else sa.literal(now, TIMESTAMP)
+    step = sa.literal(timedelta(microseconds=1), sa.Interval)
+    remaining = (length - sa.func.max(periods.c.m)).self_group()  # microseconds to go
+    crossing = at + step.op("*", return_type=sa.Interval())(remaining).self_group()
+    return satisfied, crossing
+
+
+def _regular_aggregate(
+    index: int,
+    condition: EventCondition,
+    now: datetime,
+    *,
+    contact_ids: Sequence[int] | None,
+    id_range: IdRange | None,
+    clock: bool,
+) -> tuple[sa.Subquery, sa.Subquery | None, LeafColumns]:
+    """A ``check: regularly`` condition over every contact in scope: the periods that
+    satisfy their count and (with ``clock``) the next crossing and arrival."""
+    scope = [
+        user_events.c.event == condition.event,
+        *(property_predicate(where, user_events.c.properties) for where in condition.where or ()),
+        *_scope(user_events.c.contact_id, contact_ids, id_range),
+    ]
+    span = [
+        user_events.c.occurred_at <= sa.literal(now, TIMESTAMP),
+        user_events.c.occurred_at > sa.literal(now - condition.span, TIMESTAMP),
+    ]
+    periods = period_rows(condition, now, [*scope, *span], by_contact=True)
+    satisfied, crossing = regular_columns(condition, periods, now)
+    selected = [periods.c.contact_id, satisfied.label("n")]
+    if clock:
+        selected.append(crossing.label("x"))
+    grouped = sa.select(*selected).group_by(periods.c.contact_id).subquery(f"rg{index}")
+    arrivals = None
+    if clock:
+        arrivals = (
+            sa.select(
+                user_events.c.contact_id,
+                sa.func.min(user_events.c.occurred_at).label("a"),
+            )
+            .where(*scope, user_events.c.occurred_at > sa.literal(now, TIMESTAMP))
+            .group_by(user_events.c.contact_id)
+            .subquery(f"ra{index}")
+        )
+    found = LeafColumns(
+        grouped.c.n,
+        {},
+        arrivals.c.a if arrivals is not None else None,
+        crossing=grouped.c.x if clock else None,
+    )
+    return grouped, arrivals, found
+
+
 def _filtered(aggregate: Any, where: list[ColumnElement[bool]]) -> Any:
     return aggregate.filter(sa.and_(*where)) if where else aggregate
 
@@ -483,14 +602,17 @@ def _condition_columns(
     position: int,
     matching: list[ColumnElement[bool]],
     counting: list[ColumnElement[bool]],
-    at: ColumnElement[Any],
+    now: datetime,
     *,
     clock: bool,
 ) -> tuple[list[Any], dict[int, str], str | None, dict[str, str]]:
     """One condition's columns in its name's aggregate: the count, an aggregate's functions,
     and with ``clock`` the newest counting events' instants and the next arrival."""
     occurred = user_events.c.occurred_at
-    selected: list[Any] = [_filtered(sa.func.count(), counting).label(f"n{position}")]
+    count = _filtered(sa.func.count(), counting)
+    if condition.is_last:  # 1 when the last counting event satisfies where, else 0
+        count = sa.case((last_holds(condition, _last_properties(counting)), 1), else_=0)
+    selected: list[Any] = [count.label(f"n{position}")]
     newest: dict[int, str] = {}
     arrival: str | None = None
     extra: dict[str, str] = {}
@@ -513,9 +635,25 @@ def _condition_columns(
             selected.append(value.label(label))
             newest[rank] = label
         arrival = f"a{position}"
-        first = _filtered(sa.func.min(occurred), [*matching, occurred > at])
-        selected.append(first.label(arrival))
+        first = _filtered(sa.func.min(occurred), [*matching, not_yet_counting(condition, now)])
+        selected.append(arrival_instant(condition, first).label(arrival))
     return selected, newest, arrival, extra
+
+
+def _last_properties(counting: list[ColumnElement[bool]]) -> ColumnElement[Any]:
+    """The properties of the last counting event: the latest ``occurred_at``, of equal ones
+    the later ingested (the higher id)."""
+    ordered = aggregate_order_by(
+        user_events.c.properties, user_events.c.occurred_at.desc(), user_events.c.id.desc()
+    )
+    found: ColumnElement[Any] = _filtered(sa.func.array_agg(ordered, type_=ARRAY(JSONB)), counting)
+    return found[1]
+
+
+def last_holds(condition: EventCondition, properties: ColumnElement[Any]) -> ColumnElement[bool]:
+    """The last event (its ``properties``; NULL: there is none) satisfies every ``where``."""
+    tests = [property_predicate(where, properties) for where in condition.where or ()]
+    return sa.func.coalesce(sa.and_(properties.is_not(None), *tests), sa.false())
 
 
 def _aggregate_columns(
@@ -552,6 +690,8 @@ def _predicate(
         return sequence_exists(node, now, contacts.c.id, scope)
     if isinstance(node, EventCondition) and node.is_aggregate:
         return aggregate_predicate(node, columns[node])
+    if isinstance(node, EventCondition) and node.is_regularly:
+        return regular_predicate(node, columns[node].count)
     if isinstance(node, EventCondition):
         count = columns[node].count
         if node.satisfied_by(0):  # no events row => NULL: count it as 0
@@ -566,6 +706,16 @@ def _predicate(
     return _combine(node, parts)
 
 
+def regular_predicate(
+    condition: EventCondition, satisfied: ColumnElement[Any]
+) -> ColumnElement[bool]:
+    """``check: regularly`` from its satisfied periods (NULL: a contact without events in
+    its span, whose periods are all empty)."""
+    assert condition.min_periods is not None
+    counted = sa.func.coalesce(satisfied, condition.count_without_events)
+    return counted >= condition.min_periods
+
+
 def _combine(node: Composite, parts: list[ColumnElement[bool]]) -> ColumnElement[bool]:
     if node.operator == "not":
         # A strict comparison is NULL for a contact without events (see the module doc):
@@ -575,7 +725,7 @@ def _combine(node: Composite, parts: list[ColumnElement[bool]]) -> ColumnElement
 
 
 def _count_predicate(node: EventCondition, count: ColumnElement[Any]) -> ColumnElement[bool]:
-    if node.check == "exists":
+    if node.check in ("exists", "last"):
         return count > 0
     if node.check == "not_exists":
         return count == 0
@@ -587,6 +737,24 @@ def _count_predicate(node: EventCondition, count: ColumnElement[Any]) -> ColumnE
 # --- forms restricted to known contacts ---------------------------------------------------
 
 
+def not_yet_counting(
+    condition: EventCondition, now: datetime | ColumnElement[Any]
+) -> ColumnElement[bool]:
+    """Events (matching name and ``where``) that start to count after ``now``: stamped after
+    it, or with ``older_than: D`` not older than ``D`` yet (``occurred_at >= now - D``)."""
+    occurred = user_events.c.occurred_at
+    if condition.older_than is None:
+        return occurred > (now if isinstance(now, ColumnElement) else sa.literal(now, TIMESTAMP))
+    return occurred >= shifted(now, -condition.older_than)
+
+
+def arrival_instant(condition: EventCondition, first: ColumnElement[Any]) -> ColumnElement[Any]:
+    """When the event stamped ``first`` starts to count (:attr:`.EventCondition.lag`)."""
+    if condition.older_than is None:
+        return first
+    return first + sa.literal(condition.lag, sa.Interval)
+
+
 def leaf_event_scope(
     condition: EventCondition,
     now: datetime | ColumnElement[Any],
@@ -595,13 +763,13 @@ def leaf_event_scope(
     future: bool = False,
 ) -> list[ColumnElement[bool]]:
     """The events of the contact ``contact_id`` counting for ``condition`` as of ``now`` (with
-    ``future``: those matching its name and ``where`` stamped after ``now``). ``now`` may be a
-    bound parameter (a statement built once, executed for many instants)."""
+    ``future``: those matching its name and ``where`` that start to count after ``now``).
+    ``now`` may be a bound parameter (a statement built once, executed for many instants)."""
     bound = isinstance(now, ColumnElement)
     at = now if isinstance(now, ColumnElement) else sa.literal(now, TIMESTAMP)
     scope = [user_events.c.contact_id == contact_id, user_events.c.event == condition.event]
     if future:
-        scope.append(user_events.c.occurred_at > at)
+        scope.append(not_yet_counting(condition, now))
     else:
         scope.append(user_events.c.occurred_at <= at)
         if condition.within is not None:
@@ -611,8 +779,12 @@ def leaf_event_scope(
                 assert isinstance(now, datetime)
                 start = sa.literal(now - condition.within, TIMESTAMP)
             scope.append(user_events.c.occurred_at >= start)
+        if condition.older_than is not None:
+            scope.append(user_events.c.occurred_at < shifted(now, -condition.older_than))
+        if condition.is_regularly:
+            scope.append(user_events.c.occurred_at > shifted(now, -condition.span))
     scope.extend(
-        property_predicate(where, user_events.c.properties) for where in condition.where or ()
+        property_predicate(where, user_events.c.properties) for where in condition.filtering or ()
     )
     return scope
 
@@ -663,11 +835,47 @@ def _probe_aggregate(
     return sa.exists(probe)
 
 
+def last_event_select(
+    condition: EventCondition, now: datetime | ColumnElement[Any], contact_id: ColumnElement[Any]
+) -> Any:
+    """``SELECT occurred_at, properties`` of the contact's last event counting by time for
+    ``check: last`` (latest ``occurred_at``, then the higher id): one index probe."""
+    occurred = user_events.c.occurred_at
+    return (
+        sa.select(occurred, user_events.c.properties)
+        .where(*leaf_event_scope(condition, now, contact_id))
+        .order_by(occurred.desc(), user_events.c.id.desc())
+        .limit(1)
+        .correlate_except(user_events)
+    )
+
+
+def _probe_last(
+    condition: EventCondition, now: datetime, contact_id: ColumnElement[Any]
+) -> ColumnElement[bool]:
+    last = last_event_select(condition, now, contact_id).subquery("last_event")
+    return sa.exists(
+        sa.select(sa.literal(1))
+        .select_from(last)
+        .where(last_holds(condition, last.c.properties))
+        .correlate_except(last)
+    )
+
+
 def _probe_leaf(
     condition: EventCondition, now: datetime, contact_id: ColumnElement[Any]
 ) -> ColumnElement[bool]:
     if condition.is_aggregate:
         return _probe_aggregate(condition, now, contact_id)
+    if condition.is_last:
+        return _probe_last(condition, now, contact_id)
+    if condition.is_regularly:
+        periods = period_rows(
+            condition, now, leaf_event_scope(condition, now, contact_id), by_contact=False
+        )
+        satisfied, _ = regular_columns(condition, periods, now)
+        probe = sa.select(satisfied).select_from(periods).correlate_except(user_events, periods)
+        return regular_predicate(condition, probe.scalar_subquery())
     if condition.check == "exists":
         return _reached(condition, 1, now, contact_id)
     if condition.check == "not_exists":

@@ -32,7 +32,9 @@ from buckets.criteria.clock import (
     aggregate_state,
     decisive_count,
     event_state,
+    last_state,
     property_state,
+    regularly_state,
     sequence_state,
     state,
     static_state,
@@ -45,11 +47,17 @@ from buckets.criteria.compile import (
     LeafColumns,
     _count_predicate,
     aggregate_predicate,
+    arrival_instant,
     compile_criteria,
     contacts,
     event_number,
+    last_event_select,
+    last_holds,
     leaf_event_scope,
+    period_rows,
     property_value,
+    regular_columns,
+    regular_predicate,
     sample_predicate,
     shifted,
     user_events,
@@ -142,6 +150,12 @@ def facts_statement(
         if condition.is_aggregate:
             columns += _aggregate_facts(condition, index, now, asked)
             continue
+        if condition.is_last:
+            columns += _last_facts(condition, index, now, asked)
+            continue
+        if condition.is_regularly:
+            columns += _regular_facts(condition, index, now, asked)
+            continue
         # Explicit correlation: auto-correlation does not reach through the derived table.
         newest = (
             sa.select(occurred)
@@ -162,7 +176,7 @@ def facts_statement(
             .scalar_subquery()
         )
         arrival: ColumnElement[Any] = (
-            sa.select(sa.func.min(occurred))
+            sa.select(arrival_instant(condition, sa.func.min(occurred)))
             .where(*leaf_event_scope(condition, now, contacts.c.id, future=True))
             .correlate_except(user_events)
             .scalar_subquery()
@@ -226,9 +240,60 @@ def _aggregate_facts(
     )
     return [
         scalar(sa.func.min(occurred), counting).label(f"r{index}"),
-        scalar(sa.func.min(occurred), future).label(f"a{index}"),
+        scalar(arrival_instant(condition, sa.func.min(occurred)), future).label(f"a{index}"),
         scalar(values, counting).label(f"g{index}"),
     ]
+
+
+def _last_facts(
+    condition: EventCondition, index: int, now: ColumnElement[Any], asked: Any
+) -> list[Any]:
+    """A ``check: last`` leaf's facts: the last event's instant (``r``), the next event of
+    the name stamped after now (``a``) and whether the last event satisfies ``where`` (``w``)."""
+    occurred = user_events.c.occurred_at
+    last = last_event_select(condition, now, contacts.c.id).subquery(f"last{index}")
+    instant: Any = sa.select(last.c.occurred_at).scalar_subquery()
+    holds: Any = sa.select(last_holds(condition, last.c.properties)).scalar_subquery()
+    arrival: Any = (
+        sa.select(sa.func.min(occurred))
+        .where(*leaf_event_scope(condition, now, contacts.c.id, future=True))
+        .correlate_except(user_events)
+        .scalar_subquery()
+    )
+    if asked is not None:
+        instant, holds, arrival = (
+            sa.case((asked, column), else_=sa.null()) for column in (instant, holds, arrival)
+        )
+    return [instant.label(f"r{index}"), arrival.label(f"a{index}"), holds.label(f"w{index}")]
+
+
+def _regular_facts(
+    condition: EventCondition, index: int, now: ColumnElement[Any], asked: Any
+) -> list[Any]:
+    """A ``check: regularly`` leaf's facts: the next crossing of a period boundary (``r``),
+    the next arrival (``a``) and how many periods satisfy their count (``w``)."""
+    occurred = user_events.c.occurred_at
+    periods = period_rows(
+        condition, now, leaf_event_scope(condition, now, contacts.c.id), by_contact=False
+    )
+    satisfied, crossing = regular_columns(condition, periods, now)
+
+    def scalar(column: Any) -> Any:
+        return sa.select(column).select_from(periods).scalar_subquery()
+
+    found: Any = scalar(satisfied)
+    boundary: Any = scalar(crossing)
+    arrival: Any = (
+        sa.select(sa.func.min(occurred))
+        .where(*leaf_event_scope(condition, now, contacts.c.id, future=True))
+        .correlate_except(user_events)
+        .scalar_subquery()
+    )
+    if asked is not None:
+        found, boundary, arrival = (
+            sa.case((asked, column), else_=sa.null()) for column in (found, boundary, arrival)
+        )
+    return [boundary.label(f"r{index}"), arrival.label(f"a{index}"), found.label(f"w{index}")]
 
 
 @dataclass(frozen=True)
@@ -241,9 +306,11 @@ class Facts:
     arrivals: Mapping[EventCondition, datetime | None]
     external_id: str | None = None
     aggregates: Mapping[EventCondition, Aggregate] = field(default_factory=dict)
+    # aggregates: the oldest counting number's instant; last: the last event's
     oldest: Mapping[EventCondition, datetime | None] = field(default_factory=dict)
     now: datetime | None = None  # the facts' instant (property leaves that compare with it)
     chains: Mapping[EventSequence, Chains] = field(default_factory=dict)
+    regular: Mapping[EventCondition, int] = field(default_factory=dict)  # satisfied periods
 
     @classmethod
     def of(
@@ -259,6 +326,7 @@ class Facts:
         aggregates: dict[EventCondition, Aggregate] = {}
         oldest: dict[EventCondition, datetime | None] = {}
         chains: dict[EventSequence, Chains] = {}
+        regular: dict[EventCondition, int] = {}
         at = offset
         for condition in conditions:
             if isinstance(condition, EventSequence):
@@ -270,6 +338,19 @@ class Facts:
                 oldest[condition], arrivals[condition] = row[at], row[at + 1]
                 numbers, total, low, high = row[at + 2] or (0, 0, None, None)
                 aggregates[condition] = Aggregate(int(numbers), Decimal(total), low, high)
+                at += 3
+                continue
+            if condition.is_regularly:  # the next crossing, the satisfied periods
+                oldest[condition], arrivals[condition] = row[at], row[at + 1]
+                satisfied = row[at + 2]
+                regular[condition] = (
+                    condition.count_without_events if satisfied is None else satisfied
+                )
+                at += 3
+                continue
+            if condition.is_last:  # the last event's instant, when it holds
+                oldest[condition], arrivals[condition] = row[at], row[at + 1]
+                recent[condition] = (row[at],) if row[at + 2] else ()
                 at += 3
                 continue
             recent[condition] = row[at] or ()
@@ -284,6 +365,7 @@ class Facts:
             oldest,
             now,
             chains,
+            regular,
         )
 
     @property
@@ -295,6 +377,8 @@ class Facts:
                 return self.chains[condition]
             if condition.is_aggregate:
                 return self.aggregates[condition]
+            if condition.is_regularly:
+                return self.regular[condition]
             return len(self.recent[condition])
 
         return count
@@ -308,6 +392,11 @@ class Facts:
             return aggregate_state(
                 leaf, self.aggregates[leaf], self.oldest[leaf], self.arrivals[leaf]
             )
+        if isinstance(leaf, EventCondition) and leaf.is_regularly:
+            return regularly_state(leaf, self.regular[leaf], self.oldest[leaf], self.arrivals[leaf])
+        if isinstance(leaf, EventCondition) and leaf.is_last:
+            recent = self.recent[leaf]
+            return last_state(leaf, bool(recent), self.oldest[leaf], self.arrivals[leaf])
         if isinstance(leaf, EventCondition):
             return event_state(leaf, self.recent[leaf], self.arrivals[leaf])
         found = static_state(leaf, self.external_id)
@@ -481,8 +570,20 @@ def _aggregate_state(condition: EventCondition, found: LeafColumns) -> _SqlState
 def _event_state(condition: EventCondition, found: LeafColumns) -> _SqlState:
     if condition.is_aggregate:
         return _aggregate_state(condition, found)
+    arrival = sa.func.coalesce(found.arrival, INFINITY) if found.arrival is not None else INFINITY
+    if condition.is_regularly:  # :func:`.clock.regularly_state`
+        crossing = found.crossing if found.crossing is not None else INFINITY
+        next_at = sa.func.least(arrival, sa.func.coalesce(crossing, INFINITY))
+        return _SqlState(regular_predicate(condition, found.count), next_at)
     count = sa.func.coalesce(found.count, 0)
     value = _count_predicate(condition, count)
+    if condition.is_last:  # :func:`.clock.last_state`
+        leaves_at: ColumnElement[Any] = INFINITY
+        newest = found.newest.get(1)
+        if condition.within is not None and newest is not None:
+            instant = newest + sa.literal(condition.within + TICK, sa.Interval)
+            leaves_at = sa.case((value, sa.func.coalesce(instant, INFINITY)), else_=INFINITY)
+        return _SqlState(value, sa.func.least(arrival, leaves_at))
     kind, n = threshold(condition)
     assert condition.within is not None or not found.newest
 
@@ -494,7 +595,6 @@ def _event_state(condition: EventCondition, found: LeafColumns) -> _SqlState:
         instant = column + sa.literal(condition.within + TICK, sa.Interval)
         return sa.func.coalesce(instant, INFINITY)
 
-    arrival = sa.func.coalesce(found.arrival, INFINITY) if found.arrival is not None else INFINITY
     nxt: ColumnElement[Any]
     if kind == "at_least":
         nxt = sa.case((value, departs(n)), else_=arrival)

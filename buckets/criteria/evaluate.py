@@ -201,12 +201,52 @@ class Event:
 
 
 def event_counts(condition: EventCondition, event: Event, now: datetime) -> bool:
-    """Whether ``event`` counts for ``condition`` as of ``now`` (SPEC §1: bounds inclusive)."""
-    if event.name != condition.event or event.occurred_at > now:
+    """Whether ``event`` counts for ``condition`` as of ``now`` (SPEC §1: bounds inclusive;
+    with ``older_than: D`` only events with ``occurred_at < now - D``, SPEC §3.4)."""
+    if event.name != condition.event or event.occurred_at + condition.lag > now:
         return False
     if condition.within is not None and event.occurred_at < now - condition.within:
         return False
-    return all(property_matches(where, event.properties) for where in condition.where or ())
+    if condition.is_regularly and event.occurred_at <= now - condition.span:
+        return False
+    return all(property_matches(where, event.properties) for where in condition.filtering or ())
+
+
+def last_event(condition: EventCondition, events: Iterable[Event], now: datetime) -> Event | None:
+    """The most recent event counting for ``check: last`` by time (name, window, not
+    ``where``); of equal ``occurred_at`` the later ingested: events are given in ingestion
+    order (SPEC §3.4)."""
+    found: Event | None = None
+    for event in events:
+        if event_counts(condition, event, now) and (
+            found is None or event.occurred_at >= found.occurred_at
+        ):
+            found = event
+    return found
+
+
+def last_matches(condition: EventCondition, last: Event | None) -> bool:
+    """Whether the last event exists and satisfies every ``where`` condition."""
+    return last is not None and all(
+        property_matches(where, last.properties) for where in condition.where or ()
+    )
+
+
+def period_counts(condition: EventCondition, events: Iterable[Event], now: datetime) -> list[int]:
+    """``check: regularly``: the matching events in each period, period ``i`` (0-based)
+    covering ``(now - (i+1)·period, now - i·period]``."""
+    assert condition.period is not None
+    assert condition.periods is not None
+    counts = [0] * condition.periods
+    for event in events:
+        if event_counts(condition, event, now):
+            counts[(now - event.occurred_at) // condition.period] += 1
+    return counts
+
+
+def regular_periods(condition: EventCondition, events: Iterable[Event], now: datetime) -> int:
+    """How many periods satisfy their count (what ``min_periods`` is compared with)."""
+    return sum(1 for n in period_counts(condition, events, now) if condition.period_holds(n))
 
 
 def aggregated_value(condition: EventCondition, event: Event) -> Any:
@@ -227,7 +267,7 @@ def counts_counter(counts: Mapping[Any, Any]) -> EventCounter:
 
 
 def in_memory_counter(events: Iterable[Event], now: datetime) -> EventCounter:
-    """A counter over a contact's events held in memory."""
+    """A counter over a contact's events held in memory (in ingestion order)."""
     history = tuple(events)
 
     def count(condition: EventCondition | EventSequence) -> int | Aggregate | Chains:
@@ -237,6 +277,10 @@ def in_memory_counter(events: Iterable[Event], now: datetime) -> EventCounter:
             return chains_of(condition, history, now)
         if condition.is_aggregate:
             return aggregate_of(condition, history, now)
+        if condition.is_last:
+            return int(last_matches(condition, last_event(condition, history, now)))
+        if condition.is_regularly:
+            return regular_periods(condition, history, now)
         return sum(1 for event in history if event_counts(condition, event, now))
 
     return count

@@ -48,7 +48,7 @@ from typing import Annotated, Any, Literal, TypeAlias
 
 from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, ValidationError, model_validator
 
-from buckets.criteria.durations import parse_duration
+from buckets.criteria.durations import MAX_DURATION, format_duration, parse_duration
 from buckets.criteria.instants import parse_instant
 from buckets.inputs import text_problem
 
@@ -70,7 +70,9 @@ PropertyOperator = Literal[
     "within_next",
 ]
 CountOperator = Literal["gt", "gte", "lt", "lte", "eq"]
-EventCheck = Literal["exists", "not_exists", "count", "sum", "avg", "min", "max"]
+EventCheck = Literal[
+    "exists", "not_exists", "count", "sum", "avg", "min", "max", "last", "regularly"
+]
 AGGREGATE_CHECKS = frozenset({"sum", "avg", "min", "max"})
 
 VALUELESS_OPERATORS = frozenset({"exists", "not_exists"})
@@ -88,6 +90,8 @@ MAX_DEPTH = 12
 MAX_CONDITIONS = 256
 MAX_EVENT_CONDITIONS = 64
 MAX_STEPS = 16  # of a sequence: its SQL nests a subquery per step (see the module docstring)
+MAX_PERIODS = 52  # periods of a ``regularly`` check
+MAX_SPAN = MAX_DURATION  # periods x period of a ``regularly`` check (instants stay in range)
 
 Duration = Annotated[timedelta, BeforeValidator(parse_duration)]
 Scalar: TypeAlias = str | int | float | bool | None
@@ -308,6 +312,12 @@ class EventCondition(_Node):
     within: Duration | None = None
     where: tuple[PropertyCondition, ...] | None = None
     property: Annotated[str | tuple[str, ...] | None, BeforeValidator(_path_form)] = None
+    older_than: Duration | None = None  # only events with occurred_at < now - older_than count
+    # check regularly: ``periods`` periods of ``period`` back from now, ``min_periods`` of them
+    # with a count satisfying operator/value (default gte 1)
+    period: Duration | None = None
+    periods: int | None = None
+    min_periods: int | None = None
 
     @model_validator(mode="after")
     def _count_fields_fit_check(self) -> EventCondition:
@@ -318,6 +328,8 @@ class EventCondition(_Node):
             )
         if self.check == "count":
             self._check_count()
+        elif self.check == "regularly":
+            self._check_regularly()
         elif self.check in AGGREGATE_CHECKS:
             self._check_aggregate()
         elif self.operator is not None or self.value is not None:
@@ -327,6 +339,27 @@ class EventCondition(_Node):
             raise _FieldError("property", f"check {self.check!r} takes no property")
         if self.where is not None and not self.where:
             raise _FieldError("where", "must list at least one condition (or be left out)")
+        self._check_ages()
+        return self
+
+    def _check_ages(self) -> None:
+        """``older_than`` and the fields of ``regularly``: where they are allowed."""
+        if self.check != "regularly":
+            for field in ("period", "periods", "min_periods"):
+                if getattr(self, field) is not None:
+                    raise _FieldError(field, "only allowed with check 'regularly'")
+        if self.older_than is not None and self.check in ("last", "regularly"):
+            raise _FieldError("older_than", f"not allowed with check {self.check!r}")
+        if (
+            self.older_than is not None
+            and self.within is not None
+            and self.older_than >= self.within
+        ):
+            raise _FieldError(
+                "older_than",
+                f"older_than ({format_duration(self.older_than)}) must be shorter than within"
+                f" ({format_duration(self.within)}): no event could count",
+            )
         for index, where in enumerate(self.where or ()):
             if where.held_for is not None:
                 raise _FieldError(
@@ -340,19 +373,48 @@ class EventCondition(_Node):
                     f"{where.operator!r} compares with now and is not allowed in where"
                     " (an event's properties are read as of each decision; use before/after)",
                 )
-        return self
 
     def _check_count(self) -> None:
         if self.operator is None:
             raise _FieldError("operator", "check 'count' needs one of gt, gte, lt, lte, eq")
         if not isinstance(self.value, int) or isinstance(self.value, bool):
-            raise _FieldError("value", "check 'count' needs an integer value >= 0")
+            raise _FieldError("value", f"check {self.check!r} needs an integer value >= 0")
         if self.value < 0:
             raise _FieldError("value", f"count value must be >= 0, got {self.value}")
         if self.value > MAX_COUNT:
             raise _FieldError("value", f"count value must be at most {MAX_COUNT:,}")
         if self.operator == "lt" and self.value == 0:
             raise _FieldError("value", "count lt 0 can never be true")
+
+    def _check_regularly(self) -> None:
+        if self.period is None:
+            raise _FieldError("period", "check 'regularly' needs a period (a duration)")
+        for field, low, high in (
+            ("periods", 1, MAX_PERIODS),
+            ("min_periods", 1, self.periods or MAX_PERIODS),
+        ):
+            value = getattr(self, field)
+            if value is None:
+                raise _FieldError(field, f"check 'regularly' needs {field} ({low} to {high})")
+            if not low <= value <= high:
+                bound = f"periods ({high})" if field == "min_periods" else str(high)
+                raise _FieldError(field, f"must be between {low} and {bound}, got {value}")
+        assert self.periods is not None
+        if self.period * self.periods > MAX_SPAN:
+            raise _FieldError(
+                "periods",
+                f"periods x period must be at most {MAX_SPAN.days:,} days"
+                f" (got {self.periods} x {format_duration(self.period)})",
+            )
+        if self.within is not None:
+            raise _FieldError("within", "not allowed with check 'regularly' (periods set the span)")
+        if (self.operator is None) != (self.value is None):
+            missing = "value" if self.value is None else "operator"
+            raise _FieldError(
+                missing, "a period's count needs both operator and value (or neither)"
+            )
+        if self.operator is not None:
+            self._check_count()
 
     def _check_aggregate(self) -> None:
         if self.property is None:
@@ -383,10 +445,59 @@ class EventCondition(_Node):
     def is_aggregate(self) -> bool:
         return self.check in AGGREGATE_CHECKS
 
+    @builtins.property
+    def lag(self) -> timedelta:
+        """How long after its ``occurred_at`` an event starts to count: at once, or with
+        ``older_than: D`` one microsecond after ``occurred_at + D`` (``occurred_at < now - D``)."""
+        if self.older_than is None:
+            return timedelta(0)
+        return self.older_than + timedelta(microseconds=1)
+
+    @builtins.property
+    def is_regularly(self) -> bool:
+        return self.check == "regularly"
+
+    @builtins.property
+    def span(self) -> timedelta:
+        """``check: regularly``: how far back its periods reach (``periods x period``)."""
+        assert self.period is not None
+        assert self.periods is not None
+        return self.period * self.periods
+
+    def period_holds(self, count: int) -> bool:
+        """Whether one period's count satisfies ``check: regularly`` (default ``gte 1``)."""
+        if self.operator is None:
+            return count >= 1
+        return compare_count(count, self.operator, self.value)
+
+    @builtins.property
+    def count_without_events(self) -> int:
+        """What the counter gives for a contact with no events: 0, but for ``regularly`` the
+        number of periods an empty period satisfies (all or none)."""
+        if self.is_regularly:
+            assert self.periods is not None
+            return self.periods if self.period_holds(0) else 0
+        return 0
+
+    @builtins.property
+    def is_last(self) -> bool:
+        """``check: last``: the most recent event counting by time must satisfy ``where``
+        (which then tests that one event instead of choosing the events that count)."""
+        return self.check == "last"
+
+    @builtins.property
+    def filtering(self) -> tuple[PropertyCondition, ...] | None:
+        """The ``where`` conditions that choose which events count (none for ``last``)."""
+        return None if self.is_last else self.where
+
     def satisfied_by(self, count: int) -> bool:
-        """Whether ``count`` matching events satisfy this (counting) condition."""
-        if self.check == "exists":
+        """Whether ``count`` matching events satisfy this (counting) condition (``last``: 1
+        when the last event satisfies ``where``, else 0)."""
+        if self.check in ("exists", "last"):
             return count > 0
+        if self.is_regularly:  # count: the periods that satisfy their count
+            assert self.min_periods is not None
+            return count >= self.min_periods
         if self.check == "not_exists":
             return count == 0
         assert self.operator is not None

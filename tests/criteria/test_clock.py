@@ -25,6 +25,7 @@ from buckets.criteria.instants import parse_instant
 from buckets.criteria.model import EventCondition, EventSequence, leaves
 from tests.criteria.support import NOW, Person, facts_states, load, python_states, sql_states
 from tests.criteria.test_differential import (
+    AGES,
     EXAMPLES,
     INSTANT_POINTS,
     PROPERTY_KEYS,
@@ -34,6 +35,7 @@ from tests.criteria.test_differential import (
     chains_by_brute_force,
     instant_text,
     property_leaf,
+    regular_leaf,
     sequence_leaf,
 )
 
@@ -56,7 +58,7 @@ OFFSETS = st.sampled_from(
     [timedelta(0), TICK, -TICK, -timedelta(minutes=3), -timedelta(days=2)]
     + [
         edge + delta
-        for edge in WINDOWS
+        for edge in (*WINDOWS, *AGES)
         for delta in (-TICK, timedelta(0), TICK, timedelta(hours=2))
     ]
 )
@@ -65,7 +67,13 @@ OFFSETS = st.sampled_from(
 @st.composite
 def clock_leaf(draw: st.DrawFn) -> dict[str, Any]:
     leaf: dict[str, Any] = {"type": "event", "event": draw(st.sampled_from(NAMES))}
-    check = draw(st.sampled_from(["exists", "not_exists", "count", "count", "sum", "avg", "max"]))
+    check = draw(
+        st.sampled_from(
+            ["exists", "not_exists", "count", "count", "sum", "avg", "max", "last", "regularly"]
+        )
+    )
+    if check == "regularly":
+        return draw(regular_leaf(leaf["event"]))
     leaf["check"] = check
     if check in ("sum", "avg", "max"):  # windowed aggregates decay (SPEC §6.7)
         leaf["property"] = "k"
@@ -77,6 +85,10 @@ def clock_leaf(draw: st.DrawFn) -> dict[str, Any]:
         leaf["value"] = draw(st.integers(min_value=1 if operator == "lt" else 0, max_value=3))
     if draw(st.integers(0, 3)):  # mostly windowed
         leaf["within"] = draw(st.sampled_from(WINDOWS))
+    if check != "last" and not draw(st.integers(0, 2)):  # events ageing in
+        ages = [age for age in AGES if age < leaf.get("within", timedelta.max)]
+        if ages:
+            leaf["older_than"] = draw(st.sampled_from(ages))
     if not draw(st.integers(0, 5)):
         leaf["where"] = [{"type": "property", "property": "k", "operator": "eq", "value": 1}]
     return leaf
@@ -109,8 +121,15 @@ EVENTS = st.lists(
 
 def brute_force_flip(node: Any, properties: dict[str, Any], events: list[Event]) -> datetime | None:
     windows = {leaf.within for leaf in leaves(node) if isinstance(leaf, EventCondition)}
+    ages = {leaf.older_than for leaf in leaves(node) if isinstance(leaf, EventCondition)}
     instants = {e.occurred_at for e in events}
     instants |= {e.occurred_at + w + TICK for e in events for w in windows if w is not None}
+    instants |= {e.occurred_at + a + TICK for e in events for a in ages if a is not None}
+    for leaf in leaves(node):  # regularly: an event moves to the next period at t + j·period
+        if isinstance(leaf, EventCondition) and leaf.period is not None:
+            assert leaf.periods is not None
+            span = range(leaf.periods + 1)
+            instants |= {e.occurred_at + j * leaf.period for e in events for j in span}
     at = parse_instant(properties.get("at"))
     if at is not None:  # within_past / within_next edges
         instants |= {at, at + TICK} | {at + w + TICK for w in WINDOWS} | {at - w for w in WINDOWS}

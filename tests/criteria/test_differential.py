@@ -48,6 +48,8 @@ EVENT_NAMES = ("e1", "e2")
 EVENT_KEYS = ("amount", "kind", "meta", "at")
 EVENT_PATHS = (("meta", "kind"), ("amount", "x"))
 WINDOWS = (timedelta(hours=1), timedelta(days=1), timedelta(days=7))
+# older_than ages (SPEC §3.4): shorter than some windows, equal to others' (1h, 1d).
+AGES = (timedelta(minutes=30), timedelta(hours=1), timedelta(days=1))
 US = timedelta(microseconds=1)
 
 # Values chosen to collide across JSON types: 0/1/True/False, 5 vs "5", 1 vs 1.0, "" vs null.
@@ -131,7 +133,7 @@ LISTS = st.lists(st.one_of(st.booleans(), NUMBERS, STRINGS), min_size=1, max_siz
 # Event times relative to now: window edges (on, 1us inside, 1us outside), now, the future.
 OFFSETS = st.sampled_from(
     [timedelta(0), -US, -timedelta(hours=1), timedelta(days=30)]
-    + [edge + delta for edge in WINDOWS for delta in (-US, timedelta(0), US)]
+    + [edge + delta for edge in (*WINDOWS, *AGES) for delta in (-US, timedelta(0), US)]
 )
 
 
@@ -196,9 +198,12 @@ STATIC_LEAVES = st.one_of(
 
 
 @st.composite
-def event_leaf(draw: st.DrawFn) -> dict[str, Any]:
+def event_leaf(draw: st.DrawFn, *, aged: bool = False) -> dict[str, Any]:
     leaf: dict[str, Any] = {"type": "event", "event": draw(st.sampled_from(EVENT_NAMES))}
-    check = draw(st.sampled_from(["exists", "not_exists", "count", "sum", "avg", "min", "max"]))
+    checks = ["exists", "not_exists", "count", "sum", "avg", "min", "max", "last", "regularly"]
+    check = draw(st.sampled_from(checks[:-2] if aged else checks))
+    if check == "regularly":
+        return draw(regular_leaf(leaf["event"]))
     leaf["check"] = check
     if check in ("sum", "avg", "min", "max"):
         leaf["property"] = draw(st.sampled_from(AGGREGATED))
@@ -211,10 +216,51 @@ def event_leaf(draw: st.DrawFn) -> dict[str, Any]:
     within = draw(st.sampled_from((None, *WINDOWS)))
     if within is not None:
         leaf["within"] = within
+    if check != "last" and (aged or draw(st.integers(0, 2)) == 0):  # events ageing in
+        ages = [age for age in AGES if within is None or age < within]
+        if ages:
+            leaf["older_than"] = draw(st.sampled_from(ages))
     if draw(st.integers(0, 2)) == 0:
         leaf["where"] = draw(
             st.lists(property_leaf(EVENT_KEYS, EVENT_PATHS, clock=False), min_size=1, max_size=2)
         )
+    return leaf
+
+
+PERIODS = (timedelta(hours=1), timedelta(days=1))
+
+
+@st.composite
+def regular_leaf(draw: st.DrawFn, name: str = "e1") -> dict[str, Any]:
+    """``check: regularly`` with a few short periods (events land on their boundaries)."""
+    periods = draw(st.integers(1, 4))
+    leaf: dict[str, Any] = {
+        "type": "event",
+        "event": name,
+        "check": "regularly",
+        "period": draw(st.sampled_from(PERIODS)),
+        "periods": periods,
+        "min_periods": draw(st.integers(1, periods)),
+    }
+    if draw(st.booleans()):  # the per-period count, zero-satisfied ones included
+        operator = draw(st.sampled_from(["gt", "gte", "lt", "lte", "eq"]))
+        leaf["operator"] = operator
+        leaf["value"] = draw(st.integers(min_value=1 if operator == "lt" else 0, max_value=2))
+    if not draw(st.integers(0, 3)):
+        leaf["where"] = [draw(property_leaf(EVENT_KEYS, clock=False))]
+    return leaf
+
+
+@st.composite
+def last_leaf(draw: st.DrawFn) -> dict[str, Any]:
+    """``check: last`` over events of one name whose ``where`` key is often set, often not."""
+    leaf: dict[str, Any] = {"type": "event", "event": "e1", "check": "last"}
+    within = draw(st.sampled_from((None, *WINDOWS)))
+    if within is not None:
+        leaf["within"] = within
+    if draw(st.integers(0, 3)):  # about half the events have "kind"
+        kind = {"type": "property", "property": "kind", "operator": "eq", "value": "a"}
+        leaf["where"] = [draw(st.one_of(st.just(kind), property_leaf(EVENT_KEYS, clock=False)))]
     return leaf
 
 
@@ -249,6 +295,8 @@ TREES = st.one_of(
     # event leaves alone: the clock's edges (departures, arrivals, equal timestamps) more often
     composite(event_leaf()),
     composite(composite(event_leaf())),
+    composite(event_leaf(aged=True)),  # older_than's edges: events at now - D +- 1us
+    composite(last_leaf()),  # check last: equal timestamps (ties by ingestion), the future
 )
 
 EVENTS = st.builds(
@@ -337,6 +385,64 @@ HELD_PEOPLE = st.lists(
     subset=st.lists(st.booleans(), min_size=5, max_size=5),
 )
 def test_held_for_executors_agree_at_the_edges(
+    connection: Connection, criteria: dict[str, Any], people: list[Person], subset: list[bool]
+):
+    agree(connection, parse_criteria(criteria), people, subset)
+
+
+# Few instants, so that events share them: check last's ties (the later ingested wins).
+CROWDED = st.lists(
+    st.builds(
+        lambda offset, kind: Event("e1", NOW - offset, {} if kind is None else {"kind": kind}),
+        st.sampled_from([timedelta(0), timedelta(hours=1), -timedelta(hours=1), WINDOWS[1]]),
+        st.sampled_from([None, "a", "b"]),
+    ),
+    max_size=6,
+)
+
+
+@settings(
+    max_examples=max(EXAMPLES // 4, 50),
+    deadline=None,
+    suppress_health_check=[HealthCheck.function_scoped_fixture, HealthCheck.too_slow],
+)
+@given(
+    criteria=st.one_of(last_leaf(), composite(last_leaf())),
+    people=st.lists(st.builds(Person, st.just({}), CROWDED), min_size=1, max_size=4),
+    subset=st.lists(st.booleans(), min_size=5, max_size=5),
+)
+def test_last_breaks_ties_alike(
+    connection: Connection, criteria: dict[str, Any], people: list[Person], subset: list[bool]
+):
+    agree(connection, parse_criteria(criteria), people, subset)
+
+
+# Events on the periods' boundaries: k periods ago, 1us either side, and in the future.
+ON_BOUNDARIES = st.lists(
+    st.builds(
+        lambda period, k, delta, kind: Event(
+            "e1", NOW - k * period + delta, {} if kind is None else {"kind": kind}
+        ),
+        st.sampled_from(PERIODS),
+        st.integers(-1, 5),
+        st.sampled_from([-US, timedelta(0), US]),
+        st.sampled_from([None, "a"]),
+    ),
+    max_size=8,
+)
+
+
+@settings(
+    max_examples=max(EXAMPLES // 4, 50),
+    deadline=None,
+    suppress_health_check=[HealthCheck.function_scoped_fixture, HealthCheck.too_slow],
+)
+@given(
+    criteria=st.one_of(regular_leaf(), composite(regular_leaf())),
+    people=st.lists(st.builds(Person, st.just({}), ON_BOUNDARIES), min_size=1, max_size=4),
+    subset=st.lists(st.booleans(), min_size=5, max_size=5),
+)
+def test_regularly_at_period_boundaries(
     connection: Connection, criteria: dict[str, Any], people: list[Person], subset: list[bool]
 ):
     agree(connection, parse_criteria(criteria), people, subset)

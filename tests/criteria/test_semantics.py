@@ -13,10 +13,20 @@ import pytest
 from sqlalchemy.engine import Connection
 
 from buckets.criteria import Event, b, member_select, parse_criteria
-from tests.criteria.support import NOW, Person, load, python_members, sql_members
+from tests.criteria.support import (
+    NOW,
+    Person,
+    counted_members,
+    load,
+    probe_members,
+    python_members,
+    sql_members,
+    sql_states,
+)
 
 US = timedelta(microseconds=1)
 H = timedelta(hours=1)
+D = timedelta(days=1)
 
 
 def prop(key: str, operator: str, *value: Any) -> dict[str, Any]:
@@ -218,6 +228,162 @@ CASES: list[tuple[str, dict[str, Any], Person, bool]] = [
         Person({}, [ev("buy", currency="EUR")]),
         True,
     ),
+    # --- older_than (SPEC §3.4): occurred_at < now - D, with within: >= now - within ---
+    (
+        "older_than: at now - D",
+        b.event("x").older_than("1d").exists(),
+        Person({}, [ev("x", D)]),
+        False,
+    ),
+    (
+        "older_than: 1us before",
+        b.event("x").older_than("1d").exists(),
+        Person({}, [ev("x", D + US)]),
+        True,
+    ),
+    ("older_than: recent", b.event("x").older_than("1d").not_exists(), Person({}, [ev("x")]), True),
+    (
+        "older_than and within: at now - within",
+        b.event("x").within("7d").older_than("1d").exists(),
+        Person({}, [ev("x", 7 * D)]),
+        True,
+    ),
+    (
+        "older_than and within: 1us before the window",
+        b.event("x").within("7d").older_than("1d").exists(),
+        Person({}, [ev("x", 7 * D + US), ev("x", D)]),
+        False,
+    ),
+    (
+        "older_than count",
+        b.event("x").older_than("1h").exactly(2),
+        Person({}, [ev("x", H + US), ev("x", 2 * D), ev("x", H), ev("x", -H)]),
+        True,
+    ),
+    (
+        "older_than sum",
+        b.event("x").within("7d").older_than("1d").sum("amount").eq(3),
+        Person({}, [ev("x", 2 * D, amount=1), ev("x", 3 * D, amount=2), ev("x", H, amount=4)]),
+        True,
+    ),
+    (
+        "first time in the last 7 days",
+        b.all(b.event("x").within("7d").exists(), b.event("x").older_than("7d").not_exists()),
+        Person({}, [ev("x", 7 * D), ev("x", H)]),
+        True,
+    ),
+    (
+        "not the first time in the last 7 days",
+        b.all(b.event("x").within("7d").exists(), b.event("x").older_than("7d").not_exists()),
+        Person({}, [ev("x", 7 * D + US), ev("x", H)]),
+        False,
+    ),
+    # --- check last (SPEC §3.4): the most recent event counting by time satisfies where ---
+    ("last: none", b.event("x").last(), Person({}, [ev("y")]), False),
+    ("last: any", b.event("x").last(), Person({}, [ev("x", 9 * D)]), True),
+    (
+        "last: the newest decides",
+        b.event("p").where(b.prop("to").eq("pro")).last(),
+        Person({}, [ev("p", H, to="free"), ev("p", 2 * H, to="pro")]),
+        False,
+    ),
+    (
+        "last: where does not choose the events",
+        b.event("p").where(b.prop("to").eq("pro")).last(),
+        Person({}, [ev("p", 2 * H, to="free"), ev("p", H, to="pro")]),
+        True,
+    ),
+    (
+        "last: a future event is not last yet",
+        b.event("p").where(b.prop("to").eq("pro")).last(),
+        Person({}, [ev("p", -US, to="free"), ev("p", timedelta(0), to="pro")]),
+        True,
+    ),
+    (
+        "last: equal instants, the later ingested",
+        b.event("p").where(b.prop("to").eq("pro")).last(),
+        Person({}, [ev("p", H, to="pro"), ev("p", H, to="free")]),
+        False,
+    ),
+    (
+        "last: equal instants, the later ingested holds",
+        b.event("p").where(b.prop("to").eq("pro")).last(),
+        Person({}, [ev("p", H, to="free"), ev("p", H, to="pro")]),
+        True,
+    ),
+    (
+        "last: within, at the window's edge",
+        b.event("p").within("1d").where(b.prop("to").eq("pro")).last(),
+        Person({}, [ev("p", D, to="pro"), ev("p", 2 * D, to="free")]),
+        True,
+    ),
+    (
+        "last: within, out of the window",
+        b.event("p").within("1d").last(),
+        Person({}, [ev("p", D + US)]),
+        False,
+    ),
+    # --- check regularly (SPEC §3.4): period i covers (now - (i+1)·P, now - i·P] ---
+    (
+        "regularly: 2 of 3 days",
+        b.event("x").regularly("1d", 3, 2),
+        Person({}, [ev("x", H), ev("x", 2 * D + H)]),
+        True,
+    ),
+    (
+        "regularly: two events in one period count once",
+        b.event("x").regularly("1d", 3, 2),
+        Person({}, [ev("x", H), ev("x", 2 * H)]),
+        False,
+    ),
+    (
+        "regularly: now - P is in period 1",
+        b.event("x").regularly("1d", 2, 2),
+        Person({}, [ev("x", D), ev("x", D - US)]),
+        True,
+    ),
+    (
+        "regularly: now - P and 1us before share period 1",
+        b.event("x").regularly("1d", 2, 2),
+        Person({}, [ev("x", D), ev("x", D + US)]),
+        False,
+    ),
+    (
+        "regularly: now - K·P is out",
+        b.event("x").regularly("1d", 2, 2),
+        Person({}, [ev("x", D + US), ev("x", 2 * D)]),
+        False,
+    ),
+    (
+        "regularly: 1us inside the last period",
+        b.event("x").regularly("1d", 2, 2),
+        Person({}, [ev("x", H), ev("x", 2 * D - US)]),
+        True,
+    ),
+    (
+        "regularly: a future event is not counted",
+        b.event("x").regularly("1d", 1, 1),
+        Person({}, [ev("x", -US)]),
+        False,
+    ),
+    (
+        "regularly: count per period",
+        b.event("x").regularly("1d", 2, 2, "gte", 2),
+        Person({}, [ev("x", H), ev("x", 2 * H), ev("x", D + H), ev("x", D + 2 * H)]),
+        True,
+    ),
+    (
+        "regularly: empty periods satisfy eq 0",
+        b.event("x").regularly("1d", 3, 3, "eq", 0),
+        Person({}, [ev("y")]),
+        True,
+    ),
+    (
+        "regularly: where filters the events",
+        b.event("x").where(b.prop("k").eq(1)).regularly("1h", 2, 2),
+        Person({}, [ev("x", timedelta(minutes=5), k=1), ev("x", 90 * timedelta(minutes=1))]),
+        False,
+    ),
     # --- composites ---
     (
         "and",
@@ -272,8 +438,12 @@ def test_both_executors_agree_with_the_spec(
 ):
     node = parse_criteria(criteria)
     ids = load(connection, [person])
-    assert python_members(node, [person], ids, NOW) == ({ids[0]} if expected else set())
-    assert sql_members(connection, node, NOW) == ({ids[0]} if expected else set())
+    wanted = {ids[0]} if expected else set()
+    assert python_members(node, [person], ids, NOW) == wanted
+    assert sql_members(connection, node, NOW) == wanted
+    assert probe_members(connection, node, NOW, ids) == wanted
+    assert counted_members(connection, node, NOW, ids) == wanted
+    assert sql_states(connection, node, NOW)[ids[0]].value is expected
 
 
 def test_deleted_contacts_never_match_in_sql(connection: Connection):
