@@ -250,21 +250,11 @@ def _last_facts(
 ) -> list[Any]:
     """A ``check: last`` leaf's facts: the last event's instant (``r``), the next event of
     the name stamped after now (``a``) and whether the last event satisfies ``where`` (``w``)."""
-    occurred = user_events.c.occurred_at
     last = last_event_select(condition, now, contacts.c.id).subquery(f"last{index}")
     instant: Any = sa.select(last.c.occurred_at).scalar_subquery()
     holds: Any = sa.select(last_holds(condition, last.c.properties)).scalar_subquery()
-    arrival: Any = (
-        sa.select(sa.func.min(occurred))
-        .where(*leaf_event_scope(condition, now, contacts.c.id, future=True))
-        .correlate_except(user_events)
-        .scalar_subquery()
-    )
-    if asked is not None:
-        instant, holds, arrival = (
-            sa.case((asked, column), else_=sa.null()) for column in (instant, holds, arrival)
-        )
-    return [instant.label(f"r{index}"), arrival.label(f"a{index}"), holds.label(f"w{index}")]
+    arrival = _next_arrival(condition, now)
+    return _labelled(index, asked, r=instant, a=arrival, w=holds)
 
 
 def _regular_facts(
@@ -272,7 +262,6 @@ def _regular_facts(
 ) -> list[Any]:
     """A ``check: regularly`` leaf's facts: the next crossing of a period boundary (``r``),
     the next arrival (``a``) and how many periods satisfy their count (``w``)."""
-    occurred = user_events.c.occurred_at
     periods = period_rows(
         condition, now, leaf_event_scope(condition, now, contacts.c.id), by_contact=False
     )
@@ -283,17 +272,28 @@ def _regular_facts(
 
     found: Any = scalar(satisfied)
     boundary: Any = scalar(crossing)
-    arrival: Any = (
-        sa.select(sa.func.min(occurred))
+    arrival = _next_arrival(condition, now)
+    return _labelled(index, asked, r=boundary, a=arrival, w=found)
+
+
+def _next_arrival(condition: EventCondition, now: ColumnElement[Any]) -> Any:
+    """The first event of the leaf stamped after ``now`` (per contact)."""
+    return (
+        sa.select(sa.func.min(user_events.c.occurred_at))
         .where(*leaf_event_scope(condition, now, contacts.c.id, future=True))
         .correlate_except(user_events)
         .scalar_subquery()
     )
-    if asked is not None:
-        found, boundary, arrival = (
-            sa.case((asked, column), else_=sa.null()) for column in (found, boundary, arrival)
+
+
+def _labelled(index: int, asked: Any, **columns: Any) -> list[Any]:
+    """``r<i>``, ``a<i>``, ``w<i>``: NULL for a contact that did not ask for the leaf."""
+    return [
+        (column if asked is None else sa.case((asked, column), else_=sa.null())).label(
+            f"{name}{index}"
         )
-    return [boundary.label(f"r{index}"), arrival.label(f"a{index}"), found.label(f"w{index}")]
+        for name, column in columns.items()
+    ]
 
 
 @dataclass(frozen=True)
