@@ -44,7 +44,7 @@ from sqlalchemy.sql.elements import ColumnElement
 
 from buckets.criteria.clock import threshold
 from buckets.criteria.held import History, held_sql
-from buckets.criteria.instants import instant_sql, parse_instant
+from buckets.criteria.instants import instant_sql, parse_instant, shifted
 from buckets.criteria.model import (
     CLOCK_OPERATORS,
     INSTANT_OPERATORS,
@@ -82,13 +82,6 @@ def _nested(path: tuple[str, ...], value: object) -> object:
     for key in reversed(path):
         value = {key: value}
     return value
-
-
-def shifted(now: datetime | ColumnElement[Any], by: timedelta) -> ColumnElement[Any]:
-    """``now + by``: a bound instant, or arithmetic on a bound parameter."""
-    if isinstance(now, datetime):
-        return sa.literal(now + by, TIMESTAMP)
-    return now + sa.literal(by, sa.Interval)
 
 
 def instant_predicate(

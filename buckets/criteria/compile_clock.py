@@ -59,14 +59,13 @@ from buckets.criteria.compile import (
     regular_columns,
     regular_predicate,
     sample_predicate,
-    shifted,
     user_events,
     value_predicate,
 )
 from buckets.criteria.compile_sequence import sequence_facts
 from buckets.criteria.evaluate import EventCounter
 from buckets.criteria.held import changed_at_sql, held_sql, with_history
-from buckets.criteria.instants import instant_sql
+from buckets.criteria.instants import instant_sql, shifted
 from buckets.criteria.model import (
     CLOCK_OPERATORS,
     Aggregate,

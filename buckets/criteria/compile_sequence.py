@@ -31,7 +31,8 @@ from sqlalchemy.dialects.postgresql import ARRAY
 from sqlalchemy.dialects.postgresql import array as pg_array
 from sqlalchemy.sql.elements import ColumnElement, FrameClause, FrameClauseType
 
-from buckets.criteria.compile import TIMESTAMP, property_predicate, shifted, user_events
+from buckets.criteria.compile import TIMESTAMP, property_predicate, user_events
+from buckets.criteria.instants import shifted
 from buckets.criteria.model import EventSequence, SequenceStep
 
 TICK = timedelta(microseconds=1)

@@ -18,12 +18,13 @@ The executors read it from the same row as the properties:
 from __future__ import annotations
 
 from collections.abc import Mapping
-from datetime import datetime, timedelta
+from datetime import datetime
 from typing import Any, NamedTuple
 
 import sqlalchemy as sa
 from sqlalchemy.sql.elements import ColumnElement
 
+from buckets.criteria.instants import shifted
 from buckets.criteria.model import PropertyCondition
 
 TIMESTAMP = sa.DateTime(timezone=True)
@@ -90,13 +91,6 @@ def changed_at_sql(condition: PropertyCondition, history: History) -> ColumnElem
     return sa.func.coalesce(sa.cast(recorded, TIMESTAMP), history.created_at)
 
 
-def shifted_sql(now: datetime | ColumnElement[Any], by: timedelta) -> ColumnElement[Any]:
-    """``now + by``: a bound instant, or arithmetic on a bound parameter."""
-    if isinstance(now, datetime):
-        return sa.literal(now + by, TIMESTAMP)
-    return now + sa.literal(by, sa.Interval)
-
-
 def held_sql(
     condition: PropertyCondition,
     history: History | None,
@@ -108,5 +102,5 @@ def held_sql(
         raise ValueError("held_for needs the contact's property_changed_at and created_at")
     if now is None:
         raise ValueError("held_for needs the decision's now")
-    old_enough = changed_at_sql(condition, history) <= shifted_sql(now, -condition.held_for.span)
+    old_enough = changed_at_sql(condition, history) <= shifted(now, -condition.held_for.span)
     return old_enough if condition.held_for.at_least is not None else sa.not_(old_enough)

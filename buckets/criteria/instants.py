@@ -37,6 +37,13 @@ FIRST = datetime(1, 1, 1, tzinfo=UTC)
 LAST = datetime(9999, 12, 31, 23, 59, 59, 999_999, tzinfo=UTC)
 
 
+def shifted(now: datetime | ColumnElement[Any], by: timedelta) -> ColumnElement[Any]:
+    """``now + by``: a bound instant, or arithmetic on a bound parameter."""
+    if isinstance(now, datetime):
+        return sa.literal(now + by, TIMESTAMP)
+    return now + sa.literal(by, sa.Interval)
+
+
 _FIELDS = re.compile(
     "([0-9]{4})-([0-9]{2})-([0-9]{2})"
     "(?:T([0-9]{2}):([0-9]{2})(?::([0-9]{2})(?:[.]([0-9]{1,6}))?)?(?:Z|([+-])([0-9]{2}):([0-9]{2})))?"

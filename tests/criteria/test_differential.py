@@ -374,11 +374,15 @@ HELD_PEOPLE = st.lists(
 )
 
 
-@settings(
+# The edge-dense generators below: a quarter of the examples each.
+EDGE_SETTINGS = settings(
     max_examples=max(EXAMPLES // 4, 50),
     deadline=None,
     suppress_health_check=[HealthCheck.function_scoped_fixture, HealthCheck.too_slow],
 )
+
+
+@EDGE_SETTINGS
 @given(
     criteria=st.one_of(HELD_LEAF, composite(HELD_LEAF), composite(composite(HELD_LEAF))),
     people=HELD_PEOPLE,
@@ -401,11 +405,7 @@ CROWDED = st.lists(
 )
 
 
-@settings(
-    max_examples=max(EXAMPLES // 4, 50),
-    deadline=None,
-    suppress_health_check=[HealthCheck.function_scoped_fixture, HealthCheck.too_slow],
-)
+@EDGE_SETTINGS
 @given(
     criteria=st.one_of(last_leaf(), composite(last_leaf())),
     people=st.lists(st.builds(Person, st.just({}), CROWDED), min_size=1, max_size=4),
@@ -432,11 +432,7 @@ ON_BOUNDARIES = st.lists(
 )
 
 
-@settings(
-    max_examples=max(EXAMPLES // 4, 50),
-    deadline=None,
-    suppress_health_check=[HealthCheck.function_scoped_fixture, HealthCheck.too_slow],
-)
+@EDGE_SETTINGS
 @given(
     criteria=st.one_of(regular_leaf(), composite(regular_leaf())),
     people=st.lists(st.builds(Person, st.just({}), ON_BOUNDARIES), min_size=1, max_size=4),

@@ -13,6 +13,7 @@ import pytest
 import sqlalchemy as sa
 from click.testing import CliRunner
 from sqlalchemy.dialects import postgresql
+from sqlalchemy.engine import Connection
 
 from buckets import DefinitionError, b, define_bucket, ingest_event, load_definitions
 from buckets.criteria import (
@@ -374,16 +375,7 @@ def test_an_or_of_the_most_conditions_compiles_evaluates_and_runs(make_runtime):
             (deepest, ["b"]),
             (heaviest, ["c"]),
         ):
-            found = conn.execute(
-                sa.select(contacts.c.external_id).where(
-                    contacts.c.id.in_(member_select(bucket.criteria, T0))
-                )
-            ).scalars()
-            assert sorted(found) == members
-            probed = conn.execute(
-                sa.select(contacts.c.external_id).where(probe_predicate(bucket.criteria, T0))
-            ).scalars()
-            assert sorted(probed) == members
+            assert_compiled_members(conn, bucket.criteria, T0, members)
             clocked = conn.execute(clock_select(bucket.criteria, T0)).all()
             assert sorted(row.id for row in clocked if row.matches) == sorted(
                 conn.execute(
@@ -492,19 +484,24 @@ def test_the_longest_sequences_compile_evaluate_and_run(make_runtime):
     done = last + timedelta(hours=1)
     with rt.engine.connect() as conn:
         for now, members in ((done - timedelta(microseconds=1), []), (done, ["a"])):
-            found = conn.execute(
-                sa.select(contacts.c.external_id).where(
-                    contacts.c.id.in_(member_select(longest.criteria, now))
-                )
-            ).scalars()
-            assert sorted(found) == members
-            probed = conn.execute(
-                sa.select(contacts.c.external_id).where(probe_predicate(longest.criteria, now))
-            ).scalars()
-            assert sorted(probed) == members
+            assert_compiled_members(conn, longest.criteria, now, members)
             clocked = {row.id: row for row in conn.execute(clock_select(longest.criteria, now))}
             assert sum(row.matches for row in clocked.values()) == len(members)
     explained = explain("longest", "a", now=last, runtime=rt)
     assert explained.next_change is not None
     assert explained.next_change.at == done
     assert explain("longest", "a", now=done, runtime=rt).matches is True
+
+
+def assert_compiled_members(
+    conn: Connection, criteria: Any, now: datetime, members: list[str]
+) -> None:
+    """The set-wide compiled query and the per-contact probes both hold exactly ``members``."""
+    found = conn.execute(
+        sa.select(contacts.c.external_id).where(contacts.c.id.in_(member_select(criteria, now)))
+    ).scalars()
+    assert sorted(found) == members
+    probed = conn.execute(
+        sa.select(contacts.c.external_id).where(probe_predicate(criteria, now))
+    ).scalars()
+    assert sorted(probed) == members
