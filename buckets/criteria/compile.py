@@ -48,6 +48,7 @@ from buckets.criteria.instants import instant_sql, parse_instant, shifted
 from buckets.criteria.model import (
     CLOCK_OPERATORS,
     INSTANT_OPERATORS,
+    Aggregate,
     Composite,
     EventCondition,
     EventSequence,
@@ -363,7 +364,7 @@ def compile_criteria(
         periods, arrivals, found_ = _regular_aggregate(
             index, condition, now, contact_ids=contact_ids, id_range=id_range, clock=clock
         )
-        from_clause = from_clause.outerjoin(periods, periods.c.contact_id == contacts.c.id)
+        from_clause = _join(from_clause, periods, node, [condition], clock)
         if arrivals is not None:
             from_clause = from_clause.outerjoin(arrivals, arrivals.c.contact_id == contacts.c.id)
         columns[condition] = found_
@@ -371,7 +372,7 @@ def compile_criteria(
         aggregate, found = _aggregate(
             index, name, conditions, now, contact_ids=contact_ids, id_range=id_range, clock=clock
         )
-        from_clause = from_clause.outerjoin(aggregate, aggregate.c.contact_id == contacts.c.id)
+        from_clause = _join(from_clause, aggregate, node, conditions, clock)
         columns.update(found)
     scope = _scope(contacts.c.id, contact_ids, id_range)
 
@@ -389,6 +390,40 @@ def compile_criteria(
                 sequences[leaf] = (chains.c.witness, chains.c.upcoming)
     predicate = _predicate(node, columns, now, events_scope)
     return CompiledCriteria(from_clause, predicate, tuple(scope), columns, sequences)
+
+
+def _join(
+    from_clause: sa.FromClause,
+    aggregate: sa.Subquery,
+    node: Node,
+    conditions: Sequence[EventCondition],
+    clock: bool,
+) -> sa.FromClause:
+    """Join an aggregate (a row per contact with events in its scope) to ``contacts``: an inner
+    join when the criteria are false for every contact without such a row, so the query drives
+    from the aggregate (``sum >= 500``: the sum of nothing, 0, fails, but the planner cannot see
+    it through the ``coalesce``); otherwise a left join. With the clock every contact keeps its
+    row: arrivals are read for non-members too."""
+    on = aggregate.c.contact_id == contacts.c.id
+    if not clock and without_events(node, frozenset(conditions)) is False:
+        return from_clause.join(aggregate, on)
+    return from_clause.outerjoin(aggregate, on)
+
+
+def without_events(node: Node, absent: frozenset[EventCondition]) -> bool | None:
+    """The criteria's answer for a contact none of whose events count for the ``absent``
+    conditions, in three-valued logic: None where it depends on the other leaves."""
+    if isinstance(node, EventCondition) and node in absent:
+        return node.holds(Aggregate() if node.is_aggregate else node.count_without_events)
+    if not isinstance(node, Composite):
+        return None
+    verdicts = [without_events(child, absent) for child in node.conditions]
+    if node.operator == "not":
+        return None if verdicts[0] is None else not verdicts[0]
+    decisive = node.operator == "or"  # one True decides an or, one False an and
+    if decisive in verdicts:
+        return decisive
+    return None if None in verdicts else not decisive
 
 
 def member_select(

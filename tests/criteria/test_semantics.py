@@ -481,3 +481,34 @@ def test_naive_now_is_refused():
     node = parse_criteria(b.prop("plan").eq("pro"))
     with pytest.raises(ValueError, match="timezone-aware"):
         member_select(node, NOW.replace(tzinfo=None))
+
+
+@pytest.mark.parametrize(
+    ("criteria", "inner"),
+    [
+        (b.event("buy").within("30d").sum("amount").gte(500), True),  # sum of nothing: 0 fails
+        (b.event("buy").within("30d").sum("amount").lt(500), False),  # 0 < 500 holds
+        (b.event("buy").within("30d").not_exists(), False),
+        (b.all(b.prop("plan").eq("pro"), b.event("buy").sum("amount").gte(1)), True),
+        (b.any(b.prop("plan").eq("pro"), b.event("buy").sum("amount").gte(1)), False),
+        (b.not_(b.event("buy").sum("amount").lte(0)), True),  # not(0 <= 0)
+        (b.not_(b.event("buy").max("amount").gte(5)), False),  # not(max of nothing fails)
+    ],
+)
+def test_an_aggregate_no_contact_without_events_can_satisfy_is_inner_joined(
+    connection: Connection, criteria: Any, inner: bool
+):
+    """The planner cannot see through ``coalesce(sum, 0) >= 500`` that a contact without
+    purchases never matches: the compiler joins such an aggregate with an inner join (and
+    keeps the left join wherever a contact without events can match). Same answers both ways."""
+    node = parse_criteria(criteria)
+    sql = str(member_select(node, NOW).compile())
+    assert ("LEFT OUTER JOIN" not in sql) is inner
+    people = [
+        Person({"plan": "pro"}),
+        Person({}, [ev("buy", amount=700)]),
+        Person({"plan": "pro"}, [ev("buy", amount=0)]),
+        Person({}, [ev("buy", timedelta(days=40), amount=900)]),
+    ]
+    ids = load(connection, people)
+    assert sql_members(connection, node, NOW) == python_members(node, people, ids, NOW)
