@@ -94,6 +94,37 @@ def _event_leaves(bucket: Bucket) -> list[EventCondition | EventSequence]:
     ]
 
 
+FactLeaf = EventCondition | EventSequence
+
+
+@dataclass(frozen=True, eq=False)  # hashed by identity: the cache key of its statement
+class _Layout:
+    """Which event leaves a facts statement covers, and where each bucket's leaves sit in it."""
+
+    conditions: tuple[FactLeaf, ...]
+    positions: dict[str, tuple[int, ...]]  # bucket id -> its leaves' columns
+    buckets: dict[str, Bucket]
+
+    def covers(self, buckets: dict[str, Bucket]) -> bool:
+        return all(self.buckets.get(key) is bucket for key, bucket in buckets.items())
+
+
+@lru_cache(maxsize=64)
+def _layout(buckets: tuple[Bucket, ...]) -> _Layout | None:
+    """The layout of ``buckets``' leaves (None past :data:`MAX_FACT_LEAVES`). Buckets hash by
+    identity, so this is a lookup for a registry's (or a tick's) buckets after the first call:
+    the same statement object every time, which SQLAlchemy compiles once."""
+    conditions = tuple(dict.fromkeys(leaf for bucket in buckets for leaf in _event_leaves(bucket)))
+    if len(conditions) > MAX_FACT_LEAVES:
+        return None
+    index = {condition: at for at, condition in enumerate(conditions)}
+    return _Layout(
+        conditions,
+        {bucket.id: tuple(index[leaf] for leaf in _event_leaves(bucket)) for bucket in buckets},
+        {bucket.id: bucket for bucket in buckets},
+    )
+
+
 def _groups(asks: Sequence[Ask]) -> list[list[Ask]]:
     """``asks`` split by bucket so that no group involves more than :data:`MAX_FACT_LEAVES`
     distinct event leaves (one group, almost always)."""
@@ -135,46 +166,67 @@ def decide(
     blocked: frozenset[str] = frozenset(),
     rows: bool = True,
     record: bool = False,
+    universe: Sequence[Bucket] = (),
 ) -> Outcome:
     """Decide ``asks`` as of ``now`` — or as of the latest instant any of these pairs was
     already decided as of, if later (``Outcome.as_of``). ``clock``: the cron's view (maximum
     dwell, no joins where ``reconcile_joins`` is false or ``blocked`` names the bucket).
     ``rows``: return the transitions themselves (else only counts). ``record``: record the
     decisions no membership row records (non-members that stay so) in the contacts'
-    ``decided_at`` (the caller did not)."""
+    ``decided_at`` (the caller did not). ``universe``: the buckets the caller's asks come
+    from (a registry's, a tick's): the facts statement then covers all their leaves (those no
+    contact asked for cost nothing but columns of NULL), so every call shares one statement
+    instead of building and compiling one per combination of buckets."""
     if not asks:
         return Outcome()
-    groups = _groups(asks)
-    if len(groups) > 1:  # too many leaves for one statement's columns: a statement per group
-        outcome = Outcome()
-        for group in groups:
-            outcome.merge(
-                decide(
-                    conn,
-                    group,
-                    now,
-                    source=source,
-                    clock=clock,
-                    blocked=blocked,
-                    rows=rows,
-                    record=record,
-                )
-            )
-        return outcome
     involved = {ask.bucket.id: ask.bucket for ask in asks}
-    conditions = list(
-        dict.fromkeys(leaf for bucket in involved.values() for leaf in _event_leaves(bucket))
-    )
-    position = {condition: index for index, condition in enumerate(conditions)}
+    layout = _layout(tuple(universe)) if universe else None
+    if layout is None or not layout.covers(involved):
+        layout = _layout(tuple(sorted(involved.values(), key=lambda bucket: bucket.id)))
+    if layout is not None:
+        return _decide(
+            conn, asks, involved, layout, now, source, clock, blocked, rows=rows, record=record
+        )
+    outcome = Outcome()
+    for group in _groups(asks):  # too many leaves for one statement's columns: one per group
+        outcome.merge(
+            decide(
+                conn,
+                group,
+                now,
+                source=source,
+                clock=clock,
+                blocked=blocked,
+                rows=rows,
+                record=record,
+            )
+        )
+    return outcome
+
+
+def _decide(  # noqa: PLR0917 - decide's arguments, resolved
+    conn: Connection,
+    asks: Sequence[Ask],
+    involved: dict[str, Bucket],
+    layout: _Layout,
+    now: datetime,
+    source: Source,
+    clock: bool,
+    blocked: frozenset[str],
+    *,
+    rows: bool,
+    record: bool,
+) -> Outcome:
+    conditions = layout.conditions
     needs: dict[int, bytearray] = {}  # per contact: its leaves, then its properties
     for ask in asks:
         wanted = needs.setdefault(ask.contact_id, bytearray(b"0" * (len(conditions) + 1)))
-        for leaf in _event_leaves(ask.bucket):
-            wanted[position[leaf]] = ord("1")
+        for at in layout.positions[ask.bucket.id]:
+            wanted[at] = ord("1")
         if ask.bucket.property_keys:
             wanted[-1] = ord("1")
     contact_ids = sorted(needs)
-    statement = _facts(tuple(conditions), any(bucket.property_keys for bucket in involved.values()))
+    statement = _facts(layout, any(bucket.property_keys for bucket in involved.values()))
     given = [needs[contact_id].decode() for contact_id in contact_ids]
 
     def facts(as_of: datetime) -> dict[int, Any]:
@@ -187,10 +239,13 @@ def decide(
         now = later
         found = facts(now)
     plan = _Plan()
+    facts_of: dict[int, Facts] = {}  # once per contact, whatever its number of pairs
     for ask in asks:
         row = found.get(ask.contact_id)
         if row is not None:
-            facts_ = Facts.of(row, conditions, now=now)
+            facts_ = facts_of.get(ask.contact_id)
+            if facts_ is None:
+                facts_ = facts_of[ask.contact_id] = Facts.of(row, conditions, now=now)
             _plan(plan, ask, row, facts_, now, clock=clock, blocked=blocked)
     outcome = _apply(conn, plan, involved.values(), now, source=source, rows=rows)
     outcome.as_of = now
@@ -200,9 +255,7 @@ def decide(
 
 
 @lru_cache(maxsize=256)
-def _facts(
-    conditions: tuple[EventCondition | EventSequence, ...], properties: bool
-) -> sa.Select[Any]:
+def _facts(layout: _Layout, properties: bool) -> sa.Select[Any]:
     """The facts of the leaves (see leaf_facts) and, through one index scan, the contact's
     membership rows: the active ones (as arrays, which the driver decodes natively) and the
     latest instant any was decided as of (monotone decisions: never decide earlier)."""
@@ -226,7 +279,7 @@ def _facts(
     )
     watermark = sa.func.greatest(contacts.c.decided_at, rows_of.c.evaluated).label("watermark")
     return (
-        facts_statement(conditions, needs=True, properties=properties)
+        facts_statement(layout.conditions, needs=True, properties=properties)
         .join_from(contacts, rows_of, sa.true())
         .add_columns(
             rows_of.c.a_bucket,

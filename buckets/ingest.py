@@ -596,7 +596,8 @@ class _Chunk:
                     asks.append(Ask(bucket, contact_id, stored[position]))
         if not asks:
             return
-        outcome = decide(self.conn, asks, self.as_of, source="ingest")
+        universe = tuple(self.rt.registry.buckets.values())
+        outcome = decide(self.conn, asks, self.as_of, source="ingest", universe=universe)
         if outcome.as_of is not None and outcome.as_of > self.as_of:  # a row was decided later
             record_decided(self.conn, sorted({ask.contact_id for ask in asks}), outcome.as_of)
         by_event: dict[int, list[Transition]] = {}

@@ -330,6 +330,7 @@ def process_due(
                     blocked=frozenset(b for b, is_blocked in blocked.items() if is_blocked),
                     rows=False,
                     record=True,
+                    universe=buckets,
                 )
         except Exception as exc:
             if len(pending) == 1:
