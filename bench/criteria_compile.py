@@ -136,7 +136,76 @@ CASES += (
                                     'hex'), 1, 8))::bit(32)::bigint % 10000 < 1000
         """,
     ),
+    Case(
+        "max(amount) of purchases in 30d >= 450",
+        b.event("purchase.completed").within("30d").max("amount").gte(450),
+        """
+        SELECT c.id FROM contacts c
+        JOIN (SELECT contact_id FROM user_events
+              WHERE event = 'purchase.completed' AND occurred_at BETWEEN :start_30d AND :now
+                AND jsonb_typeof(properties->'amount') = 'number'
+              GROUP BY contact_id HAVING max((properties->>'amount')::numeric) >= 450
+             ) e ON e.contact_id = c.id
+        WHERE c.deleted_at IS NULL
+        """,
+    ),
+    Case(
+        "first purchase in the last 7d (older_than)",
+        b.all(
+            b.event("purchase.completed").within("7d").exists(),
+            b.event("purchase.completed").older_than("7d").not_exists(),
+        ),
+        """
+        SELECT c.id FROM contacts c
+        JOIN (SELECT contact_id FROM user_events
+              WHERE event = 'purchase.completed' AND occurred_at <= :now
+              GROUP BY contact_id HAVING min(occurred_at) >= :start_7d
+             ) e ON e.contact_id = c.id
+        WHERE c.deleted_at IS NULL
+        """,
+    ),
+    Case(
+        "last page viewed was /pricing",
+        b.event("page.viewed").where(b.prop("path").eq("/pricing")).last(),
+        """
+        SELECT c.id FROM contacts c
+        JOIN (SELECT DISTINCT ON (contact_id) contact_id, properties FROM user_events
+              WHERE event = 'page.viewed' AND occurred_at <= :now
+              ORDER BY contact_id, occurred_at DESC, id DESC
+             ) l ON l.contact_id = c.id
+        WHERE c.deleted_at IS NULL AND l.properties @> '{"path": "/pricing"}'
+        """,
+    ),
+    Case(
+        "plan = pro held for at least 14d",
+        b.prop("plan").eq("pro").held_for(at_least="14d"),
+        """
+        SELECT c.id FROM contacts c
+        WHERE c.deleted_at IS NULL AND c.properties @> '{"plan": "pro"}'
+          AND coalesce((c.property_changed_at->>'plan')::timestamptz, c.created_at)
+              <= :start_14d
+        """,
+    ),
 )
+
+# Regular activity: a period index per event, counted once per contact and period.
+REGULAR_CASES = (
+    Case(
+        "regularly: feature.used on 4 of the last 7 days",
+        b.event("feature.used").regularly("1d", periods=7, min_periods=4),
+        """
+        SELECT c.id FROM contacts c
+        JOIN (SELECT contact_id FROM user_events
+              WHERE event = 'feature.used' AND occurred_at > :start_7d AND occurred_at <= :now
+              GROUP BY contact_id
+              HAVING count(DISTINCT greatest(
+                  ceil(extract(epoch FROM :now - occurred_at) / 86400), 1)) >= 4
+             ) e ON e.contact_id = c.id
+        WHERE c.deleted_at IS NULL
+        """,
+    ),
+)
+CASES += REGULAR_CASES
 
 # Sequences (SPEC §3.4): the hand-written form is the spec's existential as correlated
 # EXISTS, which is what a person writes for "a session without a purchase within a day".

@@ -1,14 +1,16 @@
 """The real-time path: single-event latency and batch throughput, with 20 buckets registered.
 
     python -m bench.ingest [--contacts 100000] [--single 2000] [--batched 20000]
-                           [--database-url URL]
+                           [--new-nodes] [--database-url URL]
 
 On the generator's dataset (``bench/generate.py``, loaded unless present), ingests a realistic
 stream — existing and new contacts, the generator's event mix, a plan or country change on
 one event in ten — three ways: one ``ingest_event`` per event (p50/p99 latency, events/s), and
 ``ingest_events`` in batches of 100 and of 1000. Each is run with the 20 buckets of
 :data:`BUCKETS` registered and again with none, so the share of bucket evaluation shows as a
-ratio. Rows the run inserted are deleted afterwards, so the dataset stays as generated.
+ratio; with ``--new-nodes`` also with the 20 buckets of :data:`NEW_BUCKETS` (the newer
+criteria nodes), so their cost shows against the classic 20 in the same run. Rows the run
+inserted are deleted afterwards, so the dataset stays as generated.
 """
 
 from __future__ import annotations
@@ -87,6 +89,63 @@ BUCKETS: list[Bucket] = [
         reconcile_joins=False,
     ),
 ]
+# The same number of buckets written with the criteria language's newer nodes (SPEC §3.4):
+# aggregates, instants, lists, all-negative criteria, samples, sequences, regularly, last,
+# older_than and held_for. ``--new-nodes`` runs them beside BUCKETS in the same run.
+PURCHASE = b.event("purchase.completed")
+NEW_BUCKETS: list[Bucket] = [
+    define_bucket(id="n-spent-500", criteria=PURCHASE.within("30d").sum("amount").gte(500)),
+    define_bucket(id="n-avg-order", criteria=PURCHASE.avg("amount").gte(200)),
+    define_bucket(id="n-max-order", criteria=PURCHASE.within("30d").max("amount").gte(450)),
+    define_bucket(id="n-trial-ending", criteria=b.prop("trial_ends_at").within_next("3d")),
+    define_bucket(id="n-new-signup", criteria=b.prop("signup_at").within_past("30d")),
+    define_bucket(id="n-early-signup", criteria=b.prop("signup_at").before("2026-06-01")),
+    define_bucket(id="n-eu", criteria=b.prop("country").in_(["DE", "FR", "NL"])),
+    define_bucket(id="n-never-bought", criteria=PURCHASE.not_exists()),
+    define_bucket(id="n-not-free", criteria=b.not_(b.prop("plan").eq("free"))),
+    define_bucket(id="n-sample", criteria=b.sample(10, salt="bench")),
+    define_bucket(
+        id="n-abandoned",
+        criteria=b.sequence(
+            b.step("session.started"),
+            b.step("purchase.completed", gap="1d", absent=True),
+            within="30d",
+        ),
+    ),
+    define_bucket(
+        id="n-open-click",
+        criteria=b.sequence(
+            b.step("email.opened"), b.step("email.clicked", gap="1h"), within="30d"
+        ),
+    ),
+    define_bucket(
+        id="n-daily-habit",
+        criteria=b.event("feature.used").regularly("1d", periods=7, min_periods=4),
+    ),
+    define_bucket(id="n-steady-buyer", criteria=PURCHASE.regularly("1w", periods=4, min_periods=2)),
+    define_bucket(
+        id="n-last-pricing",
+        criteria=b.event("page.viewed").where(b.prop("path").eq("/pricing")).last(),
+    ),
+    define_bucket(
+        id="n-first-purchase",
+        criteria=b.all(PURCHASE.within("7d").exists(), PURCHASE.older_than("7d").not_exists()),
+    ),
+    define_bucket(id="n-pro-held", criteria=b.prop("plan").eq("pro").held_for(at_least="14d")),
+    define_bucket(id="n-trial-fresh", criteria=b.prop("plan").eq("trial").held_for(less_than="3d")),
+    define_bucket(
+        id="n-searcher-earlier",
+        criteria=b.event("search.performed").within("30d").older_than("7d").at_least(2),
+    ),
+    define_bucket(
+        id="n-eu-pro-spender",
+        criteria=b.all(
+            b.prop("country").in_(["DE", "FR"]),
+            b.prop("plan").eq("pro"),
+            PURCHASE.within("30d").sum("amount").gte(100),
+        ),
+    ),
+]
 NAMES = [
     ("page.viewed", 30),
     ("feature.used", 25),
@@ -150,7 +209,7 @@ def batched(rt: Runtime, events: list[dict[str, Any]], size: int) -> dict[str, f
     return {"events_per_s": len(events) / (time.perf_counter() - started)}
 
 
-def materialise(engine: Any) -> None:
+def materialise(engine: Any, buckets: list[Bucket]) -> None:
     """Start from the state a deployment leaves: every bucket holds its members as of NOW
     (silent joins, as the first-time backfill writes them)."""
     from buckets.criteria import member_select
@@ -158,7 +217,7 @@ def materialise(engine: Any) -> None:
     from buckets.models import contacts
 
     with engine.begin() as conn:
-        for bucket in BUCKETS:
+        for bucket in buckets:
             candidates = member_select(bucket.criteria, NOW).with_only_columns(
                 sa.literal(bucket.id).label("bucket_id"), contacts.c.id.label("contact_id")
             )
@@ -173,6 +232,11 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--events-per-contact", type=int, default=20)
     parser.add_argument("--single", type=int, default=2_000, help="events ingested one by one")
     parser.add_argument("--batched", type=int, default=20_000, help="events per batch run")
+    parser.add_argument(
+        "--new-nodes",
+        action="store_true",
+        help="also run the 20 buckets of NEW_BUCKETS (the newer criteria nodes)",
+    )
     parser.add_argument("--database-url", help="[default: BUCKETS_DATABASE_URL or embedded]")
     args = parser.parse_args(argv)
 
@@ -182,11 +246,15 @@ def main(argv: list[str] | None = None) -> int:
         marks = conn.execute(
             sa.text("SELECT (SELECT max(id) FROM contacts), (SELECT max(id) FROM user_events)")
         ).one()
-    materialise(engine)
+    sets = {"20 buckets": BUCKETS}
+    if args.new_nodes:
+        sets["20 new-node"] = NEW_BUCKETS
+    materialise(engine, [bucket for buckets in sets.values() for bucket in buckets])
     runtimes = {
-        "20 buckets": Runtime(engine=engine, registry=Registry(BUCKETS), settings=settings),
-        "no buckets": Runtime(engine=engine, registry=Registry(), settings=settings),
+        label: Runtime(engine=engine, registry=Registry(buckets), settings=settings)
+        for label, buckets in sets.items()
     }
+    runtimes["no buckets"] = Runtime(engine=engine, registry=Registry(), settings=settings)
     figures: dict[str, dict[str, dict[str, float]]] = {}
     try:
         for seed, (label, rt) in enumerate(runtimes.items()):
@@ -209,19 +277,30 @@ def main(argv: list[str] | None = None) -> int:
             conn.execute(sa.text("DELETE FROM user_events WHERE id > :id"), {"id": marks[1]})
             conn.execute(sa.text("DELETE FROM contacts WHERE id > :id"), {"id": marks[0]})
         engine.dispose()
+    report(figures)
+    return 0
 
-    with_buckets, without = figures["20 buckets"], figures["no buckets"]
-    print(f"\n{'mode':<12} {'20 buckets':>14} {'no buckets':>14} {'ratio':>7}")
+
+def report(figures: dict[str, dict[str, dict[str, float]]]) -> None:
+    """Rates per mode and set; ratios: time with 20 buckets / time with none (the cost of
+    bucket evaluation) and, with ``--new-nodes``, new-node buckets / the classic 20."""
+    labels = list(figures)
+    newer = "20 new-node" in figures
+    head = "".join(f"{label:>16}" for label in labels)
+    print(f"\n{'mode':<12}{head} {'ratio':>7}" + (f" {'new/20':>7}" if newer else ""))
     for mode in ("single", "batch 100", "batch 1000"):
-        rate, base = with_buckets[mode]["events_per_s"], without[mode]["events_per_s"]
-        print(f"{mode:<12} {rate:>10,.0f} ev/s {base:>10,.0f} ev/s {base / rate:>7.2f}")
+        rates = {label: figures[label][mode]["events_per_s"] for label in labels}
+        line = "".join(f"{rates[label]:>11,.0f} ev/s" for label in labels)
+        line += f" {rates['no buckets'] / rates['20 buckets']:>7.2f}"
+        if newer:
+            line += f" {rates['20 buckets'] / rates['20 new-node']:>7.2f}"
+        print(f"{mode:<12}{line}")
     for label, modes in figures.items():
         print(
             f"single-event latency, {label}: p50 {modes['single']['p50_ms']:.2f} ms,"
             f" p99 {modes['single']['p99_ms']:.2f} ms"
         )
     print("(ratio = time with 20 buckets / time with none: the cost of bucket evaluation)")
-    return 0
 
 
 if __name__ == "__main__":
