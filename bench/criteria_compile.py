@@ -177,13 +177,13 @@ CASES += (
         """,
     ),
     Case(
-        "plan = pro held for at least 14d",
-        b.prop("plan").eq("pro").held_for(at_least="14d"),
+        "plan = pro held for less than 14d",
+        b.prop("plan").eq("pro").held_for(less_than="14d"),
         """
         SELECT c.id FROM contacts c
         WHERE c.deleted_at IS NULL AND c.properties @> '{"plan": "pro"}'
           AND coalesce((c.property_changed_at->>'plan')::timestamptz, c.created_at)
-              <= :start_14d
+              > :start_14d
         """,
     ),
 )

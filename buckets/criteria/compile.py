@@ -262,16 +262,17 @@ class LeafColumns:
 
 
 def event_number(condition: EventCondition) -> tuple[ColumnElement[Any], ColumnElement[bool]]:
-    """The aggregated value of an event as ``numeric`` (NULL unless a number) and whether it
-    is a number (SPEC §3.4: other values, booleans included, are ignored)."""
+    """The aggregated value of an event as ``numeric``, and whether it is a number (SPEC §3.4:
+    other values, booleans included, are ignored). The cast fails on anything but a number:
+    read it only where ``is_number`` already filters the rows — in ``WHERE``, or in the
+    aggregate's ``FILTER``, which PostgreSQL evaluates before the aggregate's argument."""
     parent: ColumnElement[Any] = user_events.c.properties
     path = condition.aggregated
     for key in path[:-1]:
         parent = parent.op("->")(sa.literal(key, sa.Text))
     last = sa.literal(path[-1], sa.Text)
     is_number = sa.func.jsonb_typeof(parent.op("->")(last)) == "number"
-    number = sa.case((is_number, sa.cast(parent.op("->>")(last), sa.Numeric)), else_=sa.null())
-    return number, is_number
+    return sa.cast(parent.op("->>")(last), sa.Numeric), is_number
 
 
 def aggregate_predicate(condition: EventCondition, found: LeafColumns) -> ColumnElement[bool]:
@@ -476,6 +477,13 @@ def _aggregate(
     for where in shared_where or ():
         scope.append(property_predicate(where, user_events.c.properties))
     scope.extend(_scope(user_events.c.contact_id, contact_ids, id_range))
+    # Aggregates of one property alone: only its numbers matter, so the scan drops the rest
+    # (a contact with none has no row, which reads as no values, as before).
+    numbers_only = all(c.is_aggregate for c in conditions) and (
+        len({c.aggregated for c in conditions}) == 1
+    )
+    if numbers_only:
+        scope.append(event_number(conditions[0])[1])
 
     selected: list[Any] = []
     names: dict[EventCondition, tuple[str, dict[int, str], str | None]] = {}
@@ -495,7 +503,7 @@ def _aggregate(
             counting.append(occurred < sa.literal(now - condition.older_than, TIMESTAMP))
 
         columns, newest, arrival, extra[condition] = _condition_columns(
-            condition, position, matching, counting, now, clock=clock
+            condition, position, matching, counting, now, clock=clock, numbers=numbers_only
         )
         selected.extend(columns)
         names[condition] = (f"n{position}", newest, arrival)
@@ -633,9 +641,11 @@ def _condition_columns(
     now: datetime,
     *,
     clock: bool,
+    numbers: bool = False,
 ) -> tuple[list[Any], dict[int, str], str | None, dict[str, str]]:
     """One condition's columns in its name's aggregate: the count, an aggregate's functions,
-    and with ``clock`` the newest counting events' instants and the next arrival."""
+    and with ``clock`` the newest counting events' instants and the next arrival. ``numbers``:
+    the scan keeps only events whose aggregated value is a number (no need to test again)."""
     occurred = user_events.c.occurred_at
     count = _filtered(sa.func.count(), counting)
     if condition.is_last:  # 1 when the last counting event satisfies where, else 0
@@ -646,10 +656,11 @@ def _condition_columns(
     extra: dict[str, str] = {}
     if condition.is_aggregate:
         number, is_number = event_number(condition)
-        matching = [*matching, is_number]  # arrivals: only numbers change an aggregate
+        if not numbers:  # arrivals: only numbers change an aggregate
+            matching, counting = [*matching, is_number], [*counting, is_number]
         for field_, column in _aggregate_columns(condition, number, clock=clock).items():
             label = f"{field_}{position}"
-            selected.append(_filtered(column, [*counting, is_number]).label(label))
+            selected.append(_filtered(column, counting).label(label))
             extra[field_] = label
     if clock:
         for rank in newest_ranks(condition):
