@@ -11,12 +11,15 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+import sqlalchemy as sa
+from sqlalchemy.dialects.postgresql import ARRAY, JSONB
+from sqlalchemy.engine import Connection
 
 from buckets import DefinitionError, b, define_bucket, load_definitions
 from buckets.criteria import Event, evaluate, in_memory_counter
 from buckets.criteria.evaluate import MISSING, lookup
 from buckets.criteria.held import ContactProperties
-from buckets.criteria.instants import parse_instant
+from buckets.criteria.instants import instant_sql, parse_instant
 from buckets.criteria.model import Sample
 from buckets.registry import Registry
 
@@ -385,33 +388,58 @@ def test_instant_builder_is_the_literal_form():
     assert not define_bucket(id="x", criteria=b.prop("t").before("2026-01-01")).time_based
 
 
-@pytest.mark.parametrize(
-    ("text", "expected"),
-    [
-        ("2026-03-01", datetime(2026, 3, 1, tzinfo=UTC)),
-        ("2026-03-01T09:00Z", datetime(2026, 3, 1, 9, tzinfo=UTC)),
-        ("2026-03-01T09:00:00.5+05:30", datetime(2026, 3, 1, 3, 30, 0, 500_000, tzinfo=UTC)),
-        ("2024-02-29T23:59:59.999999-23:59", datetime(2024, 3, 1, 23, 58, 59, 999_999, tzinfo=UTC)),
-        ("2026-03-01T09:00", None),  # no offset
-        ("2026-03-01T09Z", None),
-        ("2026-02-29", None),  # no such day
-        ("2026-04-31", None),
-        ("0000-01-01", None),
-        ("2026-03-01T24:00Z", None),
-        ("2026-03-01T23:59:60Z", None),
-        ("2026-03-01T09:00+24:00", None),
-        ("2026-03-01T09:00+05:60", None),
-        ("2026-03-01T09:00:00.1234567Z", None),
-        ("\uff12026-03-01", None),  # not ASCII digits
-        ("2026-03-01Z", None),
-        ("2026-03-01T09:00:00Z\n", None),
-        (" 2026-03-01", None),
-        (20260301, None),
-        (None, None),
-    ],
-)
+INSTANT_CASES: list[tuple[Any, datetime | None]] = [
+    ("2026-03-01", datetime(2026, 3, 1, tzinfo=UTC)),
+    ("2026-03-01T09:00Z", datetime(2026, 3, 1, 9, tzinfo=UTC)),
+    ("2026-03-01T09:00:00.5+05:30", datetime(2026, 3, 1, 3, 30, 0, 500_000, tzinfo=UTC)),
+    ("2024-02-29T23:59:59.999999-23:59", datetime(2024, 3, 1, 23, 58, 59, 999_999, tzinfo=UTC)),
+    ("2026-03-01T09:00", None),  # no offset
+    ("2026-03-01T09Z", None),
+    ("2026-02-29", None),  # no such day
+    ("2026-04-31", None),
+    ("0000-01-01", None),
+    ("2026-03-01T24:00Z", None),
+    ("2026-03-01T23:59:60Z", None),
+    ("2026-03-01T09:00+24:00", None),
+    ("2026-03-01T09:00+05:60", None),
+    ("2026-03-01T09:00:00.1234567Z", None),
+    ("\uff12026-03-01", None),  # not ASCII digits
+    ("2026-03-01Z", None),
+    ("2026-03-01T09:00:00Z\n", None),
+    (" 2026-03-01", None),
+    (20260301, None),
+    (None, None),
+    # the fields' ranges, which SQL checks apart from the digit mask
+    ("2026-00-10", None),
+    ("2026-01-00", None),
+    ("2026-01-32", None),
+    ("2026-03-01T09:60Z", None),
+    ("2026-03-01T9:00Z", None),
+    ("2026-03-01T09:00:00.Z", None),
+    ("2026-03-01T09:00+05:5", None),
+    ("2026-03-01T09:00-23:59", datetime(2026, 3, 2, 8, 59, tzinfo=UTC)),
+    ("2026-03-01T23:59:59.999999+00:00", datetime(2026, 3, 1, 23, 59, 59, 999999, UTC)),
+    ("2026-1-01", None),
+    ("2026-03-01T09:00:00ZZ", None),
+]
+
+
+@pytest.mark.parametrize(("text", "expected"), INSTANT_CASES)
 def test_what_is_an_instant(text, expected):
     assert parse_instant(text) == expected
+
+
+def test_sql_names_the_same_instants(connection: Connection):
+    """The SQL form (a digit mask and the fields as numbers, no regex) agrees with Python on
+    every case above, in one statement."""
+    values = sa.values(sa.column("i", sa.Integer), sa.column("v", JSONB), name="cases").data(
+        [(index, text) for index, (text, _) in enumerate(INSTANT_CASES)]
+    )
+    found = sa.select(
+        values.c.i, instant_sql(values.c.v, values.c.v.op("#>>")(sa.literal([], ARRAY(sa.Text))))
+    ).order_by(values.c.i)
+    got = [instant for _, instant in connection.execute(found)]
+    assert got == [expected for _, expected in INSTANT_CASES]
 
 
 INSTANT_ERRORS = [
