@@ -355,7 +355,10 @@ def compile_criteria(
     from_clause: sa.FromClause = contacts
     by_name: dict[str, list[EventCondition]] = {}
     regular: list[EventCondition] = []  # check regularly: a subquery each
+    absent = {} if clock else _absences(node, now, contact_ids, id_range)
     for leaf in leaves(node):
+        if leaf in absent:
+            continue
         if isinstance(leaf, EventCondition) and leaf.is_regularly:
             if leaf not in regular:
                 regular.append(leaf)
@@ -389,8 +392,45 @@ def compile_criteria(
                 chains = sequence_chains(leaf, now, events_scope, f"seq{len(sequences)}")
                 from_clause = from_clause.outerjoin(chains, chains.c.contact_id == contacts.c.id)
                 sequences[leaf] = (chains.c.witness, chains.c.upcoming)
-    predicate = _predicate(node, columns, now, events_scope)
+    predicate = _predicate(node, columns, now, events_scope, absent)
     return CompiledCriteria(from_clause, predicate, tuple(scope), columns, sequences)
+
+
+def _absences(
+    node: Node, now: datetime, contact_ids: Sequence[int] | None, id_range: IdRange | None
+) -> dict[EventCondition, ColumnElement[bool]]:
+    """``not_exists`` leaves that are, everywhere they occur, conjuncts of the whole criteria
+    (``never purchased``, ``plan = pro and no purchase in 7d``), of event names no other leaf
+    reads, as ``NOT EXISTS``: PostgreSQL plans
+    those as a (parallel) anti-join, where counting every contact's events and keeping the
+    zeros aggregates them all first. Elsewhere (under ``or`` / ``not``) a correlated
+    ``NOT EXISTS`` would probe per contact, so the aggregate stays."""
+
+    def conjuncts(part: Node) -> list[Node]:
+        if isinstance(part, Composite) and part.operator == "and":
+            return [found for child in part.conditions for found in conjuncts(child)]
+        return [part]
+
+    top = [
+        part
+        for part in conjuncts(node)
+        if isinstance(part, EventCondition) and part.check == "not_exists"
+    ]
+    everywhere = leaves(node)
+    # a name other leaves aggregate anyway (``ever used, but not in 7d``): its zeros come with
+    # that pass at no cost, while an anti-join would read the events a second time
+    aggregated = {
+        leaf.event for leaf in everywhere if isinstance(leaf, EventCondition) and leaf not in top
+    }
+    return {
+        condition: ~sa.exists(
+            _leaf_events(condition, now, contacts.c.id).where(
+                *_scope(user_events.c.contact_id, contact_ids, id_range)
+            )
+        )
+        for condition in top
+        if everywhere.count(condition) == top.count(condition) and condition.event not in aggregated
+    }
 
 
 def _join(
@@ -720,7 +760,10 @@ def _predicate(
     columns: dict[EventCondition, LeafColumns],
     now: datetime,
     scope: EventsScope | None = None,
+    absent: dict[EventCondition, ColumnElement[bool]] | None = None,
 ) -> ColumnElement[bool]:
+    if absent and node in absent:
+        return absent[node]
     if isinstance(node, PropertyCondition):
         return property_predicate(node, contacts.c.properties, now, CONTACT_HISTORY)
     if isinstance(node, EventSequence):
@@ -741,7 +784,7 @@ def _predicate(
     if isinstance(node, Sample):
         return sample_predicate(node, contacts.c.external_id)
     assert isinstance(node, Composite)
-    parts = [_predicate(child, columns, now, scope) for child in node.conditions]
+    parts = [_predicate(child, columns, now, scope, absent) for child in node.conditions]
     return _combine(node, parts)
 
 

@@ -488,7 +488,7 @@ def test_naive_now_is_refused():
     [
         (b.event("buy").within("30d").sum("amount").gte(500), True),  # sum of nothing: 0 fails
         (b.event("buy").within("30d").sum("amount").lt(500), False),  # 0 < 500 holds
-        (b.event("buy").within("30d").not_exists(), False),
+        (b.event("buy").within("30d").less_than(2), False),
         (b.all(b.prop("plan").eq("pro"), b.event("buy").sum("amount").gte(1)), True),
         (b.any(b.prop("plan").eq("pro"), b.event("buy").sum("amount").gte(1)), False),
         (b.not_(b.event("buy").sum("amount").lte(0)), True),  # not(0 <= 0)
@@ -509,6 +509,32 @@ def test_an_aggregate_no_contact_without_events_can_satisfy_is_inner_joined(
         Person({}, [ev("buy", amount=700)]),
         Person({"plan": "pro"}, [ev("buy", amount=0)]),
         Person({}, [ev("buy", timedelta(days=40), amount=900)]),
+    ]
+    ids = load(connection, people)
+    assert sql_members(connection, node, NOW) == python_members(node, people, ids, NOW)
+
+
+@pytest.mark.parametrize(
+    ("criteria", "anti"),
+    [
+        (b.event("buy").not_exists(), True),
+        (b.all(b.prop("plan").eq("pro"), b.event("buy").within("7d").not_exists()), True),
+        # the name is aggregated for the other leaf anyway: its zeros come with that pass
+        (b.all(b.event("buy").exists(), b.event("buy").within("7d").not_exists()), False),
+        (b.any(b.prop("plan").eq("pro"), b.event("buy").not_exists()), False),  # not a conjunct
+        (b.not_(b.event("buy").not_exists()), False),
+    ],
+)
+def test_an_absence_conjunct_is_an_anti_join(connection: Connection, criteria: Any, anti: bool):
+    """``never bought`` as NOT EXISTS (planned as an anti-join) instead of counting every
+    contact's events to keep the zeros; the answers are the same either way."""
+    node = parse_criteria(criteria)
+    sql = str(member_select(node, NOW).compile())
+    assert ("NOT (EXISTS" in sql and "GROUP BY" not in sql) is anti
+    people = [
+        Person({"plan": "pro"}),
+        Person({"plan": "pro"}, [ev("buy", timedelta(days=10))]),
+        Person({}, [ev("buy")]),
     ]
     ids = load(connection, people)
     assert sql_members(connection, node, NOW) == python_members(node, people, ids, NOW)
