@@ -30,7 +30,7 @@ from sqlalchemy.engine import Connection
 from buckets import due
 from buckets.criteria import EventCondition, Facts
 from buckets.criteria.clock import State
-from buckets.criteria.compile_clock import facts_params, facts_statement
+from buckets.criteria.compile_clock import fact_offsets, facts_params, facts_statement
 from buckets.criteria.model import EventSequence, leaves
 from buckets.definitions import Bucket
 from buckets.membership import (
@@ -102,8 +102,9 @@ class _Layout:
     """Which event leaves a facts statement covers, and where each bucket's leaves sit in it."""
 
     conditions: tuple[FactLeaf, ...]
-    positions: dict[str, tuple[int, ...]]  # bucket id -> its leaves' columns
+    positions: dict[str, tuple[int, ...]]  # bucket id -> its leaves' indexes in conditions
     buckets: dict[str, Bucket]
+    offsets: tuple[int, ...]  # where each condition's columns start in a facts row
 
     def covers(self, buckets: dict[str, Bucket]) -> bool:
         return all(self.buckets.get(key) is bucket for key, bucket in buckets.items())
@@ -122,6 +123,7 @@ def _layout(buckets: tuple[Bucket, ...]) -> _Layout | None:
         conditions,
         {bucket.id: tuple(index[leaf] for leaf in _event_leaves(bucket)) for bucket in buckets},
         {bucket.id: bucket for bucket in buckets},
+        fact_offsets(conditions),
     )
 
 
@@ -219,9 +221,12 @@ def _decide(  # noqa: PLR0917 - decide's arguments, resolved
 ) -> Outcome:
     conditions = layout.conditions
     needs: dict[int, bytearray] = {}  # per contact: its leaves, then its properties
+    asked: dict[int, set[int]] = {}  # per contact: the indexes of its leaves
     for ask in asks:
         wanted = needs.setdefault(ask.contact_id, bytearray(b"0" * (len(conditions) + 1)))
-        for at in layout.positions[ask.bucket.id]:
+        positions = layout.positions[ask.bucket.id]
+        asked.setdefault(ask.contact_id, set()).update(positions)
+        for at in positions:
             wanted[at] = ord("1")
         if ask.bucket.property_keys:
             wanted[-1] = ord("1")
@@ -245,7 +250,13 @@ def _decide(  # noqa: PLR0917 - decide's arguments, resolved
         if row is not None:
             facts_ = facts_of.get(ask.contact_id)
             if facts_ is None:
-                facts_ = facts_of[ask.contact_id] = Facts.of(row, conditions, now=now)
+                facts_ = facts_of[ask.contact_id] = Facts.of(
+                    row,
+                    conditions,
+                    now=now,
+                    wanted=asked[ask.contact_id],
+                    offsets=layout.offsets,
+                )
             _plan(plan, ask, row, facts_, now, clock=clock, blocked=blocked)
     outcome = _apply(conn, plan, involved.values(), now, source=source, rows=rows)
     outcome.as_of = now

@@ -13,7 +13,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from datetime import datetime, timedelta
 from decimal import Decimal
@@ -295,6 +295,21 @@ def _labelled(index: int, asked: Any, **columns: Any) -> list[Any]:
     ]
 
 
+def fact_offsets(conditions: Sequence[FactLeaf], offset: int = 4) -> tuple[int, ...]:
+    """Where each condition's columns start in a :func:`leaf_facts` row: a sequence has one
+    column, an aggregate, ``regularly`` or ``last`` leaf three, any other event leaf two."""
+    found: list[int] = []
+    for condition in conditions:
+        found.append(offset)
+        if isinstance(condition, EventSequence):
+            offset += 1
+        elif condition.is_aggregate or condition.is_regularly or condition.is_last:
+            offset += 3
+        else:
+            offset += 2
+    return tuple(found)
+
+
 @dataclass(frozen=True)
 class Facts:
     """One contact's row of :func:`leaf_facts`: its properties and, per event leaf asked
@@ -319,42 +334,41 @@ class Facts:
         offset: int = 4,
         *,
         now: datetime | None = None,
+        wanted: Iterable[int] | None = None,
+        offsets: Sequence[int] | None = None,
     ) -> Facts:
+        """The facts of ``row`` for ``conditions`` (their columns from ``offset`` on); with
+        ``wanted``, only those conditions (indexes into ``conditions``, whose columns start at
+        ``offsets``, see :func:`fact_offsets`): a contact reads the leaves it asked for."""
         recent: dict[EventCondition, Sequence[datetime]] = {}
         arrivals: dict[EventCondition, datetime | None] = {}
         aggregates: dict[EventCondition, Aggregate] = {}
         oldest: dict[EventCondition, datetime | None] = {}
         chains: dict[EventSequence, Chains] = {}
         regular: dict[EventCondition, int] = {}
-        at = offset
-        for condition in conditions:
+        if offsets is None:
+            offsets = fact_offsets(conditions, offset)
+        for index in range(len(conditions)) if wanted is None else wanted:
+            condition, at = conditions[index], offsets[index]
             if isinstance(condition, EventSequence):
                 witness, upcoming = row[at] or (None, None)
                 chains[condition] = Chains(witness, upcoming)
-                at += 1
-                continue
-            if condition.is_aggregate:
+            elif condition.is_aggregate:
                 oldest[condition], arrivals[condition] = row[at], row[at + 1]
                 numbers, total, low, high = row[at + 2] or (0, 0, None, None)
                 aggregates[condition] = Aggregate(int(numbers), Decimal(total), low, high)
-                at += 3
-                continue
-            if condition.is_regularly:  # the next crossing, the satisfied periods
+            elif condition.is_regularly:  # the next crossing, the satisfied periods
                 oldest[condition], arrivals[condition] = row[at], row[at + 1]
                 satisfied = row[at + 2]
                 regular[condition] = (
                     condition.count_without_events if satisfied is None else satisfied
                 )
-                at += 3
-                continue
-            if condition.is_last:  # the last event's instant, when it holds
+            elif condition.is_last:  # the last event's instant, when it holds
                 oldest[condition], arrivals[condition] = row[at], row[at + 1]
                 recent[condition] = (row[at],) if row[at + 2] else ()
-                at += 3
-                continue
-            recent[condition] = row[at] or ()
-            arrivals[condition] = row[at + 1]
-            at += 2
+            else:
+                recent[condition] = row[at] or ()
+                arrivals[condition] = row[at + 1]
         return cls(
             with_history(row),
             recent,
