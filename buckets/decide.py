@@ -30,7 +30,7 @@ from sqlalchemy.engine import Connection
 from buckets import due
 from buckets.criteria import EventCondition, Facts
 from buckets.criteria.clock import State
-from buckets.criteria.compile_clock import fact_offsets, facts_params, facts_statement
+from buckets.criteria.compile_clock import fact_offsets, facts_params, facts_statement, raw
 from buckets.criteria.model import EventSequence, leaves
 from buckets.definitions import Bucket
 from buckets.membership import (
@@ -273,7 +273,7 @@ def _facts(layout: _Layout, properties: bool) -> sa.Select[Any]:
     active = memberships.c.status == "active"
 
     def actives(column: Any) -> Any:
-        return sa.func.array_agg(column).filter(active)
+        return raw(sa.func.array_agg(column).filter(active))
 
     rows_of = (
         sa.select(

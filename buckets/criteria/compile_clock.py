@@ -122,6 +122,11 @@ def facts_params(
     return params
 
 
+def raw(column: ColumnElement[Any]) -> ColumnElement[Any]:
+    """``column`` read as the driver decodes it (no SQLAlchemy result processing)."""
+    return sa.type_coerce(column, sa.types.NullType())
+
+
 @lru_cache(maxsize=256)
 def facts_statement(
     conditions: tuple[FactLeaf, ...], *, needs: bool, properties: bool
@@ -184,6 +189,9 @@ def facts_statement(
             recent = sa.case((asked, recent), else_=sa.null())
             arrival = sa.case((asked, arrival), else_=sa.null())
         columns += [recent.label(f"r{index}"), arrival.label(f"a{index}")]
+    # The driver decodes arrays, numerics and instants itself: typed as ARRAY, SQLAlchemy
+    # would walk every array again, item by item, for every row.
+    columns = [raw(column.element).label(column.name) for column in columns]
     bag: Any = sa.null()
     record: Any = sa.null()  # when each key changed, and the fallback (held_for)
     created: Any = sa.null()
