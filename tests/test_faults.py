@@ -518,6 +518,7 @@ def run_ingests(db: FaultDB, tmp_path: Path, rounds: int, seed: int) -> Counter[
             sent.extend(json.loads(line)["idempotency_key"] for line in remaining)
         path = tmp_path / "now.jsonl"
         path.write_text("\n".join(remaining) + "\n")
+        stored = db.scalar(sa.select(sa.func.count()).select_from(user_events))
         process = subprocess.Popen(
             [*db.command("ingest", str(path)), "--json"],
             env={**ENV, "BUCKETS_INGEST_CHUNK_SIZE": "50"},
@@ -525,8 +526,16 @@ def run_ingests(db: FaultDB, tmp_path: Path, rounds: int, seed: int) -> Counter[
             stderr=subprocess.PIPE,
             text=True,
         )
-        if todo:
-            time.sleep(rng.uniform(0.8, 1.6))
+        if todo:  # mid-run: once the first chunks are in, however slowly the process starts
+            eventually(
+                lambda: (
+                    process.poll() is not None  # noqa: B023
+                    or db.scalar(sa.select(sa.func.count()).select_from(user_events)) > stored  # noqa: B023
+                ),
+                60,
+                "the ingest to store its first chunk",
+            )
+            time.sleep(rng.uniform(0.0, 0.3))
             db.inject(todo.pop())
         out, err = process.communicate(timeout=120)
         statuses[process.returncode] += 1
