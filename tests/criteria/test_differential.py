@@ -71,6 +71,13 @@ INSTANT_POINTS = [
     for delta in (-US, timedelta(0), US)
 ]
 VALID_INSTANTS = st.one_of(
+    # UTC written "Z" or "-00:00", to the second or the microsecond (the SQL form compares those
+    # as text with the span's ends, to the second)
+    st.builds(
+        lambda at, suffix: instant_text(at, timedelta(0)).replace("+00:00", suffix),
+        st.sampled_from(INSTANT_POINTS),
+        st.sampled_from(["Z", "-00:00"]),
+    ),
     st.builds(
         instant_text,
         st.sampled_from(INSTANT_POINTS),
