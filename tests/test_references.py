@@ -11,12 +11,18 @@ import pytest
 import sqlalchemy as sa
 from sqlalchemy.dialects.postgresql import insert as pg_insert
 
-from buckets import b, define_bucket, ingest_event, set_enabled
+from buckets import b, define_bucket, due, ingest_event, set_enabled
 from buckets.criteria import parse_criteria
 from buckets.criteria.model import BucketReference, CriteriaError
 from buckets.definitions import DefinitionError, criteria_fingerprint
 from buckets.explain import explain
-from buckets.models import bucket_configs, bucket_memberships, bucket_transitions, contacts
+from buckets.models import (
+    bucket_configs,
+    bucket_due,
+    bucket_memberships,
+    bucket_transitions,
+    contacts,
+)
 from buckets.registry import Registry
 from workflows.backfill import Runner, deploy
 from workflows.reconcile import reconcile
@@ -308,14 +314,23 @@ LAPSED_PRO = define_bucket(
 )
 
 
+@pytest.mark.parametrize("queue", ["complete", "incomplete"])
 def test_a_tick_flips_a_dependent_in_the_same_chunk_after_its_clock_driven_reference(
-    make_runtime,
+    make_runtime, queue
 ):
+    """With a complete queue the reference's flip comes from a due chunk; with an incomplete
+    one from the full passes: both cascade in their transaction."""
     rt = make_runtime(LAPSED_PRO, LAPSED)
     deployed(rt, LAPSED, LAPSED_PRO)
+    if queue == "complete":
+        with rt.engine.begin() as conn:
+            due.mark_complete(conn, LAPSED)
     ingest_event("u1", "feature.used", contact_properties={"plan": "pro"}, now=T0, runtime=rt)
     ingest_event("u2", "feature.used", contact_properties={"plan": "free"}, now=T0, runtime=rt)
     assert active(rt, "lapsed") == set()
+    if queue == "incomplete":  # as after an upgrade: no entries, the full passes do the work
+        with rt.engine.begin() as conn:
+            conn.execute(sa.delete(bucket_due))
     tick = reconcile(T0 + 8 * D, runtime=rt)
     assert not tick.failed
     assert [item.bucket_id for item in tick.buckets] == ["lapsed", "lapsed-pro"]
@@ -328,6 +343,8 @@ def test_a_tick_flips_a_dependent_in_the_same_chunk_after_its_clock_driven_refer
     ]
     counts = {item.bucket_id: item for item in tick.buckets}
     assert counts["lapsed-pro"].joined == 1
+    assert counts["lapsed"].due == (2 if queue == "complete" else 0)
+    assert counts["lapsed"].passes_ran == ("no" if queue == "complete" else "incomplete queue")
     # activity again: the reference leaves through ingest, and the dependent with it
     back = ingest_event("u1", "feature.used", now=T0 + 9 * D, runtime=rt)
     assert kinds(back) == [("lapsed", "left"), ("lapsed-pro", "left")]
