@@ -144,6 +144,19 @@ def test_an_unknown_reference_in_a_yaml_file_fails_loading(tmp_path):
         Registry.load(str(path))
 
 
+def test_references_across_files_of_a_directory_load_in_dependency_order(tmp_path):
+    (tmp_path / "a.yaml").write_text(
+        "buckets:\n  - id: fans\n    criteria: {type: bucket, bucket: pro, check: member}\n"
+    )
+    (tmp_path / "b.json").write_text(
+        json.dumps({"buckets": [{"id": "pro", "criteria": b.prop("plan").eq("pro")}]})
+    )
+    registry = Registry.load(str(tmp_path))
+    assert [bucket.id for bucket in registry] == ["fans", "pro"]
+    assert [bucket.id for bucket in registry.ordered(registry)] == ["pro", "fans"]
+    assert registry.get("fans").criteria == parse_criteria(b.in_bucket("pro"))
+
+
 def test_cycles_are_named_and_a_self_reference_is_one():
     first = define_bucket(id="a", criteria=b.all(b.prop("x").exists(), b.in_bucket("b")))
     second = define_bucket(id="b", criteria=b.in_bucket("a"))
@@ -184,6 +197,14 @@ def test_ingest_cascades_a_to_b_to_c_in_one_transaction_in_order(make_runtime):
         ("pro-fan-de", "entered"),
     ]
     assert {t.event_id for t in joined.transitions} == {joined.event_id}
+    again = ingest_event(  # a repeated key returns the first result, cascade included
+        "u2", "profile", contact_properties={"plan": "pro"}, idempotency_key="k", now=T0, runtime=rt
+    )
+    repeated = ingest_event(
+        "u2", "profile", contact_properties={"plan": "pro"}, idempotency_key="k", now=T0, runtime=rt
+    )
+    assert repeated.status == "duplicate"
+    assert kinds(repeated) == kinds(again) == [("pro", "entered"), ("pro-fan", "entered")]
     left = ingest_event(
         "u1", "profile", contact_properties={"plan": "free"}, now=T0 + H, runtime=rt
     )
@@ -192,6 +213,8 @@ def test_ingest_cascades_a_to_b_to_c_in_one_transaction_in_order(make_runtime):
         ("pro", "entered", "u1"),
         ("pro-fan", "entered", "u1"),
         ("pro-fan-de", "entered", "u1"),
+        ("pro", "entered", "u2"),
+        ("pro-fan", "entered", "u2"),
         ("pro", "left", "u1"),
         ("pro-fan", "left", "u1"),
         ("pro-fan-de", "left", "u1"),
