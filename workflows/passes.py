@@ -213,15 +213,18 @@ class Passes:
         for start in range(low, high + 1, self.chunk):
             yield start, min(start + self.chunk - 1, high)
 
-    def refreshed(self, changes: Changes, reason: str | None = None) -> None:
-        """Count ``changes`` and rewrite the queue entries of the contacts they changed (last
-        statement of the chunk's transaction)."""
+    def refreshed(
+        self, changes: Changes, reason: str | None = None, *, memberships: bool = True
+    ) -> None:
+        """Count ``changes``, rewrite the queue entries of the contacts they changed and (when
+        ``memberships`` changed) cascade to the buckets that refer to this one, in the chunk's
+        transaction."""
         self.result.count(changes, reason)
         if self.bucket.clocked and changes.changed:
             due.refresh(
                 self.conn, self.bucket, self.now, contact_ids=changes.changed, blocked=self.blocked
             )
-        if self.cascading is not None and changes.changed:
+        if self.cascading is not None and memberships and changes.changed:
             self.cascading.after(self.conn, self.bucket, changes.changed, self.now)
 
     # -- passes ---------------------------------------------------------------------------
@@ -310,7 +313,8 @@ class Passes:
                 candidates = active_members(self.bucket, pending, holds, id_range=id_range)
                 cleared = settle(self.conn, candidates, now=self.now, clear_pending=True)
                 self.result.cleared += len(cleared)
-                self.refreshed(Changes(changed=cleared))
+                # a cleared deferral changes no membership: nothing to cascade
+                self.refreshed(Changes(changed=cleared), memberships=False)
 
     def refresh_queue(self) -> None:
         for id_range in self.ranges():
