@@ -51,6 +51,7 @@ from buckets.criteria.durations import duration_seconds, parse_duration
 from buckets.criteria.model import (
     CLOCK_OPERATORS,
     Aggregate,
+    BucketReference,
     Composite,
     CriteriaError,
     EventCondition,
@@ -186,6 +187,13 @@ class Bucket:
             if isinstance(leaf, EventSequence):
                 names.update(leaf.event_names)
         return frozenset(names)
+
+    @cached_property
+    def references(self) -> frozenset[str]:
+        """The ids of the buckets the criteria refer to (SPEC §3.5)."""
+        return frozenset(
+            leaf.bucket for leaf in leaves(self.criteria) if isinstance(leaf, BucketReference)
+        )
 
     @cached_property
     def property_keys(self) -> frozenset[str]:
@@ -365,10 +373,8 @@ def empty_contact_values(node: Node) -> set[bool]:
         return {node.holds(Aggregate() if node.is_aggregate else node.count_without_events)}
     if isinstance(node, EventSequence):  # no events, no chain
         return {False}
-    if isinstance(node, Everyone):
-        return {True}
-    if isinstance(node, Sample):
-        return {True, False}
+    if isinstance(node, Everyone | Sample | BucketReference):
+        return _static_values(node)
     children = [empty_contact_values(child) for child in node.conditions]
     if node.operator == "not":
         return {not value for value in children[0]}
@@ -386,6 +392,14 @@ def empty_contact_values(node: Node) -> set[bool]:
     return found
 
 
+def _static_values(node: Everyone | Sample | BucketReference) -> set[bool]:
+    if isinstance(node, Everyone):
+        return {True}
+    if isinstance(node, Sample):  # depends on the external id
+        return {True, False}
+    return {node.check == "not_member"}  # a new contact is in no bucket until decided
+
+
 def canonical_criteria(node: Node) -> dict[str, Any]:
     """The literal form with only the keys that carry meaning; durations in seconds. (Part 1
     nodes keep exactly their part 1 form: their fingerprints do not change.)"""
@@ -395,8 +409,8 @@ def canonical_criteria(node: Node) -> dict[str, Any]:
             "operator": node.operator,
             "conditions": [canonical_criteria(child) for child in node.conditions],
         }
-    if isinstance(node, Everyone):
-        return {"type": "everyone"}
+    if isinstance(node, Everyone | BucketReference):  # every field carries meaning
+        return node.model_dump()
     if isinstance(node, Sample):
         return {"type": "sample", "percent": node.percent, "salt": node.salted()}
     if isinstance(node, EventSequence):

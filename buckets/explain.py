@@ -50,6 +50,7 @@ from buckets.criteria.model import (
     CLOCK_OPERATORS,
     INSTANT_OPERATORS,
     Aggregate,
+    BucketReference,
     Composite,
     EventCondition,
     EventSequence,
@@ -77,6 +78,8 @@ class Leaf:
     detail: str | None = None  # what decided the leaf, where a value or a count does not say
     next_at: datetime | None = None  # the first instant the clock alone may change the leaf
     changed_at: datetime | None = None  # held_for leaves: when the key last changed
+    # bucket references: the referenced bucket's active membership row (since, epoch), or None
+    membership: dict[str, Any] | None = None
 
     def to_dict(self) -> dict[str, Any]:
         out: dict[str, Any] = {
@@ -97,6 +100,8 @@ class Leaf:
             out["changed_at"] = self.changed_at.isoformat()
         if self.next_at is not None:
             out["next_at"] = self.next_at.isoformat()
+        if self.membership is not None:
+            out["membership"] = self.membership
         return out
 
 
@@ -154,6 +159,8 @@ def describe(node: Node) -> str:
         return "everyone"
     if isinstance(node, Sample):
         return f"sample {node.percent}% (salt {node.salt!r})"
+    if isinstance(node, BucketReference):
+        return f"{'member' if node.check == 'member' else 'not a member'} of bucket {node.bucket!r}"
     if isinstance(node, EventCondition):
         text = f"event {node.event!r}"
         if node.where:
@@ -249,14 +256,16 @@ def explain(
                 bucket_memberships.c.status == "active",
             )
         ).one_or_none()
+        referenced = _referenced_rows(conn, contact.id, bucket)
         enabled = read_overrides(conn).get(bucket.id, bucket.enabled)
         queued_at = due.entry(conn, bucket.id, contact.id)
         queue_complete = due.complete(conn, bucket)
     properties = with_history(contact)
+    active = frozenset(referenced)
     matches = contact.deleted_at is None and evaluate(
         bucket.criteria,
         properties,
-        in_memory_counter(events, now),
+        in_memory_counter(events, now, active),
         external_id=external_id,
         now=now,
     )
@@ -284,15 +293,44 @@ def explain(
         matches=matches,
         membership=membership,
         leaves=[
-            _leaf(path, node, properties, events, now, external_id=external_id)
+            _leaf(
+                path, node, properties, events, now, external_id=external_id, referenced=referenced
+            )
             for path, node in paths
         ],
         next_change=None
         if contact.deleted_at is not None
-        else _next_change(bucket, properties, events, now, external_id, row=row),
+        else _next_change(bucket, properties, events, now, external_id, row=row, active=active),
         queued_at=queued_at,
         queue_complete=queue_complete,
     )
+
+
+def _referenced_rows(conn: Connection, contact_id: int, bucket: Bucket) -> dict[str, Any]:
+    """The contact's active membership rows in the buckets ``bucket`` refers to, by bucket."""
+    if not bucket.references:
+        return {}
+    rows = conn.execute(
+        sa.select(
+            bucket_memberships.c.bucket_id,
+            bucket_memberships.c.entered_at,
+            bucket_memberships.c.entry_count,
+            bucket_memberships.c.source,
+        ).where(
+            bucket_memberships.c.contact_id == contact_id,
+            bucket_memberships.c.bucket_id.in_(sorted(bucket.references)),
+            bucket_memberships.c.status == "active",
+        )
+    )
+    return {
+        row.bucket_id: {
+            "bucket_id": row.bucket_id,
+            "since": row.entered_at.isoformat(),
+            "epoch": row.entry_count,
+            "source": row.source,
+        }
+        for row in rows
+    }
 
 
 def _events(conn: Connection, contact_id: int, bucket: Bucket) -> list[Event]:
@@ -318,8 +356,18 @@ def _leaf(
     now: datetime,
     *,
     external_id: str,
+    referenced: Mapping[str, Any] | None = None,
 ) -> Leaf:
-    found = in_memory_leaf_states(properties, events, now, external_id)
+    rows = referenced or {}
+    found = in_memory_leaf_states(properties, events, now, external_id, rows)
+    if isinstance(node, BucketReference):
+        row = rows.get(node.bucket)
+        shown = (
+            f"member of {node.bucket!r} since {row['since']} (epoch {row['epoch']})"
+            if row is not None
+            else f"no active membership in {node.bucket!r}"
+        )
+        return Leaf(path, describe(node), found(node).value, detail=shown, membership=row)
     if isinstance(node, PropertyCondition):
         actual = lookup(properties, node.path)
         detail = None
@@ -433,11 +481,14 @@ def _next_change(
     external_id: str,
     *,
     row: Any,
+    active: frozenset[str] = frozenset(),
 ) -> Change | None:
     candidates: list[Change] = []
-    flip = exact_flip(bucket.criteria, properties, events, now, external_id)
+    flip = exact_flip(bucket.criteria, properties, events, now, external_id, memberships=active)
     if flip is not None:
-        matches = in_memory_state(bucket.criteria, properties, events, now, external_id).value
+        matches = in_memory_state(
+            bucket.criteria, properties, events, now, external_id, memberships=active
+        ).value
         detail = "the criteria stop matching" if matches else "the criteria start matching"
         candidates.append(Change(flip, "criteria", detail))
     if row is not None and row.max_dwell_at is not None and row.max_dwell_at > now:

@@ -53,11 +53,12 @@ from sqlalchemy.exc import DBAPIError, OperationalError
 from sqlalchemy.sql.elements import ColumnElement
 
 from buckets import catalog, metrics
-from buckets.decide import Ask, decide
+from buckets.decide import Ask
 from buckets.errors import DatabaseUnavailableError, IngestInterruptedError
 from buckets.ledger import Transition, caused_by
 from buckets.membership import latest_of, record_decided
 from buckets.models import contacts, user_events
+from buckets.references import cascade
 from buckets.resilience import first_line, is_outage
 from buckets.runtime import Runtime, get_runtime
 from buckets.settings import Settings
@@ -596,8 +597,18 @@ class _Chunk:
                     asks.append(Ask(bucket, contact_id, stored[position]))
         if not asks:
             return
-        universe = tuple(self.rt.registry.buckets.values())
-        outcome = decide(self.conn, asks, self.as_of, source="ingest", universe=universe)
+        # In dependency order: a bucket after the buckets it refers to, and the buckets that
+        # refer to a bucket whose membership changed re-decided for that contact (SPEC §3.5).
+        outcome = cascade(
+            self.conn,
+            self.rt.registry,
+            {},
+            self.as_of,
+            source="ingest",
+            asks=asks,
+            enabled=lambda buckets: enabled.enabled(self.conn, buckets),
+            universe=tuple(self.rt.registry.buckets.values()),
+        )
         if outcome.as_of is not None and outcome.as_of > self.as_of:  # a row was decided later
             record_decided(self.conn, sorted({ask.contact_id for ask in asks}), outcome.as_of)
         by_event: dict[int, list[Transition]] = {}

@@ -19,9 +19,10 @@ from typing import TYPE_CHECKING, Any
 import sqlalchemy as sa
 from sqlalchemy.engine import Connection
 
-from buckets.definitions import Bucket, load_definitions
+from buckets.definitions import Bucket, DefinitionError, load_definitions
 from buckets.errors import BucketsError
 from buckets.models import bucket_configs
+from buckets.references import ReferenceGraph
 
 if TYPE_CHECKING:
     from buckets.journeys import Journey
@@ -49,6 +50,9 @@ class Registry:
         self.journeys: tuple[Journey, ...] = tuple(
             validate_journeys(journeys, self.buckets.values())
         )
+        # Which bucket reads which (SPEC §3.5): checked here, where the whole set is known
+        # (unknown buckets, cycles), and ordered once; every producer asks it.
+        self.graph = ReferenceGraph(self.buckets.values())
         # Decided for every new contact (see Bucket.matches_new_contacts).
         self.on_creation = [b for b in self.buckets.values() if b.matches_new_contacts]
         self._by_event: dict[str, list[Bucket]] = {}
@@ -67,7 +71,10 @@ class Registry:
         from buckets.journeys import journeys_in
 
         buckets = load_definitions(source)
-        return cls(buckets, journeys_in(source, buckets))
+        try:
+            return cls(buckets, journeys_in(source, buckets))
+        except DefinitionError as exc:  # a reference: name where the definitions came from
+            raise exc.located(str(source)) from None
 
     def __iter__(self) -> Any:
         return iter(self.buckets.values())
@@ -80,6 +87,16 @@ class Registry:
             return self.buckets[bucket_id]
         except KeyError:
             raise UnknownBucketError(bucket_id) from None
+
+    def ordered(self, buckets: Iterable[Bucket]) -> list[Bucket]:
+        """``buckets`` in dependency order: every bucket after the buckets it refers to
+        (definition order otherwise)."""
+        return self.graph.ordered(buckets)
+
+    def dependents(self, bucket_id: str) -> list[Bucket]:
+        """The buckets that refer to ``bucket_id``, directly or through others, in dependency
+        order."""
+        return [self.buckets[found] for found in self.graph.dependents(bucket_id)]
 
     def affected(
         self, event: str | None, property_keys: Iterable[str] = (), *, created: bool = False

@@ -107,7 +107,7 @@ def deploy(runtime: Runtime, now: datetime) -> list[Job]:
         overrides = read_overrides(conn)
         disabled = [b.id for b in runtime.registry if not overrides.get(b.id, b.enabled)]
         due.mark_incomplete(conn, disabled)
-        for bucket in runtime.registry:
+        for bucket in runtime.registry.ordered(runtime.registry):  # dependency order
             if bucket.id in disabled:
                 continue
             mode = mode_for(conn, bucket)
@@ -216,11 +216,29 @@ class Runner:
         done = []
         while stop is None or not stop.is_set():
             with self.runtime.engine.begin() as conn:
-                job = jobs.claim_next(conn, self.owner, self.clock(), self.lease)
+                job = jobs.claim_next(
+                    conn, self.owner, self.clock(), self.lease, waiting=self._waiting(conn)
+                )
             if job is None:
                 break
             done.append(self._execute(job, None, stop))
         return done
+
+    def _waiting(self, conn: Connection) -> list[str]:
+        """Buckets whose jobs wait: they refer (transitively) to a bucket with a job not
+        finished yet (dependency order, SPEC §3.5)."""
+        registry = self.runtime.registry
+        if not registry.graph.has_references:
+            return []
+        active = jobs.active_buckets(conn)
+        return sorted(
+            {
+                dependent.id
+                for bucket_id in active
+                if bucket_id in registry.buckets
+                for dependent in registry.dependents(bucket_id)
+            }
+        )
 
     def _execute(self, job: Job, progress: Progress | None, stop: threading.Event | None) -> Job:
         name = f"backfill job {job.id} ({job.bucket_id})"
@@ -317,6 +335,8 @@ class Runner:
                 store_hash(conn, bucket, job)
             due.mark_complete(conn, bucket)
             jobs.finish(conn, job, self.owner, self.clock(), status="completed")
+            if job.mode != "queue_fill" and job.joined + job.left:
+                follow_dependents(conn, self.runtime, bucket, job)
         # Fresh statistics for the plans of the next producers (cron, other backfills): a
         # large backfill may have just multiplied a table's size (the memberships it wrote;
         # the due entries of every contact it examined). With stale ones, a tick's claims
@@ -333,6 +353,35 @@ class Runner:
             with self.runtime.engine.begin() as conn:
                 conn.execute(sa.text(f"ANALYZE {', '.join(stale)}"))
         return job
+
+
+def follow_dependents(conn: Connection, runtime: Runtime, bucket: Bucket, job: Job) -> list[Job]:
+    """After a job changed ``bucket``'s memberships, the buckets that refer to it directly are
+    re-evaluated as of the same instant: a ``reevaluate`` job each (new matchers join
+    silently, members who no longer match leave with an emitted ``left``), whose completion
+    does the same for their own dependents. Skipped: disabled dependents, and those whose
+    first-time backfill has not completed (that job, run after this one, covers them). A
+    dependent with a job not finished yet keeps it (the database allows one)."""
+    registry = runtime.registry
+    overrides = read_overrides(conn)
+    created = []
+    for bucket_id in registry.graph.referred_by.get(bucket.id, ()):
+        dependent = registry.get(bucket_id)
+        if not overrides.get(dependent.id, dependent.enabled):
+            continue
+        if first_time_incomplete(conn, dependent.id):
+            continue
+        found, new = jobs.enqueue(conn, dependent, "reevaluate", as_of=job.as_of)
+        if new:
+            log.info(
+                "%s changed by job %d: reevaluate job %d enqueued for %s",
+                bucket.id,
+                job.id,
+                found.id,
+                dependent.id,
+            )
+            created.append(found)
+    return created
 
 
 def store_hash(conn: Connection, bucket: Bucket, job: Job) -> None:

@@ -11,6 +11,7 @@ it. At most one non-terminal job per bucket is enforced by the partial unique in
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
 from datetime import datetime, timedelta
 from typing import Any
@@ -164,17 +165,34 @@ def take_over(
     return Job.of(row) if row is not None else None
 
 
-def claim_next(conn: Connection, owner: str, now: datetime, lease: timedelta) -> Job | None:
-    """The oldest pending job nobody else is claiming right now."""
-    pending = (
-        sa.select(backfill_jobs.c.id)
-        .where(backfill_jobs.c.status == "pending")
-        .order_by(backfill_jobs.c.id)
-        .limit(1)
-        .with_for_update(skip_locked=True)
-    )
+def claim_next(
+    conn: Connection,
+    owner: str,
+    now: datetime,
+    lease: timedelta,
+    *,
+    waiting: Sequence[str] = (),
+) -> Job | None:
+    """The oldest pending job nobody else is claiming right now, except the jobs of the
+    buckets in ``waiting`` (buckets that refer to a bucket whose job has not finished yet:
+    jobs run in dependency order, SPEC §3.5)."""
+    pending = sa.select(backfill_jobs.c.id).where(backfill_jobs.c.status == "pending")
+    if waiting:
+        pending = pending.where(backfill_jobs.c.bucket_id.not_in(sorted(waiting)))
+    pending = pending.order_by(backfill_jobs.c.id).limit(1).with_for_update(skip_locked=True)
     job_id = conn.execute(pending).scalar()
     return claim(conn, job_id, owner, now, lease) if job_id is not None else None
+
+
+def active_buckets(conn: Connection) -> set[str]:
+    """The buckets with a non-terminal (pending or running) job."""
+    return set(
+        conn.execute(
+            sa.select(backfill_jobs.c.bucket_id).where(
+                backfill_jobs.c.status.in_(BACKFILL_ACTIVE_STATUSES)
+            )
+        ).scalars()
+    )
 
 
 def heartbeat(

@@ -21,14 +21,16 @@ daily in the worker): the safety net that heals whatever the queue missed and re
    were missing or late are counted as healed.
 
 Every pass walks contact ids in chunks (one transaction each) and rewrites the queue entries
-of the contacts it changed in the same transaction. Set-based passes decide from a snapshot
+of the contacts it changed in the same transaction; in that transaction too, the buckets that
+refer to the bucket are re-decided for the contacts whose membership changed (:class:`Cascading`,
+SPEC §3.5). Set-based passes decide from a snapshot
 and act only on contacts unchanged since (see :mod:`buckets.membership`).
 """
 
 from __future__ import annotations
 
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from datetime import datetime
 from typing import Any
 
@@ -46,13 +48,96 @@ from buckets.candidates import (
     ttl_expired,
 )
 from buckets.criteria.model import Composite, EventCondition
-from buckets.decide import Ask, decide
+from buckets.decide import Ask, Outcome, decide
 from buckets.definitions import Bucket, clock_joinable
 from buckets.membership import Changes, lock_contacts, settle
 from buckets.models import bucket_memberships as memberships
 from buckets.models import contacts
+from buckets.references import cascade
 
 CONFIRM_BATCH = 2_000  # candidates locked and decided per transaction
+
+
+class Cascading:
+    """The cron's cascade (SPEC §3.5): after the clock changed a bucket's memberships, the
+    buckets that refer to it are re-decided for those contacts in the same transaction, with
+    the cron's view (no joins for a bucket whose backfill has not completed; disabled
+    dependents left alone)."""
+
+    def __init__(
+        self, registry: Any, overrides: dict[str, bool], results: dict[str, Any] | None = None
+    ) -> None:
+        self.registry = registry
+        self.overrides = overrides
+        self.results = results if results is not None else {}  # bucket id -> its BucketTick
+        self._blocked: dict[str, bool] = {}
+
+    def counted(self, outcome: Outcome, deciders: set[str]) -> Outcome:
+        """Count what the cascade did to each dependent on the dependent's own line (the
+        ``deciders``' own changes are counted by whoever decided them)."""
+        for bucket_id in outcome.changes.per_bucket.keys() - deciders:
+            if bucket_id in self.results:
+                self.results[bucket_id].count_outcome(outcome)
+        return outcome
+
+    def enabled(self, buckets: Any) -> list[Bucket]:
+        return [b for b in buckets if self.overrides.get(b.id, b.enabled)]
+
+    def blocked(self, conn: Connection, bucket_ids: Any) -> frozenset[str]:
+        """The dependents of ``bucket_ids`` whose joins are blocked (asked once a tick)."""
+        for bucket_id in bucket_ids:
+            for found in self.registry.dependents(bucket_id):
+                if found.id not in self._blocked:
+                    self._blocked[found.id] = due.joins_blocked(conn, found)
+        return frozenset(b for b, is_blocked in self._blocked.items() if is_blocked)
+
+    def run(
+        self,
+        conn: Connection,
+        asks: list[Ask],
+        now: datetime,
+        blocked: frozenset[str],
+        universe: Sequence[Bucket] = (),
+    ) -> Outcome:
+        """Decide ``asks`` and cascade what they change (``universe``: see ``decide``)."""
+        deciders = {ask.bucket.id for ask in asks}
+        stopped = blocked | self.blocked(conn, deciders)
+        found = cascade(
+            conn,
+            self.registry,
+            {},
+            now,
+            source="reconcile",
+            asks=asks,
+            enabled=self.enabled,
+            clock=True,
+            blocked=stopped,
+            rows=False,
+            record=True,
+            universe=universe,
+        )
+        return self.counted(found, deciders)
+
+    def after(
+        self, conn: Connection, bucket: Bucket, contact_ids: list[int], now: datetime
+    ) -> Outcome:
+        """Cascade the changes a set-based statement made to ``bucket`` for ``contact_ids``."""
+        if not contact_ids or not self.registry.graph.referred_by.get(bucket.id):
+            return Outcome()
+        locked = lock_contacts(conn, contact_ids)
+        found = cascade(
+            conn,
+            self.registry,
+            {bucket.id: locked.ids},
+            now,
+            source="reconcile",
+            enabled=self.enabled,
+            clock=True,
+            blocked=self.blocked(conn, [bucket.id]),
+            rows=False,
+            record=True,
+        )
+        return self.counted(found, {bucket.id})
 
 
 def lapsed_pair(node: Any) -> bool:
@@ -92,9 +177,11 @@ class Passes:
         *,
         mode: str,
         full: bool = False,
+        cascading: Cascading | None = None,
     ) -> None:
         self.conn, self.bucket, self.now, self.chunk, self.result = conn, bucket, now, chunk, result
         self.mode, self.full = mode, full
+        self.cascading = cascading
         self.blocked = False
 
     def run(self) -> None:
@@ -132,14 +219,19 @@ class Passes:
         for start in range(low, high + 1, self.chunk):
             yield start, min(start + self.chunk - 1, high)
 
-    def refreshed(self, changes: Changes, reason: str | None = None) -> None:
-        """Count ``changes`` and rewrite the queue entries of the contacts they changed (last
-        statement of the chunk's transaction)."""
+    def refreshed(
+        self, changes: Changes, reason: str | None = None, *, memberships: bool = True
+    ) -> None:
+        """Count ``changes``, rewrite the queue entries of the contacts they changed and (when
+        ``memberships`` changed) cascade to the buckets that refer to this one, in the chunk's
+        transaction."""
         self.result.count(changes, reason)
         if self.bucket.clocked and changes.changed:
             due.refresh(
                 self.conn, self.bucket, self.now, contact_ids=changes.changed, blocked=self.blocked
             )
+        if self.cascading is not None and memberships and changes.changed:
+            self.cascading.after(self.conn, self.bucket, changes.changed, self.now)
 
     # -- passes ---------------------------------------------------------------------------
 
@@ -194,16 +286,19 @@ class Passes:
                 if not locked.ids:
                     continue
                 asks = [Ask(self.bucket, contact_id) for contact_id in locked.ids]
-                outcome = decide(
-                    self.conn,
-                    asks,
-                    self.now,
-                    source="reconcile",
-                    clock=True,
-                    blocked=blocked,
-                    rows=False,
-                    record=True,
-                )
+                if self.cascading is not None and self.cascading.registry.graph.has_references:
+                    outcome = self.cascading.run(self.conn, asks, self.now, blocked)
+                else:
+                    outcome = decide(
+                        self.conn,
+                        asks,
+                        self.now,
+                        source="reconcile",
+                        clock=True,
+                        blocked=blocked,
+                        rows=False,
+                        record=True,
+                    )
                 self.result.count_outcome(outcome)
 
     def ttl_leaves(self) -> None:
@@ -224,7 +319,8 @@ class Passes:
                 candidates = active_members(self.bucket, pending, holds, id_range=id_range)
                 cleared = settle(self.conn, candidates, now=self.now, clear_pending=True)
                 self.result.cleared += len(cleared)
-                self.refreshed(Changes(changed=cleared))
+                # a cleared deferral changes no membership: nothing to cascade
+                self.refreshed(Changes(changed=cleared), memberships=False)
 
     def refresh_queue(self) -> None:
         for id_range in self.ranges():

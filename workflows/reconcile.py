@@ -43,7 +43,7 @@ from buckets.models import bucket_configs
 from buckets.registry import read_overrides
 from buckets.runtime import Runtime, get_runtime
 from workflows import jobs
-from workflows.passes import Passes, join_mode, lapsed_pair
+from workflows.passes import Cascading, Passes, join_mode, lapsed_pair
 
 log = logging.getLogger("buckets.reconcile")
 
@@ -184,8 +184,13 @@ def reconcile(
     started = time.perf_counter()
     if bucket_ids is None:
         chosen = [bucket for bucket in rt.registry if bucket.clocked or on_cron(bucket)]
+        # and the buckets that refer to them: their flips follow through the cascade, in the
+        # same chunk (SPEC §3.5), and are reported on their own lines
+        for bucket in list(chosen):
+            chosen += [found for found in rt.registry.dependents(bucket.id) if found not in chosen]
     else:
         chosen = [rt.registry.get(bucket_id) for bucket_id in bucket_ids]
+    chosen = rt.registry.ordered(chosen)  # dependency order: referenced buckets first
     with rt.engine.connect() as conn:
         overrides = read_overrides(conn)  # fresh: a disable counts from the next tick
         disabled = [b.id for b in chosen if not overrides.get(b.id, b.enabled)]
@@ -196,7 +201,15 @@ def reconcile(
         for bucket_id in disabled:
             results[bucket_id].status, results[bucket_id].reason = "skipped", "disabled"
         live = [bucket for bucket in chosen if bucket.id not in disabled]
-        process_due(conn, [b for b in live if b.clocked], at, results, limit=due_chunk)
+        cascading = Cascading(rt.registry, overrides, results)
+        process_due(
+            conn,
+            [b for b in live if b.clocked],
+            at,
+            results,
+            limit=due_chunk,
+            cascading=cascading,
+        )
         for bucket in live:
             if not due_only and results[bucket.id].status == "done":
                 _reconcile_bucket(
@@ -207,6 +220,7 @@ def reconcile(
                     chunk=chunk_size,
                     full=full,
                     slot=slot or at,
+                    cascading=cascading,
                 )
             _log(results[bucket.id], at)
     tick = Tick(at, [results[bucket.id] for bucket in chosen])
@@ -238,10 +252,13 @@ def _reconcile_bucket(
     chunk: int,
     full: bool,
     slot: datetime,
+    cascading: Cascading | None = None,
 ) -> None:
     started = time.perf_counter()
     try:
-        _full_passes(conn, bucket, now, result, chunk=chunk, full=full, slot=slot)
+        _full_passes(
+            conn, bucket, now, result, chunk=chunk, full=full, slot=slot, cascading=cascading
+        )
     except Exception as exc:  # one bucket failing does not stop the tick
         _failed(conn, result, exc)
     result.seconds += time.perf_counter() - started
@@ -291,11 +308,14 @@ def process_due(
     results: dict[str, BucketTick],
     *,
     limit: int = DUE_CHUNK,
+    cascading: Cascading | None = None,
 ) -> None:
     """Decide every entry of ``buckets`` due as of ``now``: chunks of up to ``limit`` entries
     claimed across the buckets, each decided in one transaction (see the module); entries whose
     contact another producer holds stay due for the next pass. A chunk that fails is redone
-    bucket by bucket, so one failing bucket does not stop the others (it is marked failed)."""
+    bucket by bucket, so one failing bucket does not stop the others (it is marked failed).
+    With ``cascading``, the buckets that refer to a bucket whose membership a chunk changed are
+    re-decided for those contacts in the chunk's transaction (``buckets.references.cascade``)."""
     pending = [bucket for bucket in buckets if results[bucket.id].status == "done"]
     blocked: dict[str, bool] = {}
     seen: dict[str, set[int]] = {bucket.id: set() for bucket in pending}
@@ -321,23 +341,14 @@ def process_due(
                     asks += [Ask(bucket, i) for i in ids if i not in seen[bucket.id]]
                 if not asks:
                     break
-                outcome = decide(
-                    conn,
-                    asks,
-                    now,
-                    source="reconcile",
-                    clock=True,
-                    blocked=frozenset(b for b, is_blocked in blocked.items() if is_blocked),
-                    rows=False,
-                    record=True,
-                    universe=buckets,
-                )
+                stopped = frozenset(b for b, is_blocked in blocked.items() if is_blocked)
+                outcome = _decide_due(conn, asks, now, stopped, cascading, buckets)
         except Exception as exc:
             if len(pending) == 1:
                 _failed(conn, results[pending[0].id], exc)
                 return
             for bucket in pending:  # isolate the failing bucket
-                process_due(conn, [bucket], now, results, limit=limit)
+                process_due(conn, [bucket], now, results, limit=limit, cascading=cascading)
             return
         share = (time.perf_counter() - started) / max(len(claimed), 1)
         for bucket_id, ids in claimed.items():
@@ -350,6 +361,31 @@ def process_due(
         pending = [bucket for bucket in pending if bucket.id not in exhausted]
 
 
+def _decide_due(  # noqa: PLR0917 - the chunk's parts
+    conn: Connection,
+    asks: list[Ask],
+    now: datetime,
+    blocked: frozenset[str],
+    cascading: Cascading | None,
+    universe: Sequence[Bucket],
+) -> Outcome:
+    """A due chunk's decisions (and, with references, the cascade to dependents); the facts
+    statement covers the tick's buckets (``universe``), so every chunk shares it."""
+    if cascading is not None and cascading.registry.graph.has_references:
+        return cascading.run(conn, asks, now, blocked, universe)
+    return decide(
+        conn,
+        asks,
+        now,
+        source="reconcile",
+        clock=True,
+        blocked=blocked,
+        rows=False,
+        record=True,
+        universe=universe,
+    )
+
+
 def _full_passes(
     conn: Connection,
     bucket: Bucket,
@@ -359,6 +395,7 @@ def _full_passes(
     chunk: int,
     full: bool,
     slot: datetime,
+    cascading: Cascading | None = None,
 ) -> None:
     with conn.begin():
         complete = due.complete(conn, bucket)
@@ -388,7 +425,9 @@ def _full_passes(
             result.passes_ran = f"no ({why}: already done for {slot.isoformat()})"
             return
         result.passes_ran = why
-        Passes(conn, bucket, now, chunk, result, mode=join_mode(bucket), full=full).run()
+        Passes(
+            conn, bucket, now, chunk, result, mode=join_mode(bucket), full=full, cascading=cascading
+        ).run()
         with conn.begin():
             values = {"reconciled_at": now, "reconciled_slot": slot}
             conn.execute(

@@ -255,6 +255,18 @@ class CriteriaBuilder:
     def everyone(self) -> Criteria:
         return {"type": "everyone"}
 
+    def in_bucket(self, bucket: Any) -> Criteria:
+        """The contact is an active member of ``bucket`` (a :class:`~buckets.Bucket` or its
+        id): ``{"type": "bucket", "bucket": id, "check": "member"}`` (SPEC §3.5)."""
+        return {"type": "bucket", "bucket": _bucket_id(bucket), "check": "member"}
+
+    def not_in_bucket(self, bucket: Any) -> Criteria:
+        """The contact is not an active member of ``bucket`` (a ``Bucket`` or its id)."""
+        return {"type": "bucket", "bucket": _bucket_id(bucket), "check": "not_member"}
+
+    member = in_bucket
+    not_member = not_in_bucket
+
     def step(
         self,
         event: str,
@@ -288,6 +300,13 @@ class CriteriaBuilder:
         if salt is not None:
             node["salt"] = salt
         return node
+
+
+def _bucket_id(bucket: Any) -> Any:
+    """A bucket's id: the ``id`` of a ``Bucket`` object, else the value as given (validated
+    with the tree)."""
+    found = getattr(bucket, "id", bucket)
+    return found if isinstance(found, str) else bucket
 
 
 b = CriteriaBuilder()

@@ -31,7 +31,7 @@ flips (explain shows it).
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterable, Mapping, Sequence
+from collections.abc import Callable, Collection, Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from datetime import datetime, timedelta
 from typing import Any
@@ -53,6 +53,7 @@ from buckets.criteria.instants import parse_instant
 from buckets.criteria.model import (
     CLOCK_OPERATORS,
     Aggregate,
+    BucketReference,
     Composite,
     EventCondition,
     EventSequence,
@@ -312,13 +313,24 @@ def static_state(leaf: Leaf, external_id: str | None) -> State | None:
     return None
 
 
+def reference_state(leaf: BucketReference, memberships: Collection[str]) -> State:
+    """A bucket reference: the clock alone never moves it here. (A referenced bucket's flips
+    reach the buckets that refer to it through the cascade, :mod:`buckets.references`.)"""
+    return State(leaf.holds(leaf.bucket in memberships), None)
+
+
 def in_memory_leaf_states(
     properties: Mapping[str, Any],
     events: Sequence[Event],
     now: datetime,
     external_id: str | None = None,
+    memberships: Iterable[str] = (),
 ) -> LeafStates:
+    active = frozenset(memberships)
+
     def leaf_state(leaf: Leaf) -> State:
+        if isinstance(leaf, BucketReference):
+            return reference_state(leaf, active)
         if isinstance(leaf, PropertyCondition):
             return property_state(leaf, properties, now)
         if isinstance(leaf, EventSequence):
@@ -356,9 +368,12 @@ def in_memory_state(
     events: Sequence[Event],
     now: datetime,
     external_id: str | None = None,
+    *,
+    memberships: Iterable[str] = (),
 ) -> State:
-    """:func:`state` of a contact whose properties and events are in memory."""
-    return state(node, in_memory_leaf_states(properties, events, now, external_id))
+    """:func:`state` of a contact whose properties, events and active memberships (bucket
+    ids) are in memory."""
+    return state(node, in_memory_leaf_states(properties, events, now, external_id, memberships))
 
 
 def exact_flip(
@@ -367,15 +382,18 @@ def exact_flip(
     events: Sequence[Event],
     now: datetime,
     external_id: str | None = None,
+    *,
+    memberships: Iterable[str] = (),
 ) -> datetime | None:
     """The first instant after ``now`` at which the answer really differs (None: never, or
-    not within :data:`EXACT_FLIP_STEPS` lower bounds)."""
-    current = in_memory_state(node, properties, events, now, external_id)
+    not within :data:`EXACT_FLIP_STEPS` lower bounds). Memberships are held as they are."""
+    active = frozenset(memberships)
+    current = in_memory_state(node, properties, events, now, external_id, memberships=active)
     at = current.next_at
     for _ in range(EXACT_FLIP_STEPS):
         if at is None:
             return None
-        there = in_memory_state(node, properties, events, at, external_id)
+        there = in_memory_state(node, properties, events, at, external_id, memberships=active)
         if there.value != current.value:
             return at
         at = there.next_at

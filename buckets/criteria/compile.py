@@ -49,6 +49,7 @@ from buckets.criteria.model import (
     CLOCK_OPERATORS,
     INSTANT_OPERATORS,
     Aggregate,
+    BucketReference,
     Composite,
     EventCondition,
     EventSequence,
@@ -58,10 +59,11 @@ from buckets.criteria.model import (
     Sample,
     leaves,
 )
-from buckets.models import Contact, UserEvent
+from buckets.models import BucketMembership, Contact, UserEvent
 
 contacts = Contact.__table__
 user_events = UserEvent.__table__
+bucket_memberships = BucketMembership.__table__
 CONTACT_HISTORY = History(contacts.c.property_changed_at, contacts.c.created_at)
 
 TIMESTAMP = sa.DateTime(timezone=True)
@@ -235,6 +237,27 @@ def sample_predicate(node: Sample, external_id: ColumnElement[Any]) -> ColumnEle
     bits = sa.cast(sa.literal("x", sa.Text).concat(sa.func.substr(digest, 1, 8)), BIT(32))
     number = sa.cast(bits, sa.BigInteger)
     return (number % 10_000) < node.threshold
+
+
+def reference_predicate(
+    node: BucketReference, contact_id: ColumnElement[Any]
+) -> ColumnElement[bool]:
+    """Whether the contact ``contact_id`` has (``member``) / has not (``not_member``) an active
+    row in the referenced bucket, as the statement's snapshot sees it: one probe of the
+    one-active-row unique index. An alias of its own, so that a statement over the
+    memberships table (a bucket's leaves) never correlates the probe to its own rows."""
+    held = bucket_memberships.alias()
+    found = sa.exists(
+        sa.select(sa.literal(1))
+        .select_from(held)
+        .where(
+            held.c.bucket_id == node.bucket,
+            held.c.contact_id == contact_id,
+            held.c.status == "active",
+        )
+        .correlate_except(held)
+    )
+    return found if node.check == "member" else sa.not_(found)
 
 
 _SQL_OPERATORS = {"gt": ">", "gte": ">=", "lt": "<", "lte": "<=", "eq": "="}
@@ -783,6 +806,8 @@ def _predicate(
         return sa.true()
     if isinstance(node, Sample):
         return sample_predicate(node, contacts.c.external_id)
+    if isinstance(node, BucketReference):
+        return reference_predicate(node, contacts.c.id)
     assert isinstance(node, Composite)
     parts = [_predicate(child, columns, now, scope, absent) for child in node.conditions]
     return _combine(node, parts)
@@ -1013,6 +1038,8 @@ def probe_predicate(
         return sa.true()
     if isinstance(node, Sample):
         return sample_predicate(node, name)
+    if isinstance(node, BucketReference):
+        return reference_predicate(node, contact)
     assert isinstance(node, Composite)
     parts = [
         probe_predicate(child, now, contact, properties=bag, external_id=name, history=kept)

@@ -34,6 +34,7 @@ from buckets.criteria.clock import (
     event_state,
     last_state,
     property_state,
+    reference_state,
     regularly_state,
     sequence_state,
     state,
@@ -48,6 +49,7 @@ from buckets.criteria.compile import (
     _count_predicate,
     aggregate_predicate,
     arrival_instant,
+    bucket_memberships,
     compile_criteria,
     contacts,
     event_number,
@@ -56,6 +58,7 @@ from buckets.criteria.compile import (
     leaf_event_scope,
     period_rows,
     property_value,
+    reference_predicate,
     regular_columns,
     regular_predicate,
     sample_predicate,
@@ -69,6 +72,7 @@ from buckets.criteria.instants import instant_sql, shifted
 from buckets.criteria.model import (
     CLOCK_OPERATORS,
     Aggregate,
+    BucketReference,
     Composite,
     EventCondition,
     EventSequence,
@@ -93,6 +97,7 @@ def leaf_facts(
     *,
     needs: Sequence[str] | None = None,
     properties: bool = True,
+    memberships: bool = False,
 ) -> sa.Select[Any]:
     """``SELECT id, properties, deleted_at, external_id, r0, a0, r1, a1, ..., changed_at,
     created_at`` for ``contact_ids`` (``properties`` and, for ``held_for``, the record of when
@@ -106,8 +111,13 @@ def leaf_facts(
     the buckets its own event affects, at a constant cost per check; a ``"1"`` after the
     leaves' positions asks for the contact's properties (else NULL), when ``properties``.
     Row locks are the caller's. (The statement with its values bound: hot paths execute
-    :func:`facts_statement` with :func:`facts_params` instead.)"""
-    statement = facts_statement(tuple(conditions), needs=needs is not None, properties=properties)
+    :func:`facts_statement` with :func:`facts_params` instead.)
+    With ``memberships``, also ``a_bucket``: the ids of the buckets the contact is an active
+    member of (what bucket references read; :func:`buckets.decide.decide` fetches them with
+    the rest of the contact's membership rows instead)."""
+    statement = facts_statement(
+        tuple(conditions), needs=needs is not None, properties=properties, memberships=memberships
+    )
     return statement.params(facts_params(now, contact_ids, needs))
 
 
@@ -129,7 +139,7 @@ def raw(column: ColumnElement[Any]) -> ColumnElement[Any]:
 
 @lru_cache(maxsize=256)
 def facts_statement(
-    conditions: tuple[FactLeaf, ...], *, needs: bool, properties: bool
+    conditions: tuple[FactLeaf, ...], *, needs: bool, properties: bool, memberships: bool = False
 ) -> sa.Select[Any]:
     """:func:`leaf_facts` as a statement built once per shape, with bound parameters
     (:func:`facts_params`): building it costs more than running it for a contact or two."""
@@ -206,6 +216,16 @@ def facts_statement(
             bag = sa.case((asked, bag), else_=sa.null())
             record = sa.case((asked, record), else_=sa.null())
             created = sa.case((asked, created), else_=sa.null())
+    if memberships:
+        held = bucket_memberships.alias("held")
+        columns.append(
+            sa.func.array(
+                sa.select(held.c.bucket_id)
+                .where(held.c.contact_id == contacts.c.id, held.c.status == "active")
+                .correlate_except(held)
+                .scalar_subquery()
+            ).label("a_bucket")
+        )
     # ``id = ANY``: the contacts are fetched by primary key whatever the table's size (a join
     # alone may be planned as a merge over every contact).
     return (
@@ -333,6 +353,7 @@ class Facts:
     now: datetime | None = None  # the facts' instant (property leaves that compare with it)
     chains: Mapping[EventSequence, Chains] = field(default_factory=dict)
     regular: Mapping[EventCondition, int] = field(default_factory=dict)  # satisfied periods
+    memberships: frozenset[str] = frozenset()  # the buckets the contact is an active member of
 
     @classmethod
     def of(
@@ -387,13 +408,16 @@ class Facts:
             now,
             chains,
             regular,
+            frozenset(row._mapping.get("a_bucket") or ()),
         )
 
     @property
     def counter(self) -> EventCounter:
         """The evaluator's counter (counts capped at what decides each leaf; aggregates)."""
 
-        def count(condition: FactLeaf) -> int | Aggregate | Chains:
+        def count(condition: FactLeaf | BucketReference) -> int | Aggregate | Chains:
+            if isinstance(condition, BucketReference):
+                return int(condition.bucket in self.memberships)
             if isinstance(condition, EventSequence):
                 return self.chains[condition]
             if condition.is_aggregate:
@@ -405,6 +429,8 @@ class Facts:
         return count
 
     def leaf_state(self, leaf: Leaf) -> State:
+        if isinstance(leaf, BucketReference):
+            return reference_state(leaf, self.memberships)
         if isinstance(leaf, PropertyCondition):
             return property_state(leaf, self.properties, self.now)
         if isinstance(leaf, EventSequence):
@@ -532,6 +558,8 @@ def _state(
         return _SqlState(sa.true(), INFINITY)
     if isinstance(node, Sample):
         return _SqlState(sample_predicate(node, contacts.c.external_id), INFINITY)
+    if isinstance(node, BucketReference):  # the clock alone never moves it (the cascade does)
+        return _SqlState(reference_predicate(node, contacts.c.id), INFINITY)
     assert isinstance(node, Composite)
     if node.operator == "not":  # the same instants, the opposite value
         inner = _state(node.conditions[0], columns, nested, now, root=root, sequences=sequences)

@@ -28,6 +28,7 @@ from buckets.criteria.model import (
     INSTANT_OPERATORS,
     LIST_OPERATORS,
     Aggregate,
+    BucketReference,
     Composite,
     EventCondition,
     EventSequence,
@@ -41,8 +42,11 @@ from buckets.criteria.model import (
 if TYPE_CHECKING:
     from buckets.criteria.sequences import Chains
 
-# What a contact's events give a leaf: a count, an aggregate, or a sequence's chains.
-EventCounter = Callable[["EventCondition | EventSequence"], "int | Aggregate | Chains"]
+# What a contact's events give a leaf: a count, an aggregate, or a sequence's chains; for a
+# bucket reference, 1 when the contact is an active member of the bucket, else 0.
+EventCounter = Callable[
+    ["EventCondition | EventSequence | BucketReference"], "int | Aggregate | Chains"
+]
 
 _MISSING = object()
 MISSING = _MISSING  # what lookup returns for a missing path
@@ -179,6 +183,8 @@ def evaluate(
         if external_id is None:
             raise ValueError("a sample needs the contact's external_id")
         return node.hits(external_id)
+    if isinstance(node, BucketReference):
+        return node.holds(bool(count_events(node)))
     assert isinstance(node, Composite)
     children = (
         evaluate(child, properties, count_events, external_id=external_id, now=now)
@@ -266,11 +272,19 @@ def counts_counter(counts: Mapping[Any, Any]) -> EventCounter:
     return counts.__getitem__
 
 
-def in_memory_counter(events: Iterable[Event], now: datetime) -> EventCounter:
-    """A counter over a contact's events held in memory (in ingestion order)."""
+def in_memory_counter(
+    events: Iterable[Event], now: datetime, memberships: Iterable[str] = ()
+) -> EventCounter:
+    """A counter over a contact's events held in memory (in ingestion order) and the ids of
+    the buckets it is an active member of."""
     history = tuple(events)
+    active = frozenset(memberships)
 
-    def count(condition: EventCondition | EventSequence) -> int | Aggregate | Chains:
+    def count(
+        condition: EventCondition | EventSequence | BucketReference,
+    ) -> int | Aggregate | Chains:
+        if isinstance(condition, BucketReference):
+            return int(condition.bucket in active)
         if isinstance(condition, EventSequence):
             from buckets.criteria.sequences import chains_of
 

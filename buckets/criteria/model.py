@@ -40,6 +40,7 @@ import builtins
 import hashlib
 import json
 import math
+import re
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from datetime import datetime, timedelta
@@ -724,10 +725,57 @@ class EventSequence(_Node):
         return tuple(dict.fromkeys(step.event for step in self.steps))
 
 
-Node: TypeAlias = PropertyCondition | EventCondition | Composite | Everyone | Sample | EventSequence
-Leaf: TypeAlias = PropertyCondition | EventCondition | Everyone | Sample | EventSequence
-NODE_CLASSES = (PropertyCondition, EventCondition, Composite, Everyone, Sample, EventSequence)
-LEAF_CLASSES = (PropertyCondition, EventCondition, Everyone, Sample, EventSequence)
+BUCKET_ID_PATTERN = r"[a-z0-9]+(?:[-_][a-z0-9]+)*"  # the slug of a bucket id (definitions)
+MAX_BUCKET_ID = 64
+
+
+class BucketReference(_Node):
+    """``{type: bucket, bucket: <id>, check: member | not_member}`` (SPEC §3.5): whether the
+    contact has an *active* membership in bucket ``<id>`` as the deciding transaction sees it.
+    That the bucket exists and that references form no cycle needs every definition: checked
+    where the set is loaded (:class:`buckets.registry.Registry`)."""
+
+    type: Literal["bucket"] = "bucket"
+    bucket: str
+    check: Literal["member", "not_member"]
+
+    @model_validator(mode="after")
+    def _bucket_is_a_slug(self) -> BucketReference:
+        if len(self.bucket) > MAX_BUCKET_ID or not re.fullmatch(BUCKET_ID_PATTERN, self.bucket):
+            raise _FieldError(
+                "bucket",
+                f"must be a bucket id (a slug of at most {MAX_BUCKET_ID} characters),"
+                f" got {self.bucket[:80]!r}",
+            )
+        return self
+
+    def holds(self, member: bool) -> bool:
+        """The value given whether the contact is an active member of the bucket."""
+        return member == (self.check == "member")
+
+
+Node: TypeAlias = (
+    PropertyCondition
+    | EventCondition
+    | Composite
+    | Everyone
+    | Sample
+    | EventSequence
+    | BucketReference
+)
+Leaf: TypeAlias = (
+    PropertyCondition | EventCondition | Everyone | Sample | EventSequence | BucketReference
+)
+NODE_CLASSES = (
+    PropertyCondition,
+    EventCondition,
+    Composite,
+    Everyone,
+    Sample,
+    EventSequence,
+    BucketReference,
+)
+LEAF_CLASSES = (PropertyCondition, EventCondition, Everyone, Sample, EventSequence, BucketReference)
 Composite.model_rebuild()
 NODE_TYPES: dict[str, type[_Node]] = {
     "property": PropertyCondition,
@@ -736,6 +784,7 @@ NODE_TYPES: dict[str, type[_Node]] = {
     "everyone": Everyone,
     "sample": Sample,
     "sequence": EventSequence,
+    "bucket": BucketReference,
 }
 TYPE_NAMES = ", ".join(repr(name) for name in NODE_TYPES)
 
@@ -782,7 +831,13 @@ def _parse(data: object, path: str, depth: int, budget: _Budget) -> Node:
             raise CriteriaError(where, f"required (one of {TYPE_NAMES})")
         shown = kind if isinstance(kind, str) and len(kind) <= 40 else type(kind).__name__
         raise CriteriaError(where, f"must be one of {TYPE_NAMES}, got {shown!r}")
-    for key in ("event", "property", "value", "salt"):  # before pydantic, which cannot say why
+    for key in (
+        "event",
+        "property",
+        "value",
+        "salt",
+        "bucket",
+    ):  # before pydantic, which cannot say why
         text = data.get(key)
         problem = text_problem(text) if isinstance(text, str) else None
         if problem is not None:
@@ -941,3 +996,8 @@ def resolve_salts(node: Node, salt: str) -> Node:
         if children != node.conditions:
             return node.model_copy(update={"conditions": children})
     return node
+
+
+def references(node: Node) -> list[BucketReference]:
+    """The bucket references of the tree, in order, each once."""
+    return list(dict.fromkeys(n for n in walk(node) if isinstance(n, BucketReference)))

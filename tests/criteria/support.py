@@ -26,7 +26,7 @@ from buckets.criteria import (
 )
 from buckets.criteria.held import ContactProperties
 from buckets.criteria.model import EventSequence, leaves
-from buckets.models import Contact, UserEvent
+from buckets.models import BucketMembership, Contact, UserEvent
 
 contacts = Contact.__table__
 
@@ -43,6 +43,14 @@ class Person:
     deleted: bool = False
     changed: Mapping[str, datetime] = field(default_factory=dict)  # property_changed_at
     created_at: datetime = CREATED
+    # bucket id -> its membership rows: "active", "left", or "left+active" (a left epoch, then
+    # an active one): what bucket references read (only an active row counts)
+    memberships: Mapping[str, str] = field(default_factory=dict)
+
+    @property
+    def active(self) -> frozenset[str]:
+        """The buckets the person is an active member of."""
+        return frozenset(b for b, rows in self.memberships.items() if rows.endswith("active"))
 
     @property
     def history(self) -> ContactProperties:
@@ -82,7 +90,34 @@ def load(conn: Connection, people: Sequence[Person], prefix: str = "p") -> list[
     ]
     if events:
         conn.execute(sa.insert(UserEvent), events)
+    rows_ = [
+        row
+        for contact_id, person in zip(ids, people, strict=True)
+        for bucket_id, kinds in person.memberships.items()
+        for row in _membership_rows(contact_id, bucket_id, kinds)
+    ]
+    if rows_:
+        conn.execute(sa.insert(BucketMembership), rows_)
     return ids
+
+
+def _membership_rows(contact_id: int, bucket_id: str, kinds: str) -> list[dict[str, Any]]:
+    rows = []
+    for epoch, kind in enumerate(kinds.split("+"), start=1):
+        row: dict[str, Any] = {
+            "bucket_id": bucket_id,
+            "contact_id": contact_id,
+            "status": kind,
+            "entered_at": NOW - timedelta(days=10 - epoch),
+            "entry_count": epoch,
+            "source": "ingest",
+            "left_at": None,  # every row the same keys: one executemany
+            "leave_reason": None,
+        }
+        if kind == "left":
+            row.update(left_at=NOW - timedelta(days=9 - epoch), leave_reason="criteria")
+        rows.append(row)
+    return rows
 
 
 def sql_members(
@@ -106,7 +141,7 @@ def python_members(
         and evaluate(
             node,
             person.history,
-            in_memory_counter(person.events, now),
+            in_memory_counter(person.events, now, person.active),
             external_id=f"{prefix}{index}",
             now=now,
         )
@@ -140,7 +175,7 @@ def counted_members(
     time, due-queue chunks and confirms)."""
     conditions = conditions_of(node)
     members = set()
-    for row in conn.execute(leaf_facts(conditions, now, contact_ids)):
+    for row in conn.execute(leaf_facts(conditions, now, contact_ids, memberships=True)):
         facts = Facts.of(row, conditions, now=now)
         if row.deleted_at is None and evaluate(
             node, facts.properties, facts.counter, external_id=row.external_id, now=now
@@ -149,13 +184,36 @@ def counted_members(
     return members
 
 
+def decided_members(
+    conn: Connection, node: Node, now: datetime, contact_ids: Sequence[int]
+) -> set[int]:
+    """The real-time decider's own facts statement (leaf facts plus the contact's membership
+    rows, which bucket references read), evaluated as :func:`buckets.decide.decide` does."""
+    from buckets.criteria.compile_clock import fact_offsets, facts_params
+    from buckets.decide import _facts, _Layout
+
+    conditions = tuple(conditions_of(node))
+    needs = ["1" * (len(conditions) + 1)] * len(contact_ids)
+    statement = _facts(_Layout(conditions, {}, {}, fact_offsets(conditions)), True)
+    return {
+        row.id
+        for row in conn.execute(statement, facts_params(now, list(contact_ids), needs))
+        if row.deleted_at is None and Facts.of(row, conditions, now=now).state(node).value
+    }
+
+
 def python_states(
     node: Node, people: Sequence[Person], ids: Sequence[int], now: datetime, prefix: str = "p"
 ) -> dict[int, State]:
     """The clock of every live contact, from its data in memory."""
     return {
         contact_id: in_memory_state(
-            node, person.history, person.events, now, external_id=f"{prefix}{index}"
+            node,
+            person.history,
+            person.events,
+            now,
+            external_id=f"{prefix}{index}",
+            memberships=person.active,
         )
         for index, (contact_id, person) in enumerate(zip(ids, people, strict=True))
         if not person.deleted
@@ -169,7 +227,7 @@ def facts_states(
     conditions = conditions_of(node)
     return {
         row.id: Facts.of(row, conditions, now=now).state(node)
-        for row in conn.execute(leaf_facts(conditions, now, contact_ids))
+        for row in conn.execute(leaf_facts(conditions, now, contact_ids, memberships=True))
         if row.deleted_at is None
     }
 

@@ -30,6 +30,7 @@ from tests.criteria.support import (
     NOW,
     Person,
     counted_members,
+    decided_members,
     facts_states,
     load,
     probe_members,
@@ -194,7 +195,20 @@ def property_leaf(
     return st.one_of(*operators)
 
 
+# Bucket references (SPEC §3.5) over two bucket ids; people hold active, left, and left then
+# active rows in them (only an active row counts).
+REFERENCED = ("ra", "rb")
+REFERENCE_LEAVES = st.builds(
+    lambda bucket, check: {"type": "bucket", "bucket": bucket, "check": check},
+    st.sampled_from(REFERENCED),
+    st.sampled_from(["member", "not_member"]),
+)
+MEMBERSHIPS = st.dictionaries(
+    st.sampled_from(REFERENCED), st.sampled_from(["active", "left", "left+active"]), max_size=2
+)
+
 STATIC_LEAVES = st.one_of(
+    REFERENCE_LEAVES,
     st.just({"type": "everyone"}),
     st.builds(
         lambda percent, salt: {"type": "sample", "percent": percent, "salt": salt},
@@ -325,6 +339,7 @@ PEOPLE = st.lists(
         # taking created_at
         changed=st.dictionaries(st.sampled_from(PROPERTY_KEYS), CHANGE_POINTS, max_size=4),
         created_at=CHANGE_POINTS,
+        memberships=MEMBERSHIPS,
     ),
     min_size=1,
     max_size=5,
@@ -401,6 +416,46 @@ def test_held_for_executors_agree_at_the_edges(
     agree(connection, parse_criteria(criteria), people, subset)
 
 
+# Bucket references mixed with event and property leaves, denser than in the trees above.
+MIXED_WITH_REFERENCES = st.one_of(
+    REFERENCE_LEAVES, REFERENCE_LEAVES, event_leaf(), property_leaf(PROPERTY_KEYS)
+)
+
+
+@EDGE_SETTINGS
+@given(
+    criteria=st.one_of(
+        REFERENCE_LEAVES,
+        composite(MIXED_WITH_REFERENCES),
+        composite(composite(MIXED_WITH_REFERENCES)),
+    ),
+    people=PEOPLE,
+    subset=st.lists(st.booleans(), min_size=5, max_size=5),
+)
+@example(  # only the active row counts: a left epoch alone is not membership
+    criteria={
+        "type": "composite",
+        "operator": "and",
+        "conditions": [
+            {"type": "bucket", "bucket": "ra", "check": "member"},
+            {"type": "bucket", "bucket": "rb", "check": "not_member"},
+        ],
+    },
+    people=[
+        Person(memberships={"ra": "active"}),
+        Person(memberships={"ra": "left"}),
+        Person(memberships={"ra": "left+active", "rb": "left"}),
+        Person(memberships={"ra": "active", "rb": "left+active"}),
+        Person(deleted=True, memberships={"ra": "active"}),
+    ],
+    subset=[True, False, True, False, True],
+)
+def test_bucket_references_agree(
+    connection: Connection, criteria: dict[str, Any], people: list[Person], subset: list[bool]
+):
+    agree(connection, parse_criteria(criteria), people, subset)
+
+
 # Few instants, so that events share them: check last's ties (the later ingested wins).
 CROWDED = st.lists(
     st.builds(
@@ -472,6 +527,7 @@ def agree(connection: Connection, node: Any, people: list[Person], subset: list[
         # the evaluator (what per-member confirms and the real-time path use).
         assert probe_members(connection, node, NOW, chosen) == expected & set(chosen)
         assert counted_members(connection, node, NOW, ids) == expected
+        assert decided_members(connection, node, NOW, ids) == expected
         # The clock (value and next change) agrees across its three executors too.
         clock = python_states(node, people, ids, NOW)
         assert {i for i, state in clock.items() if state.value} == expected
