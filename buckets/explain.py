@@ -253,15 +253,19 @@ def explain(
         queued_at = due.entry(conn, bucket.id, contact.id)
         queue_complete = due.complete(conn, bucket)
     properties = with_history(contact)
-    matches = contact.deleted_at is None and evaluate(
-        bucket.criteria,
-        properties,
-        in_memory_counter(events, now),
-        external_id=external_id,
-        now=now,
-    )
-    paths: list[tuple[str, Node]] = []
-    _leaves(bucket.criteria, "criteria", paths)
+    if bucket.manual:  # nothing to evaluate: "matching" is being a member, the clock never moves
+        matches = row is not None
+        paths: list[tuple[str, Node]] = []
+    else:
+        matches = contact.deleted_at is None and evaluate(
+            bucket.criteria,
+            properties,
+            in_memory_counter(events, now),
+            external_id=external_id,
+            now=now,
+        )
+        paths = []
+        _leaves(bucket.criteria, "criteria", paths)
     membership = None
     if row is not None:
         membership = {
@@ -283,12 +287,14 @@ def explain(
         member=row is not None,
         matches=matches,
         membership=membership,
-        leaves=[
+        leaves=[Leaf("criteria", "manual: members are added and removed explicitly", matches)]
+        if bucket.manual
+        else [
             _leaf(path, node, properties, events, now, external_id=external_id)
             for path, node in paths
         ],
         next_change=None
-        if contact.deleted_at is not None
+        if contact.deleted_at is not None or bucket.manual
         else _next_change(bucket, properties, events, now, external_id, row=row),
         queued_at=queued_at,
         queue_complete=queue_complete,

@@ -255,6 +255,11 @@ class CriteriaBuilder:
     def everyone(self) -> Criteria:
         return {"type": "everyone"}
 
+    def manual(self) -> Criteria:
+        """A manual bucket's criteria (the whole criteria, never inside another condition):
+        its members change only through ``add_members`` / ``remove_members``."""
+        return {"type": "manual"}
+
     def step(
         self,
         event: str,

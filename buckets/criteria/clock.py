@@ -52,12 +52,14 @@ from buckets.criteria.held import changed_at
 from buckets.criteria.instants import parse_instant
 from buckets.criteria.model import (
     CLOCK_OPERATORS,
+    MANUAL_NOT_EVALUATED,
     Aggregate,
     Composite,
     EventCondition,
     EventSequence,
     Everyone,
     Leaf,
+    Manual,
     Node,
     PropertyCondition,
     Sample,
@@ -247,6 +249,8 @@ LeafStates = Callable[[Leaf], State]
 
 def state(node: Node, leaf_state: LeafStates) -> State:
     """The node's state from its leaves' states (see the module docstring)."""
+    if isinstance(node, Manual):
+        raise ValueError(MANUAL_NOT_EVALUATED)
     if not isinstance(node, Composite):
         return leaf_state(node)
     if node.operator == "not":  # the same instants, the opposite value

@@ -48,10 +48,12 @@ from buckets.criteria.instants import instant_sql, parse_instant, shifted
 from buckets.criteria.model import (
     CLOCK_OPERATORS,
     INSTANT_OPERATORS,
+    MANUAL_NOT_EVALUATED,
     Composite,
     EventCondition,
     EventSequence,
     Everyone,
+    Manual,
     Node,
     PropertyCondition,
     Sample,
@@ -692,6 +694,8 @@ def _predicate(
         return _count_predicate(node, count)
     if isinstance(node, Everyone):
         return sa.true()
+    if isinstance(node, Manual):
+        raise ValueError(MANUAL_NOT_EVALUATED)
     if isinstance(node, Sample):
         return sample_predicate(node, contacts.c.external_id)
     assert isinstance(node, Composite)
@@ -922,6 +926,8 @@ def probe_predicate(
         return sequence_exists(node, now, contact)
     if isinstance(node, Everyone):
         return sa.true()
+    if isinstance(node, Manual):
+        raise ValueError(MANUAL_NOT_EVALUATED)
     if isinstance(node, Sample):
         return sample_predicate(node, name)
     assert isinstance(node, Composite)

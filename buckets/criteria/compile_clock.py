@@ -68,12 +68,14 @@ from buckets.criteria.held import changed_at_sql, held_sql, with_history
 from buckets.criteria.instants import instant_sql, shifted
 from buckets.criteria.model import (
     CLOCK_OPERATORS,
+    MANUAL_NOT_EVALUATED,
     Aggregate,
     Composite,
     EventCondition,
     EventSequence,
     Everyone,
     Leaf,
+    Manual,
     Node,
     PropertyCondition,
     Sample,
@@ -508,6 +510,8 @@ def _state(
         return _sequence_state(node, *sequences[node])
     if isinstance(node, Everyone):
         return _SqlState(sa.true(), INFINITY)
+    if isinstance(node, Manual):
+        raise ValueError(MANUAL_NOT_EVALUATED)
     if isinstance(node, Sample):
         return _SqlState(sample_predicate(node, contacts.c.external_id), INFINITY)
     assert isinstance(node, Composite)
