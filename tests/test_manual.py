@@ -439,3 +439,28 @@ def test_a_manual_add_and_an_ingest_of_the_same_contacts_serialise(make_runtime)
     assert not errors
     assert active(rt, "staff") == set(ids)
     assert active(rt, "pro") == set(ids[::5])
+
+
+def test_an_empty_list_is_a_no_op(make_runtime):
+    rt = make_runtime(STAFF)
+    before = row_counts(rt)
+    seen: list[int] = []
+    result = add_members("staff", [], T0, runtime=rt, progress=seen.append)
+    assert (result.given, result.added, result.created_contacts) == (0, 0, 0)
+    assert remove_members("staff", [], T0, runtime=rt).removed == 0
+    assert seen == []
+    assert row_counts(rt) == before
+
+
+def test_progress_reports_every_chunk_up_to_the_total(make_runtime):
+    rt = make_runtime(STAFF)
+    seen: list[int] = []
+    add_members(
+        "staff", [f"p{n}" for n in range(10)], T0, runtime=rt, chunk_size=4, progress=seen.append
+    )
+    assert seen == [4, 8, 10]
+    seen.clear()
+    remove_members(
+        "staff", ["p1", "p2", "ghost"], T0, runtime=rt, chunk_size=4, progress=seen.append
+    )
+    assert seen == [3]
