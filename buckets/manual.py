@@ -416,7 +416,9 @@ def _in_chunk() -> sa.ColumnElement[bool]:
 @lru_cache(maxsize=1)
 def _lock_statement() -> sa.Select[int, int, int]:
     """Lock the chunk's contacts (id order, ``FOR NO KEY UPDATE`` like every producer) and count
-    them: live, deleted, and live ones already active members of the bucket."""
+    them: live, deleted, and live ones already active members of the bucket. Each contact is
+    locked by a primary-key probe of its own (a lateral subquery with its locking clause is
+    never turned into a join that scans every contact up to the chunk's last id)."""
     is_member = (
         sa.exists()
         .where(
@@ -426,12 +428,22 @@ def _lock_statement() -> sa.Select[int, int, int]:
         )
         .label("member")
     )
-    locked = (
-        sa.select(contacts.c.id, contacts.c.deleted_at, is_member)
-        .join_from(_targets, contacts, contacts.c.id == _targets.c.contact_id)
+    ordered = (  # targets are numbered in contact-id order
+        sa.select(_targets.c.contact_id)
         .where(_in_chunk())
-        .order_by(contacts.c.id)
+        .order_by(_targets.c.n)
+        .offset(sa.literal_column("0"))
+        .subquery("ordered")
+    )
+    lock = (
+        sa.select(contacts.c.deleted_at, is_member)
+        .where(contacts.c.id == ordered.c.contact_id)
         .with_for_update(of=contacts, key_share=True)
+        .lateral("lock")
+    )
+    locked = (
+        sa.select(lock.c.deleted_at, lock.c.member)
+        .select_from(ordered.join(lock, sa.true()))
         .subquery("locked")
     )
     live = locked.c.deleted_at.is_(None)
@@ -445,11 +457,15 @@ def _lock_statement() -> sa.Select[int, int, int]:
 
 @lru_cache(maxsize=1)
 def _candidates() -> sa.Select[Any]:
-    """The chunk's live contacts as (bucket, contact) pairs (their locks are held)."""
-    return (
-        sa.select(_BUCKET.label("bucket_id"), _targets.c.contact_id)
-        .join_from(_targets, contacts, contacts.c.id == _targets.c.contact_id)
-        .where(_in_chunk(), contacts.c.deleted_at.is_(None))
+    """The chunk's live contacts as (bucket, contact) pairs (their locks are held); whether a
+    contact is deleted is a primary-key probe per target, not a join over every contact."""
+    deleted_at = (
+        sa.select(contacts.c.deleted_at)
+        .where(contacts.c.id == _targets.c.contact_id)
+        .scalar_subquery()
+    )
+    return sa.select(_BUCKET.label("bucket_id"), _targets.c.contact_id).where(
+        _in_chunk(), deleted_at.is_(None)
     )
 
 

@@ -464,3 +464,41 @@ def test_progress_reports_every_chunk_up_to_the_total(make_runtime):
         "staff", ["p1", "p2", "ghost"], T0, runtime=rt, chunk_size=4, progress=seen.append
     )
     assert seen == [3]
+
+
+def test_an_add_waits_for_the_lock_of_a_contact_another_writer_holds(make_runtime):
+    """The chunk takes the contacts' row locks (as ingest and the cron do): a writer holding one
+    makes the add wait until it commits."""
+    rt = make_runtime(STAFF)
+    for who in ("a", "b", "c"):
+        ingest_event(who, "x", now=T0, runtime=rt)
+    done = threading.Event()
+    worker = threading.Thread(
+        target=lambda: (add_members("staff", ["a", "b", "c"], T0, runtime=rt), done.set())
+    )
+    with rt.engine.connect() as holder:
+        holder.execute(
+            sa.select(contacts.c.id)
+            .where(contacts.c.external_id == "b")
+            .with_for_update(key_share=True)  # the producers' lock (the FK checks' does not wait)
+        )
+        worker.start()
+        waiting = 0
+        for _ in range(500):  # until the add's backend waits on a lock (bounded polling)
+            with rt.engine.connect() as watcher:  # its own snapshot of the activity
+                waiting = watcher.execute(
+                    sa.text(
+                        "SELECT count(*) FROM pg_stat_activity WHERE wait_event_type = 'Lock'"
+                        " AND datname = current_database()"
+                    )
+                ).scalar_one()
+            if waiting:
+                break
+            threading.Event().wait(0.01)
+        assert waiting == 1
+        assert not done.is_set()
+        assert active(rt, "staff") == set()
+        holder.commit()
+    worker.join()
+    assert done.is_set()
+    assert active(rt, "staff") == {"a", "b", "c"}
