@@ -473,9 +473,12 @@ def test_an_add_waits_for_the_lock_of_a_contact_another_writer_holds(make_runtim
     for who in ("a", "b", "c"):
         ingest_event(who, "x", now=T0, runtime=rt)
     done = threading.Event()
-    worker = threading.Thread(
-        target=lambda: (add_members("staff", ["a", "b", "c"], T0, runtime=rt), done.set())
-    )
+
+    def add() -> None:
+        add_members("staff", ["a", "b", "c"], T0, runtime=rt)
+        done.set()
+
+    worker = threading.Thread(target=add)
     with rt.engine.connect() as holder:
         holder.execute(
             sa.select(contacts.c.id)
