@@ -42,6 +42,11 @@ _EXPORTS = {
     "journey": "buckets.journeys",
     "Transition": "buckets.ledger",
     "ActiveMembership": "buckets.lookup",
+    "ManualBucketError": "buckets.manual",
+    "MemberIdError": "buckets.manual",
+    "MembersResult": "buckets.manual",
+    "add_members": "buckets.manual",
+    "remove_members": "buckets.manual",
     "memberships": "buckets.lookup",
     "Registry": "buckets.registry",
     "UnknownBucketError": "buckets.registry",
@@ -62,6 +67,13 @@ if TYPE_CHECKING:
     from buckets.journeys import Journey, journey
     from buckets.ledger import Transition
     from buckets.lookup import ActiveMembership, memberships
+    from buckets.manual import (
+        ManualBucketError,
+        MemberIdError,
+        MembersResult,
+        add_members,
+        remove_members,
+    )
     from buckets.registry import Registry, UnknownBucketError, set_enabled
     from buckets.runtime import Runtime, configure, get_runtime
     from buckets.validation import BatchRejected, IngestError
@@ -93,11 +105,15 @@ __all__ = [
     "IngestError",
     "IngestResult",
     "Journey",
+    "ManualBucketError",
+    "MemberIdError",
+    "MembersResult",
     "Registry",
     "Runtime",
     "Transition",
     "UnknownBucketError",
     "UnknownContactError",
+    "add_members",
     "b",
     "configure",
     "define_bucket",
@@ -111,5 +127,6 @@ __all__ = [
     "load_definitions",
     "member_select",
     "memberships",
+    "remove_members",
     "set_enabled",
 ]

@@ -207,6 +207,14 @@ def preview(conn: Connection, bucket: Bucket, now: datetime) -> Preview:
     """Matching contacts vs active members, in one set-based statement."""
     from buckets.criteria import member_select
 
+    if bucket.manual:  # its members are what matches: no producer would join or leave
+        members = conn.execute(
+            sa.select(sa.func.count()).where(
+                bucket_memberships.c.bucket_id == bucket.id,
+                bucket_memberships.c.status == "active",
+            )
+        ).scalar_one()
+        return Preview(bucket.id, now, members, members, 0, 0)
     matching = member_select(bucket.criteria, now).cte("matching")
     active = (
         sa.select(bucket_memberships.c.contact_id)

@@ -17,6 +17,9 @@ Decisions where the spec is silent:
 * A ``sample`` without ``salt`` is salted with the bucket id, written into the tree here: the
   fingerprint then says which contacts the sample holds (two buckets with the same percent and
   no salt hold different contacts, and have different hashes).
+* A manual bucket (``criteria: {type: manual}``, SPEC §3.5) takes no ``min_dwell``,
+  ``max_dwell`` nor ``reconcile_joins``: they ask the cron to change memberships, and only
+  explicit calls change a manual bucket's (see :mod:`buckets.manual`). Its entry limit applies.
 * ``name`` and ``description`` must be text PostgreSQL can store (no NUL, no lone surrogates):
   they are stored with the deployed definition.
 
@@ -36,7 +39,7 @@ import importlib.util
 import json
 import re
 import sys
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from datetime import timedelta
 from functools import cached_property
@@ -58,6 +61,7 @@ from buckets.criteria.model import (
     EventSequence,
     Everyone,
     Leaf,
+    Manual,
     Node,
     PropertyCondition,
     Sample,
@@ -135,6 +139,12 @@ class Bucket:
     def fingerprint(self) -> str:
         """SHA-256 of the canonical JSON of the criteria (SPEC §4)."""
         return criteria_fingerprint(self.criteria)
+
+    @cached_property
+    def manual(self) -> bool:
+        """Membership changes only by explicit calls (SPEC §3.5): no producer that decides from
+        criteria (ingest, the cron, the due queue, backfills) touches it."""
+        return isinstance(self.criteria, Manual)
 
     @cached_property
     def time_based(self) -> bool:
@@ -282,6 +292,8 @@ def define_bucket(
         tree = resolve_salts(parse_criteria(criteria, "criteria"), bucket_id)
     except CriteriaError as exc:
         raise fail(exc.path, exc.message) from None
+    if isinstance(tree, Manual):
+        _manual_fields(fail, min_dwell=minimum, max_dwell=maximum, reconcile_joins=reconcile_joins)
 
     return Bucket(
         id=bucket_id,
@@ -295,6 +307,17 @@ def define_bucket(
         max_dwell=maximum,
         reconcile_joins=reconcile_joins,
     )
+
+
+def _manual_fields(fail: Callable[[str, str], DefinitionError], **fields: object) -> None:
+    """A manual bucket takes none of the fields that ask the cron to change members."""
+    for field, given in fields.items():
+        if given is not None:
+            raise fail(
+                field,
+                "not allowed on a manual bucket (its members change only by explicit"
+                " add/remove, never by the cron)",
+            )
 
 
 def _valid_id(value: object) -> str:
@@ -371,7 +394,7 @@ def empty_contact_values(node: Node) -> set[bool]:
         return {value} if node.held_for is None else {value, False}
     if isinstance(node, EventCondition):
         return {node.holds(Aggregate() if node.is_aggregate else node.count_without_events)}
-    if isinstance(node, EventSequence):  # no events, no chain
+    if isinstance(node, EventSequence | Manual):  # no events, no chain; manual: nobody asks
         return {False}
     if isinstance(node, Everyone | Sample | BucketReference):
         return _static_values(node)
@@ -409,7 +432,7 @@ def canonical_criteria(node: Node) -> dict[str, Any]:
             "operator": node.operator,
             "conditions": [canonical_criteria(child) for child in node.conditions],
         }
-    if isinstance(node, Everyone | BucketReference):  # every field carries meaning
+    if isinstance(node, Everyone | BucketReference | Manual):  # every field carries meaning
         return node.model_dump()
     if isinstance(node, Sample):
         return {"type": "sample", "percent": node.percent, "salt": node.salted()}

@@ -262,15 +262,19 @@ def explain(
         queue_complete = due.complete(conn, bucket)
     properties = with_history(contact)
     active = frozenset(referenced)
-    matches = contact.deleted_at is None and evaluate(
-        bucket.criteria,
-        properties,
-        in_memory_counter(events, now, active),
-        external_id=external_id,
-        now=now,
-    )
-    paths: list[tuple[str, Node]] = []
-    _leaves(bucket.criteria, "criteria", paths)
+    if bucket.manual:  # nothing to evaluate: "matching" is being a member, the clock never moves
+        matches = row is not None
+        paths: list[tuple[str, Node]] = []
+    else:
+        matches = contact.deleted_at is None and evaluate(
+            bucket.criteria,
+            properties,
+            in_memory_counter(events, now, active),
+            external_id=external_id,
+            now=now,
+        )
+        paths = []
+        _leaves(bucket.criteria, "criteria", paths)
     membership = None
     if row is not None:
         membership = {
@@ -292,14 +296,16 @@ def explain(
         member=row is not None,
         matches=matches,
         membership=membership,
-        leaves=[
+        leaves=[Leaf("criteria", "manual: members are added and removed explicitly", matches)]
+        if bucket.manual
+        else [
             _leaf(
                 path, node, properties, events, now, external_id=external_id, referenced=referenced
             )
             for path, node in paths
         ],
         next_change=None
-        if contact.deleted_at is not None
+        if contact.deleted_at is not None or bucket.manual
         else _next_change(bucket, properties, events, now, external_id, row=row, active=active),
         queued_at=queued_at,
         queue_complete=queue_complete,

@@ -25,7 +25,7 @@ import hmac
 from datetime import UTC, datetime
 from typing import Annotated, Any, Literal
 
-from fastapi import APIRouter, Depends, FastAPI, HTTPException, Path, Query, Request
+from fastapi import APIRouter, Body, Depends, FastAPI, HTTPException, Path, Query, Request
 from fastapi.responses import JSONResponse, Response
 from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
 from pydantic import BaseModel, ConfigDict, Field, StrictBool
@@ -53,6 +53,7 @@ from buckets.lookup import (
     LookupInputError,
     memberships,
 )
+from buckets.manual import ManualBucketError, add_members, id_problem, remove_members
 from buckets.registry import UnknownBucketError, set_enabled
 from buckets.runtime import Runtime
 from buckets.validation import BatchRejected, IngestError, future_now_problem
@@ -195,6 +196,73 @@ def bucket_members(
             conn, bucket_id, status=None if status == "all" else status, after=after, limit=limit
         )
     return {"members": page, "next": cursor}
+
+
+MAX_MEMBER_IDS = 10_000  # a request's ids; larger lists go through the CLI
+MemberIds = Annotated[
+    list[Any],
+    Body(
+        description=f"External ids (strings), at most {MAX_MEMBER_IDS:,}; an id given twice"
+        " counts once.",
+        examples=[["user-1", "user-2"]],
+    ),
+]
+DryRunQuery = Annotated[bool, Query(description="Return the counts; write nothing.")]
+MEMBER_RESPONSES: dict[int | str, dict[str, Any]] = {
+    409: {"description": "Not a manual bucket, or the bucket is disabled: nothing written."},
+    413: {"description": f"More than {MAX_MEMBER_IDS:,} ids: nothing written."},
+    422: {"description": "A bad id (its index in ``loc``) or ``now``: nothing written."},
+}
+
+
+def _member_ids(runtime: Runtime, bucket_id: str, ids: list[Any]) -> list[str]:
+    """The request's ids, each checked (422 naming the first bad one's index), at most
+    :data:`MAX_MEMBER_IDS` (413); an unknown bucket is 404 first."""
+    runtime.registry.get(bucket_id)
+    if len(ids) > MAX_MEMBER_IDS:
+        raise _error(
+            413,
+            ["body"],
+            f"{len(ids):,} ids: at most {MAX_MEMBER_IDS:,} a request (larger lists: the CLI,"
+            " `buckets members add|remove ID FILE`); nothing was written",
+        )
+    for index, value in enumerate(ids):
+        problem = id_problem(value)
+        if problem is not None:
+            raise _error(422, ["body", index], f"external id {problem}; nothing was written")
+    return ids
+
+
+@router.post("/buckets/{bucket_id}/members", tags=["manual buckets"], responses=MEMBER_RESPONSES)
+def add_bucket_members(
+    runtime: RuntimeDep,
+    bucket_id: PathText,
+    external_ids: MemberIds,
+    now: NowQuery = None,
+    dry_run: DryRunQuery = False,
+) -> dict[str, Any]:
+    """Add contacts to a **manual** bucket, in one transaction: unknown contacts are created,
+    members already in are left as they are; joins follow the entry limit and start journeys.
+    Returns the counts (added, already members, created contacts, duplicates)."""
+    ids = _member_ids(runtime, bucket_id, external_ids)
+    at = _now(runtime, now, ["query", "now"], writes=not dry_run)
+    return add_members(bucket_id, ids, at, runtime=runtime, dry_run=dry_run).to_dict()
+
+
+@router.delete("/buckets/{bucket_id}/members", tags=["manual buckets"], responses=MEMBER_RESPONSES)
+def remove_bucket_members(
+    runtime: RuntimeDep,
+    bucket_id: PathText,
+    external_ids: MemberIds,
+    now: NowQuery = None,
+    dry_run: DryRunQuery = False,
+) -> dict[str, Any]:
+    """Remove contacts from a **manual** bucket, in one transaction (leaves with reason
+    ``admin``, emitted: journeys that exit on the bucket's ``left`` do). Ids that are not
+    members are left alone. Returns the counts (removed, not members, duplicates)."""
+    ids = _member_ids(runtime, bucket_id, external_ids)
+    at = _now(runtime, now, ["query", "now"], writes=not dry_run)
+    return remove_members(bucket_id, ids, at, runtime=runtime, dry_run=dry_run).to_dict()
 
 
 @router.get("/buckets/{bucket_id}/transitions", tags=["ledger"])
@@ -552,6 +620,7 @@ def create_app(runtime: Runtime) -> FastAPI:
     app.state.runtime = runtime
     app.add_exception_handler(UnknownBucketError, _detail(404, ["path", "bucket_id"]))
     app.add_exception_handler(UnknownContactError, _detail(404, ["path", "external_id"]))
+    app.add_exception_handler(ManualBucketError, _detail(409, ["path", "bucket_id"]))
     app.add_exception_handler(BucketsError, _detail(409, []))
     # A batch the database stopped (not its input): nothing was written, retry later.
     app.add_exception_handler(DatabaseUnavailableError, _detail(503, []))

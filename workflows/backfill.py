@@ -412,6 +412,8 @@ def apply_chunk(
     contacts an ingest changed meanwhile under their locks; then (``queue``) the chunk's
     due-queue entries."""
     changes = Changes()
+    if bucket.manual:  # only explicit calls change a manual bucket's members (SPEC §3.5)
+        return changes
     if job.mode != "queue_fill":
         source: Source = "admin" if job.mode == "admin" else "backfill"
         silent = not (job.mode == "admin" and job.emit_joins)

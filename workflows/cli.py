@@ -726,7 +726,24 @@ def show_command(
     emit(as_json, payload, human)
 
 
-@main.command("members")
+class MembersGroup(BucketsGroup):
+    """``buckets members``: ``add`` / ``remove`` (manual buckets) and ``list``; any other first
+    argument is a bucket id to list (``buckets members ID`` as SPEC §10 has it). A bucket whose
+    id is ``add``, ``remove`` or ``list`` is listed with ``buckets members list ID``."""
+
+    def parse_args(self, ctx: click.Context, args: list[str]) -> list[str]:
+        if args and args[0] not in self.commands and args[0] not in ("-h", "--help"):
+            args = ["list", *args]
+        return super().parse_args(ctx, args)
+
+
+@main.group("members", cls=MembersGroup)
+def members_group() -> None:
+    """List a bucket's members (``members ID`` or ``members list ID``); add or remove members
+    of a manual bucket from a file (``members add|remove ID FILE``)."""
+
+
+@members_group.command("list")
 @click.argument("bucket_id")
 @click.option(
     "--status", type=click.Choice(["active", "left", "all"]), default="active", show_default=True
@@ -762,6 +779,95 @@ def members_command(
     human = _table(f"{bucket_id}: {len(page):,} rows", columns, rows)
     if cursor is not None:
         human += f"\nnext page: --after {cursor}"
+    emit(as_json, payload, human)
+
+
+def _members_file_command(action: str) -> Callable[[F], Any]:
+    """``members add|remove ID FILE``: the options both share."""
+
+    def decorate(func: F) -> Any:
+        func = common_options(func)
+        func = now_option(writes=lambda kwargs: not kwargs["dry_run"])(func)
+        func = click.option("--dry-run", is_flag=True, help="Print the counts; write nothing.")(
+            func
+        )
+        func = click.argument("file", type=click.File("rb"))(func)
+        func = click.argument("bucket_id")(func)
+        return members_group.command(action)(func)
+
+    return decorate
+
+
+@_members_file_command("add")
+def members_add_command(**options: Any) -> None:
+    """Add the contacts of FILE ("-" for stdin) to the manual bucket ID, in one transaction:
+    one external id per line, or a CSV whose header names an external_id column. Unknown
+    contacts are created; members already in are left as they are (re-running a file changes
+    nothing). A bad file is rejected with its line named and nothing written (exit 1)."""
+    _members_file("add", **options)
+
+
+@_members_file_command("remove")
+def members_remove_command(**options: Any) -> None:
+    """Remove the contacts of FILE ("-" for stdin) from the manual bucket ID, in one
+    transaction (leaves with reason 'admin'; journeys listing the bucket's left transition
+    exit). Ids that are not members are left alone. Same file forms as `members add`."""
+    _members_file("remove", **options)
+
+
+def _members_file(
+    action: str,
+    *,
+    bucket_id: str,
+    file: IO[bytes],
+    dry_run: bool,
+    now: datetime,
+    database_url: str | None,
+    definitions: str | None,
+    as_json: bool,
+) -> None:
+    from buckets.manual import add_members, manual_bucket, remove_members
+    from buckets.member_files import read_member_file
+
+    with opened_runtime(database_url, definitions) as runtime:
+        with runtime.engine.connect() as conn:  # a wrong bucket before a long file is read
+            manual_bucket(runtime, conn, bucket_id)
+        read = read_member_file(file)
+        given = len(read.ids.ids)
+        apply = add_members if action == "add" else remove_members
+        with _progress(f"{action} {bucket_id}", total=given) as bar:
+            result = apply(
+                bucket_id,
+                read.ids,
+                now,
+                runtime=runtime,
+                dry_run=dry_run,
+                progress=lambda done: bar(done, given),
+            )
+    payload = {
+        **result.to_dict(),
+        "file": {"form": read.form, "lines": read.lines, "blank_skipped": read.blank_skipped},
+    }
+    if action == "add":
+        counts = (
+            f"added {result.added:,}, already members {result.already_members:,},"
+            f" created contacts {result.created_contacts:,}"
+            + (
+                f", deleted contacts (not added) {result.deleted_contacts:,}"
+                if result.deleted_contacts
+                else ""
+            )
+        )
+    else:
+        counts = f"removed {result.removed:,}, not members {result.not_members:,}"
+    extra = []
+    if result.duplicates:
+        extra.append(f"{result.duplicates:,} duplicate ids counted once")
+    if result.unchanged:
+        extra.append(f"{result.unchanged:,} unchanged (decided as of a later instant)")
+    human = f"{bucket_id}: {counts}" + (f" ({'; '.join(extra)})" if extra else "")
+    if dry_run:
+        human += "\ndry run: nothing was written"
     emit(as_json, payload, human)
 
 

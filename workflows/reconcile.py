@@ -200,7 +200,10 @@ def reconcile(
         results = {bucket.id: BucketTick(bucket.id) for bucket in chosen}
         for bucket_id in disabled:
             results[bucket_id].status, results[bucket_id].reason = "skipped", "disabled"
-        live = [bucket for bucket in chosen if bucket.id not in disabled]
+        for bucket in chosen:  # asked for by id: only explicit calls change its members
+            if bucket.manual and bucket.id not in disabled:
+                results[bucket.id].status, results[bucket.id].reason = "skipped", "manual"
+        live = [bucket for bucket in chosen if results[bucket.id].status == "done"]
         cascading = Cascading(rt.registry, overrides, results)
         process_due(
             conn,

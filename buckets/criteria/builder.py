@@ -267,6 +267,11 @@ class CriteriaBuilder:
     member = in_bucket
     not_member = not_in_bucket
 
+    def manual(self) -> Criteria:
+        """A manual bucket's criteria (the whole criteria, never inside another condition):
+        its members change only through ``add_members`` / ``remove_members``."""
+        return {"type": "manual"}
+
     def step(
         self,
         event: str,

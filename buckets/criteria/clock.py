@@ -52,6 +52,7 @@ from buckets.criteria.held import changed_at
 from buckets.criteria.instants import parse_instant
 from buckets.criteria.model import (
     CLOCK_OPERATORS,
+    MANUAL_NOT_EVALUATED,
     Aggregate,
     BucketReference,
     Composite,
@@ -59,6 +60,7 @@ from buckets.criteria.model import (
     EventSequence,
     Everyone,
     Leaf,
+    Manual,
     Node,
     PropertyCondition,
     Sample,
@@ -248,6 +250,8 @@ LeafStates = Callable[[Leaf], State]
 
 def state(node: Node, leaf_state: LeafStates) -> State:
     """The node's state from its leaves' states (see the module docstring)."""
+    if isinstance(node, Manual):
+        raise ValueError(MANUAL_NOT_EVALUATED)
     if not isinstance(node, Composite):
         return leaf_state(node)
     if node.operator == "not":  # the same instants, the opposite value

@@ -48,12 +48,14 @@ from buckets.criteria.instants import instant_sql, parse_instant, shifted
 from buckets.criteria.model import (
     CLOCK_OPERATORS,
     INSTANT_OPERATORS,
+    MANUAL_NOT_EVALUATED,
     Aggregate,
     BucketReference,
     Composite,
     EventCondition,
     EventSequence,
     Everyone,
+    Manual,
     Node,
     PropertyCondition,
     Sample,
@@ -804,6 +806,8 @@ def _predicate(
         return _count_predicate(node, count)
     if isinstance(node, Everyone):
         return sa.true()
+    if isinstance(node, Manual):
+        raise ValueError(MANUAL_NOT_EVALUATED)
     if isinstance(node, Sample):
         return sample_predicate(node, contacts.c.external_id)
     if isinstance(node, BucketReference):
@@ -1036,6 +1040,8 @@ def probe_predicate(
         return sequence_exists(node, now, contact)
     if isinstance(node, Everyone):
         return sa.true()
+    if isinstance(node, Manual):
+        raise ValueError(MANUAL_NOT_EVALUATED)
     if isinstance(node, Sample):
         return sample_predicate(node, name)
     if isinstance(node, BucketReference):

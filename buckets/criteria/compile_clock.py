@@ -71,6 +71,7 @@ from buckets.criteria.held import changed_at_sql, held_sql, with_history
 from buckets.criteria.instants import instant_sql, shifted
 from buckets.criteria.model import (
     CLOCK_OPERATORS,
+    MANUAL_NOT_EVALUATED,
     Aggregate,
     BucketReference,
     Composite,
@@ -78,6 +79,7 @@ from buckets.criteria.model import (
     EventSequence,
     Everyone,
     Leaf,
+    Manual,
     Node,
     PropertyCondition,
     Sample,
@@ -556,6 +558,8 @@ def _state(
         return _sequence_state(node, *sequences[node])
     if isinstance(node, Everyone):
         return _SqlState(sa.true(), INFINITY)
+    if isinstance(node, Manual):
+        raise ValueError(MANUAL_NOT_EVALUATED)
     if isinstance(node, Sample):
         return _SqlState(sample_predicate(node, contacts.c.external_id), INFINITY)
     if isinstance(node, BucketReference):  # the clock alone never moves it (the cascade does)

@@ -27,12 +27,14 @@ from buckets.criteria.model import (
     CLOCK_OPERATORS,
     INSTANT_OPERATORS,
     LIST_OPERATORS,
+    MANUAL_NOT_EVALUATED,
     Aggregate,
     BucketReference,
     Composite,
     EventCondition,
     EventSequence,
     Everyone,
+    Manual,
     Node,
     PropertyCondition,
     Sample,
@@ -179,6 +181,8 @@ def evaluate(
         return node.holds(count_events(node))  # type: ignore[arg-type]
     if isinstance(node, Everyone):
         return True
+    if isinstance(node, Manual):
+        raise ValueError(MANUAL_NOT_EVALUATED)
     if isinstance(node, Sample):
         if external_id is None:
             raise ValueError("a sample needs the contact's external_id")

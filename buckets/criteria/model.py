@@ -641,6 +641,15 @@ class Sample(_Node):
         return int(digest[:8], 16) % 10_000 < self.threshold
 
 
+class Manual(_Node):
+    """A manual bucket's criteria (SPEC §3.5): membership changes only by explicit calls
+    (:func:`buckets.add_members` / :func:`buckets.remove_members`, the CLI, the HTTP API). Only
+    allowed as the whole criteria (the root): no executor evaluates it, and every producer that
+    decides from criteria (ingest, the cron, the due queue, backfills) leaves the bucket alone."""
+
+    type: Literal["manual"] = "manual"
+
+
 class SequenceStep(_Node):
     """One step of a :class:`EventSequence`: an event of a name (with ``where`` on its own
     properties), at most ``gap`` after the previous step's event; the last step may be
@@ -762,6 +771,7 @@ Node: TypeAlias = (
     | Sample
     | EventSequence
     | BucketReference
+    | Manual
 )
 Leaf: TypeAlias = (
     PropertyCondition | EventCondition | Everyone | Sample | EventSequence | BucketReference
@@ -774,6 +784,7 @@ NODE_CLASSES = (
     Sample,
     EventSequence,
     BucketReference,
+    Manual,
 )
 LEAF_CLASSES = (PropertyCondition, EventCondition, Everyone, Sample, EventSequence, BucketReference)
 Composite.model_rebuild()
@@ -785,7 +796,15 @@ NODE_TYPES: dict[str, type[_Node]] = {
     "sample": Sample,
     "sequence": EventSequence,
     "bucket": BucketReference,
+    "manual": Manual,
 }
+MANUAL_NOT_EVALUATED = (
+    "a manual bucket's criteria are not evaluated: its members change only by"
+    " add_members / remove_members"
+)
+MANUAL_ONLY_AT_ROOT = (
+    "'manual' is only allowed as the whole criteria of a bucket (criteria: {type: manual})"
+)
 TYPE_NAMES = ", ".join(repr(name) for name in NODE_TYPES)
 
 
@@ -831,6 +850,8 @@ def _parse(data: object, path: str, depth: int, budget: _Budget) -> Node:
             raise CriteriaError(where, f"required (one of {TYPE_NAMES})")
         shown = kind if isinstance(kind, str) and len(kind) <= 40 else type(kind).__name__
         raise CriteriaError(where, f"must be one of {TYPE_NAMES}, got {shown!r}")
+    if kind == "manual" and depth > 1:
+        raise CriteriaError(_join(path, "type"), MANUAL_ONLY_AT_ROOT)
     for key in (
         "event",
         "property",
@@ -877,6 +898,8 @@ def _check_parsed(node: Node, path: str, depth: int, budget: _Budget) -> None:
             for number, where in enumerate(step.where or ()):
                 _check_parsed(where, f"{_join(at, 'where')}[{number}]", depth + 2, budget)
         return
+    if isinstance(node, Manual) and depth > 1:
+        raise CriteriaError(_join(path, "type"), MANUAL_ONLY_AT_ROOT)
     budget.spend(path, event=isinstance(node, EventCondition))
     if isinstance(node, EventCondition):
         for index, where in enumerate(node.where or ()):

@@ -262,7 +262,7 @@ ERRORS: list[tuple[dict[str, Any], str]] = [
     (
         {"criteria": {"type": "nope"}},
         "x: criteria.type: must be one of 'property', 'event', 'composite', 'everyone',"
-        " 'sample', 'sequence', 'bucket', got 'nope'",
+        " 'sample', 'sequence', 'bucket', 'manual', got 'nope'",
     ),
     ({"criteria": {"property": "p"}}, "x: criteria.type: required"),
     ({"criteria": "plan = pro"}, "x: criteria: expected a condition object, got str"),
