@@ -37,6 +37,7 @@ from buckets.models import (
     metadata,
 )
 from buckets.registry import UnknownBucketError, set_enabled
+from tests.helpers import active
 from workflows import backfill
 from workflows.backfill import Runner
 from workflows.reconcile import reconcile
@@ -49,20 +50,6 @@ SEEDS = define_bucket(
 )
 EVERYONE = define_bucket(id="all-contacts", criteria=b.everyone())
 PRO = define_bucket(id="pro", criteria=b.prop("plan").eq("pro"))
-
-
-def active(rt: Any, bucket_id: str) -> set[str]:
-    with rt.engine.connect() as conn:
-        return set(
-            conn.execute(
-                sa.select(contacts.c.external_id)
-                .join(bucket_memberships, bucket_memberships.c.contact_id == contacts.c.id)
-                .where(
-                    bucket_memberships.c.bucket_id == bucket_id,
-                    bucket_memberships.c.status == "active",
-                )
-            ).scalars()
-        )
 
 
 def ledger(rt: Any, bucket_id: str) -> list[Any]:

@@ -7,7 +7,6 @@ from typing import Any
 
 import pytest
 import sqlalchemy as sa
-from sqlalchemy.dialects.postgresql import insert as pg_insert
 
 from buckets import b, define_bucket, ingest_event, ingest_events, set_enabled
 from buckets.definitions import Bucket
@@ -18,6 +17,7 @@ from buckets.models import (
     bucket_transitions,
     contacts,
 )
+from tests.helpers import active, deployed
 from workflows import reconcile as reconcile_module
 from workflows.reconcile import join_mode, reconcile
 
@@ -26,34 +26,6 @@ H = timedelta(hours=1)
 D = timedelta(days=1)
 
 LAPSED = b.all(b.event("feature.used").exists(), b.event("feature.used").within("7d").not_exists())
-
-
-def deployed(rt: Any, *buckets: Bucket) -> None:
-    """As if each bucket's first-time backfill had completed (the cron may join)."""
-    with rt.engine.begin() as conn:
-        for bucket in buckets:
-            conn.execute(
-                pg_insert(bucket_configs)
-                .values(bucket_id=bucket.id, criteria_hash=bucket.fingerprint)
-                .on_conflict_do_update(
-                    index_elements=[bucket_configs.c.bucket_id],
-                    set_={"criteria_hash": bucket.fingerprint},
-                )
-            )
-
-
-def active(rt: Any, bucket_id: str) -> set[str]:
-    with rt.engine.connect() as conn:
-        return set(
-            conn.execute(
-                sa.select(contacts.c.external_id)
-                .join(bucket_memberships, bucket_memberships.c.contact_id == contacts.c.id)
-                .where(
-                    bucket_memberships.c.bucket_id == bucket_id,
-                    bucket_memberships.c.status == "active",
-                )
-            ).scalars()
-        )
 
 
 def transitions(rt: Any, bucket_id: str) -> list[Any]:

@@ -9,7 +9,6 @@ from typing import Any
 
 import pytest
 import sqlalchemy as sa
-from sqlalchemy.dialects.postgresql import insert as pg_insert
 
 from buckets import b, define_bucket, due, ingest_event, set_enabled
 from buckets.criteria import parse_criteria
@@ -17,13 +16,13 @@ from buckets.criteria.model import BucketReference, CriteriaError
 from buckets.definitions import DefinitionError, criteria_fingerprint
 from buckets.explain import explain
 from buckets.models import (
-    bucket_configs,
     bucket_due,
     bucket_memberships,
     bucket_transitions,
     contacts,
 )
 from buckets.registry import Registry
+from tests.helpers import active, deployed
 from workflows.backfill import Runner, deploy
 from workflows.reconcile import reconcile
 
@@ -36,34 +35,6 @@ PRO_FAN = define_bucket(id="pro-fan", criteria=b.in_bucket(PRO))
 PRO_FAN_DE = define_bucket(
     id="pro-fan-de", criteria=b.all(b.in_bucket("pro-fan"), b.prop("country").eq("de"))
 )
-
-
-def deployed(rt: Any, *buckets: Any) -> None:
-    """As if each bucket's first-time backfill had completed (the cron may join)."""
-    with rt.engine.begin() as conn:
-        for bucket in buckets:
-            conn.execute(
-                pg_insert(bucket_configs)
-                .values(bucket_id=bucket.id, criteria_hash=bucket.fingerprint)
-                .on_conflict_do_update(
-                    index_elements=[bucket_configs.c.bucket_id],
-                    set_={"criteria_hash": bucket.fingerprint},
-                )
-            )
-
-
-def active(rt: Any, bucket_id: str) -> set[str]:
-    with rt.engine.connect() as conn:
-        return set(
-            conn.execute(
-                sa.select(contacts.c.external_id)
-                .join(bucket_memberships, bucket_memberships.c.contact_id == contacts.c.id)
-                .where(
-                    bucket_memberships.c.bucket_id == bucket_id,
-                    bucket_memberships.c.status == "active",
-                )
-            ).scalars()
-        )
 
 
 def ledger(rt: Any) -> list[tuple[str, str, str]]:
