@@ -25,7 +25,7 @@ from typing import Any
 
 import sqlalchemy as sa
 
-from bench.dataset import NOW, prepare
+from bench.dataset import NOW, clean, marks, prepare
 from buckets import b, define_bucket
 from buckets.definitions import Bucket
 from buckets.ingest import ingest_event, ingest_events
@@ -242,10 +242,7 @@ def main(argv: list[str] | None = None) -> int:
 
     engine, url = prepare(args.database_url, args.contacts, args.events_per_contact)
     settings = load_settings(database_url=url.render_as_string(hide_password=False))
-    with engine.connect() as conn:
-        marks = conn.execute(
-            sa.text("SELECT (SELECT max(id) FROM contacts), (SELECT max(id) FROM user_events)")
-        ).one()
+    loaded = marks(engine)
     sets = {"20 buckets": BUCKETS}
     if args.new_nodes:
         sets["20 new-node"] = NEW_BUCKETS
@@ -265,17 +262,7 @@ def main(argv: list[str] | None = None) -> int:
             }
     finally:
         with engine.begin() as conn:  # leave the dataset as generated
-            conn.execute(
-                sa.text(
-                    "TRUNCATE journey_enrollments, bucket_transitions, bucket_memberships,"
-                    " bucket_configs, bucket_due"
-                )
-            )
-            conn.execute(
-                sa.text("UPDATE contacts SET decided_at = NULL WHERE decided_at IS NOT NULL")
-            )
-            conn.execute(sa.text("DELETE FROM user_events WHERE id > :id"), {"id": marks[1]})
-            conn.execute(sa.text("DELETE FROM contacts WHERE id > :id"), {"id": marks[0]})
+            clean(conn, loaded)
         engine.dispose()
     report(figures)
     return 0

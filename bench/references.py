@@ -21,7 +21,7 @@ from typing import Any
 
 import sqlalchemy as sa
 
-from bench.dataset import NOW, prepare
+from bench.dataset import NOW, Marks, clean, marks, prepare
 from bench.ingest import batched, single, stream
 from buckets import b, define_bucket
 from buckets.definitions import Bucket
@@ -104,7 +104,7 @@ def snapshot(engine: Any) -> None:
         conn.execute(sa.text(f"ALTER TABLE {BACKUP} ADD PRIMARY KEY (id)"))
 
 
-def reset(engine: Any, marks: Any) -> None:
+def reset(engine: Any, until: Marks) -> None:
     """Back to the dataset as generated: every run starts from the same state (the stream's
     property changes undone, so each registry sees the same changes)."""
     with engine.begin() as conn:
@@ -116,15 +116,7 @@ def reset(engine: Any, marks: Any) -> None:
                 " WHERE c.id = b.id AND c.revision <> b.revision"
             )
         )
-        conn.execute(
-            sa.text(
-                "TRUNCATE journey_enrollments, bucket_transitions, bucket_memberships,"
-                " bucket_configs, bucket_due"
-            )
-        )
-        conn.execute(sa.text("UPDATE contacts SET decided_at = NULL WHERE decided_at IS NOT NULL"))
-        conn.execute(sa.text("DELETE FROM user_events WHERE id > :id"), {"id": marks[1]})
-        conn.execute(sa.text("DELETE FROM contacts WHERE id > :id"), {"id": marks[0]})
+        clean(conn, until)
 
 
 def transitions(engine: Any) -> int:
@@ -143,10 +135,7 @@ def main(argv: list[str] | None = None) -> int:
 
     engine, url = prepare(args.database_url, args.contacts, args.events_per_contact)
     settings = load_settings(database_url=url.render_as_string(hide_password=False))
-    with engine.connect() as conn:
-        marks = conn.execute(
-            sa.text("SELECT (SELECT max(id) FROM contacts), (SELECT max(id) FROM user_events)")
-        ).one()
+    loaded = marks(engine)
     registries = {
         "references": Registry([*dependents(inline=False), *REFERENCED]),
         "inlined": Registry([*dependents(inline=True), *REFERENCED]),
@@ -158,7 +147,7 @@ def main(argv: list[str] | None = None) -> int:
         # each mode from the same starting state, the two registries alternating
         for mode, seed in (("single", 1), ("batch 100", 2), ("batch 1000", 3)):
             for label, registry in registries.items():
-                reset(engine, marks)
+                reset(engine, loaded)
                 materialise(engine, registry)
                 before = transitions(engine)
                 rt = Runtime(engine=engine, registry=registry, settings=settings)
@@ -170,7 +159,7 @@ def main(argv: list[str] | None = None) -> int:
                 figures.setdefault(label, {})[mode] = found
                 written[f"{label} {mode}"] = transitions(engine) - before
     finally:
-        reset(engine, marks)
+        reset(engine, loaded)
         with engine.begin() as conn:
             conn.execute(sa.text(f"DROP TABLE {BACKUP}"))
         engine.dispose()
