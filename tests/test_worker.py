@@ -66,3 +66,24 @@ def test_a_second_worker_deploys_nothing_more(make_runtime):
     finally:
         first.shutdown()
         second.shutdown()
+
+
+def test_a_job_completing_during_deploy_is_not_enqueued_again(make_runtime, monkeypatch):
+    """The race behind a flaky second worker: the first worker's job completed between
+    deploy's two reads (no hash yet, then no active job) and a second first-time job ran."""
+    from workflows import backfill
+
+    rt = make_runtime(PRO)
+    now = datetime(2026, 11, 1, tzinfo=UTC)
+    [first] = backfill.deploy(rt, now)
+    read_mode = backfill.mode_for
+
+    def mode_then_complete(conn, bucket):  # type: ignore[no-untyped-def]
+        mode = read_mode(conn, bucket)
+        backfill.Runner(rt, clock=lambda: now).run(first.id)  # commits meanwhile
+        return mode
+
+    monkeypatch.setattr(backfill, "mode_for", mode_then_complete)
+    assert backfill.deploy(rt, now) == []
+    with rt.engine.connect() as conn:
+        assert conn.execute(sa.select(sa.func.count()).select_from(backfill_jobs)).scalar() == 1

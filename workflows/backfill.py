@@ -110,8 +110,13 @@ def deploy(runtime: Runtime, now: datetime) -> list[Job]:
         for bucket in runtime.registry.ordered(runtime.registry):  # dependency order
             if bucket.id in disabled:
                 continue
+            # The active job first: one that completes between the two reads has stored its
+            # hash by the time mode_for reads it (the other order could see the hash missing,
+            # then no job, and enqueue a second first-time job).
+            if jobs.active_job(conn, bucket.id) is not None:
+                continue
             mode = mode_for(conn, bucket)
-            if mode is None or jobs.active_job(conn, bucket.id) is not None:
+            if mode is None:
                 continue
             job, new = jobs.enqueue(conn, bucket, mode, as_of=now)
             if new:
