@@ -9,6 +9,7 @@ from __future__ import annotations
 import time
 from collections.abc import Callable
 from datetime import UTC, datetime
+from typing import Any
 
 import sqlalchemy as sa
 
@@ -78,7 +79,7 @@ def test_a_job_completing_during_deploy_is_not_enqueued_again(make_runtime, monk
     [first] = backfill.deploy(rt, now)
     read_mode = backfill.mode_for
 
-    def mode_then_complete(conn, bucket):  # type: ignore[no-untyped-def]
+    def mode_then_complete(conn: Any, bucket: Any) -> str | None:
         mode = read_mode(conn, bucket)
         backfill.Runner(rt, clock=lambda: now).run(first.id)  # commits meanwhile
         return mode
