@@ -18,10 +18,10 @@ takes it from :func:`buckets.membership.lock_contacts` or its own locking query)
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from datetime import datetime
-from functools import lru_cache
+from functools import lru_cache, partial
 from typing import Any
 
 import sqlalchemy as sa
@@ -30,7 +30,13 @@ from sqlalchemy.engine import Connection
 from buckets import due
 from buckets.criteria import EventCondition, Facts
 from buckets.criteria.clock import State
-from buckets.criteria.compile_clock import fact_offsets, facts_params, facts_statement, raw
+from buckets.criteria.compile_clock import (
+    clock_select,
+    fact_offsets,
+    facts_params,
+    facts_statement,
+    raw,
+)
 from buckets.criteria.model import EventSequence, leaves
 from buckets.definitions import Bucket
 from buckets.membership import (
@@ -127,6 +133,21 @@ def _layout(buckets: tuple[Bucket, ...]) -> _Layout | None:
     )
 
 
+# From this many pairs of one bucket in a clock-driven call (a due chunk), the bucket's state
+# for those contacts comes from its compiled criteria over them (one statement: the same
+# value and next change as the facts' evaluation, proven equal by the differential suite),
+# ~20 µs a pair cheaper than evaluating each pair's facts in Python.
+SET_WIDE_FROM = 200
+
+
+def _set_wide(asks: Sequence[Ask]) -> dict[str, list[int]]:
+    """The buckets whose state ``asks`` compute set-wide: bucket id -> its contact ids."""
+    by_bucket: dict[str, list[int]] = {}
+    for ask in asks:
+        by_bucket.setdefault(ask.bucket.id, []).append(ask.contact_id)
+    return {key: sorted(ids) for key, ids in by_bucket.items() if len(ids) >= SET_WIDE_FROM}
+
+
 def _groups(asks: Sequence[Ask]) -> list[list[Ask]]:
     """``asks`` split by bucket so that no group involves more than :data:`MAX_FACT_LEAVES`
     distinct event leaves (one group, almost always)."""
@@ -220,23 +241,33 @@ def _decide(  # noqa: PLR0917 - decide's arguments, resolved
     record: bool,
 ) -> Outcome:
     conditions = layout.conditions
+    wide = _set_wide(asks) if clock else {}
     needs: dict[int, bytearray] = {}  # per contact: its leaves, then its properties
     asked: dict[int, set[int]] = {}  # per contact: the indexes of its leaves
     for ask in asks:
         wanted = needs.setdefault(ask.contact_id, bytearray(b"0" * (len(conditions) + 1)))
+        if ask.bucket.id in wide:  # its state comes from the set-wide statement
+            continue
         positions = layout.positions[ask.bucket.id]
         asked.setdefault(ask.contact_id, set()).update(positions)
         for at in positions:
             wanted[at] = ord("1")
         if ask.bucket.property_keys:
             wanted[-1] = ord("1")
-    contact_ids = sorted(needs)
-    statement = _facts(layout, any(bucket.property_keys for bucket in involved.values()))
-    given = [needs[contact_id].decode() for contact_id in contact_ids]
+    properties = any(b.property_keys for b in involved.values() if b.id not in wide)
+    full = sorted(asked)  # contacts with a pair evaluated from its facts
+    parts = [(_facts(layout, properties), full, [needs[i].decode() for i in full])]
+    if len(full) < len(needs):  # the others' membership rows only
+        slim = sorted(needs.keys() - asked.keys())
+        parts.append((_facts(_layout(()), False), slim, ["0"] * len(slim)))
 
     def facts(as_of: datetime) -> dict[int, Any]:
-        params = facts_params(as_of, contact_ids, given)
-        return {row.id: row for row in conn.execute(statement, params).all()}
+        return {
+            row.id: row
+            for statement, ids, given in parts
+            if ids
+            for row in conn.execute(statement, facts_params(as_of, ids, given)).all()
+        }
 
     found = facts(now)
     later = latest_of(row.watermark for row in found.values())
@@ -244,20 +275,27 @@ def _decide(  # noqa: PLR0917 - decide's arguments, resolved
         now = later
         found = facts(now)
     plan = _Plan()
+    known = {
+        (bucket_id, row.id): State(row.matches, row.next_at)
+        for bucket_id, ids in wide.items()
+        for row in conn.execute(clock_select(involved[bucket_id].criteria, now, contact_ids=ids))
+    }
     facts_of: dict[int, Facts] = {}  # once per contact, whatever its number of pairs
+
+    def state(ask: Ask, row: Any) -> State:
+        if ask.bucket.id in wide:
+            return known[ask.bucket.id, ask.contact_id]
+        facts_ = facts_of.get(ask.contact_id)
+        if facts_ is None:
+            facts_ = facts_of[ask.contact_id] = Facts.of(
+                row, conditions, now=now, wanted=asked[ask.contact_id], offsets=layout.offsets
+            )
+        return facts_.state(ask.bucket.criteria)
+
     for ask in asks:
         row = found.get(ask.contact_id)
         if row is not None:
-            facts_ = facts_of.get(ask.contact_id)
-            if facts_ is None:
-                facts_ = facts_of[ask.contact_id] = Facts.of(
-                    row,
-                    conditions,
-                    now=now,
-                    wanted=asked[ask.contact_id],
-                    offsets=layout.offsets,
-                )
-            _plan(plan, ask, row, facts_, now, clock=clock, blocked=blocked)
+            _plan(plan, ask, row, partial(state, ask, row), now, clock=clock, blocked=blocked)
     outcome = _apply(conn, plan, involved.values(), now, source=source, rows=rows)
     outcome.as_of = now
     if record and plan.unrecorded:  # no row records these decisions: the contact does
@@ -306,7 +344,7 @@ def _plan(
     plan: _Plan,
     ask: Ask,
     row: Any,
-    facts: Facts,
+    state_of: Callable[[], State],
     now: datetime,
     *,
     clock: bool,
@@ -324,7 +362,7 @@ def _plan(
         if bucket.clocked:
             plan.entries.append((ask.contact_id, bucket.id, None))
         return
-    state: State = facts.state(bucket.criteria)
+    state = state_of()  # a deleted contact's is never computed
     if stored:
         assert entered_at is not None
         if clock and max_dwell_at is not None and max_dwell_at <= now:

@@ -254,3 +254,14 @@ def make_runtime(clone_db: CloneDB) -> Any:
         )
 
     return make
+
+
+@pytest.fixture(params=["facts", "set-wide"])
+def both_deciders(request: Any, monkeypatch: Any) -> str:
+    """Run a test with due chunks decided from each contact's facts (the default below
+    ``SET_WIDE_FROM`` pairs of a bucket) and with every bucket's state computed set-wide."""
+    from buckets import decide
+
+    if request.param == "set-wide":
+        monkeypatch.setattr(decide, "SET_WIDE_FROM", 1)
+    return str(request.param)

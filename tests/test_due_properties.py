@@ -22,6 +22,7 @@ from collections import defaultdict
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
+import pytest
 import sqlalchemy as sa
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
@@ -32,6 +33,8 @@ from buckets.models import bucket_memberships, bucket_transitions, contacts, use
 from tests.conftest import CloneDB
 from workflows.backfill import Runner, deploy
 from workflows.reconcile import reconcile
+
+pytestmark = pytest.mark.usefixtures("both_deciders")  # due chunks: both deciders
 
 EXAMPLES = int(os.environ.get("BUCKETS_DUE_PROPERTY_EXAMPLES", "25"))
 T0 = datetime(2026, 11, 1, 12, 0, tzinfo=UTC)

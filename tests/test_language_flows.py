@@ -6,6 +6,7 @@ from __future__ import annotations
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
+import pytest
 import sqlalchemy as sa
 
 from buckets import b, define_bucket, ingest_event
@@ -15,6 +16,8 @@ from buckets.explain import explain
 from buckets.models import contacts
 from tests.test_due import T0, D, H, entries, ship, tick, used
 from tests.test_reconcile import active, transitions
+
+pytestmark = pytest.mark.usefixtures("both_deciders")  # due chunks: both deciders
 
 NEVER_BOUGHT = define_bucket(id="never-bought", criteria=b.not_(b.event("purchase").exists()))
 EVERYONE = define_bucket(id="everyone", criteria=b.everyone())
