@@ -23,6 +23,7 @@ from urllib.parse import unquote
 
 import psycopg
 import sqlalchemy as sa
+from psycopg.types.array import ListBinaryDumper
 from sqlalchemy.engine import URL, Connection, Engine
 from sqlalchemy.exc import ArgumentError, DBAPIError
 from sqlalchemy.orm import Session, sessionmaker
@@ -153,7 +154,17 @@ def create_engine(url: URL | str, **kwargs: Any) -> Engine:
         "options": "-c jit=off",
         **kwargs.pop("connect_args", {}),
     }
-    return sa.create_engine(url, pool_pre_ping=True, connect_args=connect_args, **kwargs)
+    engine = sa.create_engine(url, pool_pre_ping=True, connect_args=connect_args, **kwargs)
+    sa.event.listen(engine, "connect", _binary_lists)
+    return engine
+
+
+def _binary_lists(dbapi_connection: Any, _record: Any) -> None:
+    """Send lists (the pairs, ids and instants every set-based statement takes as arrays) in
+    PostgreSQL's binary array format: psycopg dumps them 3-4x faster than the text form,
+    which quotes each element (~50 ms of a 5,000-transition tick). Statements cast every
+    array parameter to its type, so the wire format changes nothing else."""
+    dbapi_connection.adapters.register_dumper(list, ListBinaryDumper)
 
 
 def session_factory(engine: Engine) -> sessionmaker[Session]:

@@ -85,3 +85,26 @@ def test_unreachable_database_is_one_line_without_the_password():
 def test_engine_talks_to_the_test_database(work_engine: sa.Engine):
     with connect(work_engine) as conn:
         assert conn.execute(sa.text("SELECT current_setting('server_version_num')::int")).scalar()
+
+
+def test_lists_travel_in_binary_and_arrive_intact(work_engine: sa.Engine):
+    """The engine's connections send lists in the binary array format (cheaper to dump);
+    whatever the elements, the server receives exactly the list given."""
+    from psycopg.adapt import PyFormat, Transformer
+
+    awkward = ["a,b", 'q"uote', "{braces}", "NULL", "back\\slash", " space ", "ü", ""]
+    given = {
+        "texts": (awkward, "TEXT[]"),
+        "with_null": ([None, "x"], "TEXT[]"),
+        "ids": ([1, None, 2**40], "BIGINT[]"),
+        "empty": ([], "BIGINT[]"),
+        "instants": ([None], "TIMESTAMPTZ[]"),
+    }
+    with connect(work_engine) as conn:
+        raw = conn.connection.driver_connection
+        assert raw is not None
+        dumper = Transformer(raw).get_dumper(["x"], PyFormat.AUTO)
+        assert type(dumper).__name__ == "ListBinaryDumper"
+        for name, (values, cast) in given.items():
+            back = conn.execute(sa.text(f"SELECT CAST(:v AS {cast})"), {"v": values}).scalar()
+            assert back == values, name
