@@ -6,7 +6,10 @@
    pairs involve (:func:`~buckets.criteria.compile_clock.leaf_facts`: the newest counting events
    and the next arrival) and its active memberships in those buckets;
 2. evaluates each pair in Python — the criteria's value and its next change by the clock
-   (:mod:`buckets.criteria.clock`) — and decides: join, leave (``min_dwell`` may defer it),
+   (:mod:`buckets.criteria.clock`); in a clock-driven call, a bucket with
+   :data:`SET_WIDE_FROM` pairs or more gets both from its compiled criteria over those
+   contacts instead (:func:`~buckets.criteria.compile_clock.clock_select`, one statement)
+   — and decides: join, leave (``min_dwell`` may defer it),
    clear a deferred leave, or touch ``last_evaluated_at``; with ``clock`` (the cron's view) also
    the maximum dwell, and joins only where the cron may join;
 3. applies each kind with one set-based statement of :mod:`buckets.membership`, and writes every

@@ -26,6 +26,8 @@ from tests.helpers import active, deployed
 from workflows.backfill import Runner, deploy
 from workflows.reconcile import reconcile
 
+pytestmark = pytest.mark.usefixtures("both_deciders")  # due chunks and cascades: both deciders
+
 T0 = datetime(2026, 11, 1, 12, 0, tzinfo=UTC)
 H = timedelta(hours=1)
 D = timedelta(days=1)
