@@ -332,3 +332,26 @@ def test_historical_cohort_is_never_blasted_while_the_cron_runs(make_runtime):
             sa.select(sa.func.count()).where(bucket_transitions.c.emitted)
         ).scalar_one()
     assert emitted == 1
+
+
+def test_an_operator_backfill_meeting_a_completing_first_time_job_starts_no_second(
+    make_runtime, monkeypatch
+):
+    """`buckets backfill ID` while the first-time job completes: the same race as deploy's.
+    A second first-time job would join silently contacts the cron was about to join loudly."""
+    from workflows import backfill
+
+    rt = make_runtime(PRO)
+    [first] = deploy(rt, T0)
+    read_incomplete = backfill.first_time_incomplete
+
+    def incomplete_then_complete(conn: Any, bucket_id: str) -> bool:
+        incomplete = read_incomplete(conn, bucket_id)
+        Runner(rt, clock=lambda: T0).run(first.id)  # commits meanwhile
+        return incomplete
+
+    monkeypatch.setattr(backfill, "first_time_incomplete", incomplete_then_complete)
+    job, created = start(rt, "pro", T0)
+    assert (job.id, created) == (first.id, False)
+    with rt.engine.connect() as conn:
+        assert conn.execute(sa.select(sa.func.count()).select_from(backfill_jobs)).scalar() == 1

@@ -131,6 +131,12 @@ def start(
     ``admin`` job. Returns (job, created); an existing non-terminal job is returned as is."""
     bucket = runtime.registry.get(bucket_id)
     with runtime.engine.begin() as conn:
+        # The active job first, as in deploy: a first-time job completing between the two
+        # reads would otherwise be followed by a second one, whose silent joins would swallow
+        # the entered transitions of contacts the cron or ingest was about to join.
+        active = jobs.active_job(conn, bucket.id)
+        if active is not None:
+            return active, False
         mode = "first_time" if first_time_incomplete(conn, bucket.id) else "admin"
         return jobs.enqueue(conn, bucket, mode, as_of=now, emit=emit and mode == "admin")
 
