@@ -28,6 +28,7 @@ from functools import lru_cache, partial
 from typing import Any
 
 import sqlalchemy as sa
+from sqlalchemy.dialects.postgresql import ARRAY
 from sqlalchemy.engine import Connection
 
 from buckets import due
@@ -259,18 +260,19 @@ def _decide(  # noqa: PLR0917 - decide's arguments, resolved
             wanted[-1] = ord("1")
     properties = any(b.property_keys for b in involved.values() if b.id not in wide)
     full = sorted(asked)  # contacts with a pair evaluated from its facts
-    parts = [(_facts(layout, properties), full, [needs[i].decode() for i in full])]
-    if len(full) < len(needs):  # the others' membership rows only
-        slim = sorted(needs.keys() - asked.keys())
-        parts.append((_facts(_layout(()), False), slim, ["0"] * len(slim)))
+    given = [needs[i].decode() for i in full]
+    # the other contacts' pairs are all set-wide: only those pairs' rows are read
+    slim = sorted((a.contact_id, a.bucket.id) for a in asks if a.contact_id not in asked)
 
     def facts(as_of: datetime) -> dict[int, Any]:
-        return {
-            row.id: row
-            for statement, ids, given in parts
-            if ids
-            for row in conn.execute(statement, facts_params(as_of, ids, given)).all()
-        }
+        found: dict[int, Any] = {}
+        if full:
+            params = facts_params(as_of, full, given)
+            found = {row.id: row for row in conn.execute(_facts(layout, properties), params).all()}
+        if slim:
+            pairs_ = {"pair_contacts": [c for c, _ in slim], "pair_buckets": [b for _, b in slim]}
+            found.update((row.id, row) for row in conn.execute(_pair_rows(), pairs_).all())
+        return found
 
     found = facts(now)
     later = latest_of(row.watermark for row in found.values())
@@ -278,11 +280,10 @@ def _decide(  # noqa: PLR0917 - decide's arguments, resolved
         now = later
         found = facts(now)
     plan = _Plan()
-    known = {
-        (bucket_id, row.id): State(row.matches, row.next_at)
-        for bucket_id, ids in wide.items()
-        for row in conn.execute(clock_select(involved[bucket_id].criteria, now, contact_ids=ids))
-    }
+    known: dict[tuple[str, int], State] = {}
+    for bucket_id, ids in wide.items():
+        statement = clock_select(involved[bucket_id].criteria, now, contact_ids=ids)
+        known.update(((bucket_id, i), State(m, n)) for i, m, n in conn.execute(statement).all())
     facts_of: dict[int, Facts] = {}  # once per contact, whatever its number of pairs
 
     def state(ask: Ask, row: Any) -> State:
@@ -340,6 +341,72 @@ def _facts(layout: _Layout, properties: bool) -> sa.Select[Any]:
             rows_of.c.a_pending,
             watermark,
         )
+    )
+
+
+@lru_cache(maxsize=1)
+def _pair_rows() -> sa.Select[Any]:
+    """What :func:`_plan` reads of a contact whose pairs are all decided set-wide, from those
+    pairs' rows alone (an index probe each for the pair's latest row): its active rows among
+    them and the watermark, which only needs the rows of the pairs decided (every decision
+    records its instant in the pair's latest row, or in the contact's ``decided_at`` when no
+    row records it). Reading all of a contact's rows instead costs several heap pages each."""
+    given = (
+        sa.func.unnest(
+            sa.bindparam("pair_contacts", type_=ARRAY(sa.BigInteger())),
+            sa.bindparam("pair_buckets", type_=ARRAY(sa.Text())),
+        )
+        .table_valued("contact_id", "bucket_id")
+        .render_derived("given")
+    )
+    latest = (
+        sa.select(
+            memberships.c.bucket_id,
+            memberships.c.status,
+            memberships.c.entered_at,
+            memberships.c.max_dwell_at,
+            memberships.c.pending_leave_at,
+            memberships.c.last_evaluated_at,
+        )
+        .where(
+            memberships.c.bucket_id == given.c.bucket_id,
+            memberships.c.contact_id == given.c.contact_id,
+        )
+        .order_by(memberships.c.entry_count.desc())
+        .limit(1)
+        .lateral("latest")
+    )
+    active = latest.c.status == "active"
+
+    def actives(column: Any) -> Any:
+        return raw(sa.func.array_agg(column).filter(active))
+
+    rows_of = (
+        sa.select(
+            given.c.contact_id,
+            actives(latest.c.bucket_id).label("a_bucket"),
+            actives(latest.c.entered_at).label("a_entered"),
+            actives(latest.c.max_dwell_at).label("a_dwell"),
+            actives(latest.c.pending_leave_at).label("a_pending"),
+            sa.func.max(latest.c.last_evaluated_at).label("evaluated"),
+        )
+        .select_from(given.outerjoin(latest, sa.true()))
+        .group_by(given.c.contact_id)
+        .subquery("rows_of")
+    )
+    return (
+        sa.select(
+            contacts.c.id,
+            contacts.c.deleted_at,
+            rows_of.c.a_bucket,
+            rows_of.c.a_entered,
+            rows_of.c.a_dwell,
+            rows_of.c.a_pending,
+            sa.func.greatest(contacts.c.decided_at, rows_of.c.evaluated).label("watermark"),
+        )
+        .join_from(rows_of, contacts, contacts.c.id == rows_of.c.contact_id)
+        # by primary key, whatever the planner believes of the pairs' count
+        .where(contacts.c.id == sa.any_(sa.bindparam("pair_contacts")))
     )
 
 

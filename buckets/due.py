@@ -103,12 +103,13 @@ def _array(values: Sequence[Any], item: sa.types.TypeEngine[Any]) -> ColumnEleme
 def write(conn: Connection, entries: Iterable[Entry]) -> None:
     """Set (or, for None, remove) these pairs' entries: one statement. Rows are written in
     (contact, bucket) order, the order every writer of the queue uses (no deadlocks)."""
-    rows = sorted({(c, b): (c, b, d) for c, b, d in entries}.values(), key=lambda e: e[:2])
-    if rows:
+    latest = {(c, b): d for c, b, d in entries}  # a pair given twice: its last entry
+    if latest:
+        pairs = sorted(latest)
         params = {
-            "due_contact_id": [c for c, _, _ in rows],
-            "due_bucket_id": [b for _, b, _ in rows],
-            "due_at": [d for _, _, d in rows],
+            "due_contact_id": [c for c, _ in pairs],
+            "due_bucket_id": [b for _, b in pairs],
+            "due_at": [latest[pair] for pair in pairs],
         }
         conn.execute(_write_statement(), params)
 

@@ -296,6 +296,29 @@ def test_an_older_tick_does_not_join_what_a_newer_ingest_decided_against(make_ru
     assert active(rt, "idle") == set()
 
 
+def test_a_due_chunk_meeting_a_pair_decided_later_decides_as_of_that_instant(make_runtime):
+    """The pair's own row carries a decision later than the chunk's now (written behind the
+    queue's back here; a producer racing the tick in real life): the chunk decides as of that
+    instant, with either decider — the leave is stamped then, not at the older now."""
+    one = define_bucket(id="one", criteria=b.event("used").within("1d").at_least(1))
+    rt = make_runtime(one, BUYER)
+    used(rt, "u", T0)
+    ingest_event("u", "purchase", {}, occurred_at=T0, now=T0, runtime=rt)
+    ship(rt, T0 + H)
+    assert entries(rt, "one") == {("one", "u"): T0 + D + TICK}
+    later = T0 + D + 5 * H
+    with rt.engine.begin() as conn:
+        conn.execute(
+            sa.update(bucket_memberships)
+            .where(bucket_memberships.c.bucket_id == "one")
+            .values(last_evaluated_at=later)
+        )
+    report = tick(rt, T0 + D + TICK)
+    assert report["one"].due == 1
+    assert active(rt, "one") == set()
+    assert [(t.kind, t.occurred_at) for t in transitions(rt, "one")][-1] == ("left", later)
+
+
 def test_full_sweep_heals_nothing_and_reports_what_it_would(make_runtime):
     rt = make_runtime(LAPSED, BUSY, QUIET, TRIAL, PRO)
     for i in range(30):
