@@ -10,10 +10,18 @@ queue) as of the dataset's ``NOW``; then ordinary ticks run at ``NOW`` + 5 min, 
 
 * transitions: what the tick wrote (joins and leaves over every bucket);
 * floor: the raw statements writing those membership rows and their ledger rows — one
-  ``UPDATE`` of the same membership rows feeding one ``INSERT`` of as many ledger rows, in a
-  transaction rolled back (median of ``--runs``): the cost of the writes alone, with nothing
-  decided;
-* target: 1.5 x floor + 20 ms per cron bucket (issue 11).
+  ``INSERT``/``UPDATE`` of the same membership rows feeding one ``INSERT`` of as many ledger
+  rows: the cost of the writes alone, with nothing decided. Measured twice:
+
+  - **cold** (the target's floor): on a twin database, a copy of the engine's taken after the
+    deploy that receives exactly the tick's membership and ledger writes (its rows copied
+    over untimed, then one timed statement, committed, so the twin follows the engine tick
+    by tick). Its pages are as far from PostgreSQL's shared buffers as the engine's were when
+    its tick began: the writes a program that already knew the answer would pay;
+  - **warm** (as before): in the engine's database, the tick's writes undone and redone in a
+    transaction rolled back (median of ``--runs``); the undo has just read every page the redo
+    writes, so this is the writes' cost with their pages cached, which no tick has;
+* target: 1.5 x cold floor + 20 ms per cron bucket (issue 11).
 
 Before the queue existed (PERFORMANCE-NOTES.md) the same ticks took 3.5-4.6 s at 100k and
 40-52 s at 1M. The same run prints how the tick time scales from the first size to the second.
@@ -28,11 +36,13 @@ import time
 from datetime import timedelta
 from typing import Any
 
+import psycopg
 import sqlalchemy as sa
 from sqlalchemy.engine import URL, Engine
 
 from bench.dataset import NOW, prepare
 from bench.ingest import BUCKETS
+from buckets.db import create_engine
 from buckets.registry import Registry
 from buckets.runtime import Runtime
 from buckets.settings import load_settings
@@ -57,6 +67,61 @@ def database_for(base: URL, size: int) -> str:
     return base.set(database=name).render_as_string(hide_password=False)
 
 
+def twin_of(engine: Engine, url: URL) -> Engine:
+    """A copy of the engine's database as it stands (``<name>_twin``, replaced if present)."""
+    name = url.database
+    engine.dispose()  # the template must have no other sessions
+    server = url.set(drivername="postgresql", database="postgres")
+    conninfo = server.render_as_string(hide_password=False)
+    with psycopg.connect(conninfo, autocommit=True) as conn:
+        conn.execute(f'DROP DATABASE IF EXISTS "{name}_twin"')
+        conn.execute(f'CREATE DATABASE "{name}_twin" TEMPLATE "{name}"')
+    return create_engine(url.set(database=f"{name}_twin"))
+
+
+TICK_ROWS = {  # what a tick wrote, read from the engine's database by COPY
+    "f_ledger": "SELECT * FROM bucket_transitions WHERE id > {since}",
+    "f_joined": "SELECT m.* FROM bucket_memberships m JOIN bucket_transitions t"
+    " ON t.membership_id = m.id AND t.kind = 'entered' AND t.id > {since}",
+}
+REDO = """
+    WITH joined AS (
+        INSERT INTO bucket_memberships SELECT * FROM f_joined RETURNING id
+    ), flipped AS (
+        UPDATE bucket_memberships m SET status = 'left', left_at = t.occurred_at,
+            leave_reason = t.reason, last_evaluated_at = t.occurred_at, updated_at = now()
+        FROM f_ledger t WHERE m.id = t.membership_id AND t.kind = 'left'
+        RETURNING m.id
+    )
+    INSERT INTO bucket_transitions SELECT * FROM f_ledger
+"""
+
+
+def _conninfo(engine: Engine) -> str:
+    return engine.url.set(drivername="postgresql").render_as_string(hide_password=False)
+
+
+def cold_floor(engine: Engine, twin: Engine, since_id: int) -> float:
+    """The tick's writes, timed on the twin (see the module), then committed there."""
+    with psycopg.connect(_conninfo(engine)) as source, psycopg.connect(_conninfo(twin)) as target:
+        for table, query in TICK_ROWS.items():
+            like = "bucket_transitions" if table == "f_ledger" else "bucket_memberships"
+            target.execute(f"CREATE TEMP TABLE {table} (LIKE {like}) ON COMMIT DROP")
+            selected = query.format(since=int(since_id))
+            with (
+                source.cursor().copy(f"COPY ({selected}) TO STDOUT") as reading,
+                target.cursor().copy(f"COPY {table} FROM STDIN") as writing,
+            ):
+                for block in reading:
+                    writing.write(block)
+            target.execute(f"ANALYZE {table}")
+        started = time.perf_counter()
+        target.execute(REDO)
+        seconds = time.perf_counter() - started
+        target.commit()
+    return seconds
+
+
 def reset(engine: Engine) -> None:
     """Back to the generated dataset: no engine state."""
     with engine.begin() as conn:
@@ -71,7 +136,7 @@ def reset(engine: Engine) -> None:
         conn.execute(sa.text("VACUUM ANALYZE"))
 
 
-def floor(engine: Engine, since_id: int, runs: int) -> float:
+def warm_floor(engine: Engine, since_id: int, runs: int) -> float:
     """The writes alone for the transitions with ids above ``since_id``: in a transaction
     rolled back, the tick's changes are undone (untimed), then one statement redoes exactly
     its writes — the joined membership rows inserted, the left ones flipped, every ledger row
@@ -88,19 +153,7 @@ def floor(engine: Engine, since_id: int, runs: int) -> float:
         "ANALYZE f_ledger",
         "ANALYZE f_joined",
     ]
-    redo = sa.text(
-        """
-        WITH joined AS (
-            INSERT INTO bucket_memberships SELECT * FROM f_joined RETURNING id
-        ), flipped AS (
-            UPDATE bucket_memberships m SET status = 'left', left_at = t.occurred_at,
-                leave_reason = t.reason, last_evaluated_at = t.occurred_at, updated_at = now()
-            FROM f_ledger t WHERE m.id = t.membership_id AND t.kind = 'left'
-            RETURNING m.id
-        )
-        INSERT INTO bucket_transitions SELECT * FROM f_ledger
-        """
-    )
+    redo = sa.text(REDO)
     timings = []
     for _ in range(runs):
         with engine.connect() as conn:
@@ -144,6 +197,7 @@ def run_size(base: URL, size: int, runs: int) -> list[dict[str, Any]]:
     with engine.connect() as conn:
         entries = conn.execute(sa.text("SELECT count(*) FROM bucket_due")).scalar_one()
     print(f"  due-queue entries: {entries:,}")
+    twin = twin_of(engine, url)
     rows = []
     for label, offset in OFFSETS.items():
         before = last_transition(engine)
@@ -154,8 +208,9 @@ def run_size(base: URL, size: int, runs: int) -> list[dict[str, Any]]:
         swept = [b.bucket_id for b in tick.buckets if b.passes_ran not in ("no",)]
         assert not swept, f"buckets swept instead of queued: {swept}"
         transitions = written_since(engine, before)
-        base_floor = floor(engine, before, runs) if transitions else 0.0
-        target = 1.5 * base_floor + 0.020 * CRON_BUCKETS
+        cold = cold_floor(engine, twin, before) if transitions else 0.0
+        warm = warm_floor(engine, before, runs) if transitions else 0.0
+        target = 1.5 * cold + 0.020 * CRON_BUCKETS
         rows.append(
             {
                 "size": size,
@@ -163,16 +218,18 @@ def run_size(base: URL, size: int, runs: int) -> list[dict[str, Any]]:
                 "seconds": seconds,
                 "transitions": transitions,
                 "due": sum(b.due for b in tick.buckets),
-                "floor": base_floor,
+                "floor": cold,
+                "warm": warm,
                 "target": target,
             }
         )
         print(
             f"  {label:<6} tick {seconds * 1000:8.1f} ms  transitions {transitions:>7,}"
-            f"  due {rows[-1]['due']:>7,}  floor {base_floor * 1000:7.1f} ms"
+            f"  due {rows[-1]['due']:>7,}  floor {cold * 1000:7.1f} ms (warm {warm * 1000:.1f})"
             f"  target {target * 1000:7.1f} ms  {'met' if seconds <= target else 'NOT met'}"
         )
     engine.dispose()
+    twin.dispose()
     return rows
 
 
@@ -189,13 +246,14 @@ def main(argv: list[str] | None = None) -> int:
     base = resolve_database_url(load_settings(database_url=args.database_url))
     sizes = [int(size) for size in args.sizes.split(",")]
     results = [row for size in sizes for row in run_size(base, size, args.runs)]
-    header = ("contacts", "tick", "time", "transitions", "floor", "target")
-    print("\n{:>10} {:<6} {:>10} {:>12} {:>9} {:>9}".format(*header))
+    header = ("contacts", "tick", "time", "transitions", "floor", "warm", "target", "ratio")
+    print("\n{:>10} {:<6} {:>10} {:>12} {:>10} {:>10} {:>10} {:>6}".format(*header))
     for row in results:
+        ratio = row["seconds"] / row["floor"] if row["floor"] else float("nan")
         print(
             f"{row['size']:>10,} {row['tick']:<6} {row['seconds'] * 1000:>7.1f} ms"
-            f" {row['transitions']:>12,} {row['floor'] * 1000:>6.1f} ms"
-            f" {row['target'] * 1000:>6.1f} ms"
+            f" {row['transitions']:>12,} {row['floor'] * 1000:>7.1f} ms"
+            f" {row['warm'] * 1000:>7.1f} ms {row['target'] * 1000:>7.1f} ms {ratio:>6.2f}"
         )
     if len(sizes) == 2:
         small, large = sizes
