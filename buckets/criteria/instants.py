@@ -27,10 +27,9 @@ from sqlalchemy.sql.elements import ColumnElement
 _HOUR = "([01][0-9]|2[0-3])"
 _MINUTE = "[0-5][0-9]"
 # The spec's regex with every field range written out ([0-9], never \d: ASCII digits only).
-SHAPE = (
-    "[0-9]{4}-(0[1-9]|1[0-2])-(0[1-9]|[12][0-9]|3[01])"
-    f"(T{_HOUR}:{_MINUTE}(:{_MINUTE}(\\.[0-9]{{1,6}})?)?(Z|[+-]{_HOUR}:{_MINUTE}))?"
-)
+DATE_SHAPE = "[0-9]{4}-(0[1-9]|1[0-2])-(0[1-9]|[12][0-9]|3[01])"
+TIME_SHAPE = f"T{_HOUR}:{_MINUTE}(:{_MINUTE}(\\.[0-9]{{1,6}})?)?(Z|[+-]{_HOUR}:{_MINUTE})"
+SHAPE = f"{DATE_SHAPE}({TIME_SHAPE})?"
 _SHAPE = re.compile(SHAPE)
 TIMESTAMP = sa.DateTime(timezone=True)
 FIRST = datetime(1, 1, 1, tzinfo=UTC)
@@ -81,10 +80,23 @@ def parse_instant(value: object) -> datetime | None:
         return None
 
 
-def instant_sql(value: ColumnElement[Any], text: ColumnElement[Any]) -> ColumnElement[Any]:
+def instant_sql(
+    value: ColumnElement[Any], text: ColumnElement[Any], *, real_date: bool = False
+) -> ColumnElement[Any]:
     """The instant a jsonb ``value`` (its text form ``text``) names, NULL when it is not one.
     Nested ``CASE``s: each test runs only once the previous one held (``AND`` promises no
-    order), so the cast never sees a string it would refuse."""
+    order), so the cast never sees a string it would refuse.
+
+    ``real_date``: the caller has made sure that the text starts with a real date in the years
+    0002-9998 (one of a list of such dates: see ``instant_predicate``). No other value can
+    start so (a JSON number, boolean, array or object cannot), so only the rest of the text is
+    tested: the regex runs over the time of day alone, the date's checks are skipped."""
+    if real_date:
+        rest = sa.func.substr(text, 11)
+        timed = sa.case(
+            (sa.func.length(text) == 10, sa.true()), else_=rest.op("~")(f"^{TIME_SHAPE}$")
+        )
+        return sa.case((timed, _cast(text)), else_=sa.null())
     shaped = sa.case(
         (sa.func.jsonb_typeof(value) == "string", text.op("~")(f"^{SHAPE}$")), else_=sa.false()
     )
@@ -96,23 +108,27 @@ def instant_sql(value: ColumnElement[Any], text: ColumnElement[Any]) -> ColumnEl
         "day",
         first + sa.literal_column("interval '1 month'") - sa.literal_column("interval '1 day'"),
     )
-    # The offset is applied by hand: PostgreSQL's casts refuse offsets beyond 15:59.
-    is_date = sa.func.length(text) == 10
-    zulu = sa.func.right(text, 1) == "Z"
-    length = sa.func.length(text)
-    local = sa.case(
-        (is_date, text.concat("T00:00:00")),
-        (zulu, sa.func.left(text, length - 1)),
-        else_=sa.func.left(text, length - 6),
-    )
-    offset = sa.case(
-        (sa.or_(is_date, zulu), sa.literal_column("interval '0'")),
-        else_=sa.cast(sa.func.right(text, 6), sa.Interval),
-    )
-    cast = sa.func.timezone("UTC", sa.cast(local, sa.DateTime(timezone=False)) - offset)
+    cast = _cast(text)
     # Only an offset on a day of year 0001 or 9999 can leave the years Python holds: other
     # years skip that test (the conversion is the costly part; it runs once for them).
     in_range = cast.between(sa.literal(FIRST, TIMESTAMP), sa.literal(LAST, TIMESTAMP))
     held = sa.case((year.between(2, 9998), cast), (in_range, cast), else_=sa.null())
     real = sa.case((day <= last_day, held), else_=sa.null())
     return sa.case((shaped, sa.case((year >= 1, real), else_=sa.null())), else_=sa.null())
+
+
+def _cast(text: ColumnElement[Any]) -> ColumnElement[Any]:
+    """The instant of a text in the shape (checked before): its local date and time, less its
+    offset, applied by hand (PostgreSQL's casts refuse offsets beyond 15:59)."""
+    is_date = sa.func.length(text) == 10
+    zulu = sa.func.right(text, 1) == "Z"
+    local = sa.case(
+        (is_date, text.concat("T00:00:00")),
+        (zulu, sa.func.left(text, -1)),  # all but the last character
+        else_=sa.func.left(text, -6),
+    )
+    offset = sa.case(
+        (sa.or_(is_date, zulu), sa.literal_column("interval '0'")),
+        else_=sa.cast(sa.func.right(text, 6), sa.Interval),
+    )
+    return sa.func.timezone("UTC", sa.cast(local, sa.DateTime(timezone=False)) - offset)
