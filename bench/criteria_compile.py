@@ -2,6 +2,7 @@
 
     python -m bench.criteria_compile [--contacts 100000] [--events-per-contact 20] [--runs 5]
                                      [--database-url URL] [--explain] [--only sequence]
+                                     [--serial]
 
 Loads the generator's dataset (``bench/generate.py``, seed 42, fixed ``now``) unless the
 database already holds exactly that many contacts, then for each criteria times the compiled
@@ -318,6 +319,12 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--database-url", help="[default: BUCKETS_DATABASE_URL or embedded]")
     parser.add_argument("--explain", action="store_true", help="print EXPLAIN ANALYZE plans")
     parser.add_argument("--only", help="run the cases whose name contains this (e.g. sequence)")
+    parser.add_argument(
+        "--serial",
+        action="store_true",
+        help="both queries without parallel workers, as the engine runs its compiled queries"
+        " (inside INSERT ... SELECT, which PostgreSQL 15 never runs in parallel)",
+    )
     args = parser.parse_args(argv)
 
     url = resolve_database_url(load_settings(database_url=args.database_url))
@@ -337,6 +344,8 @@ def main(argv: list[str] | None = None) -> int:
     with engine.connect() as conn:
         events = conn.execute(sa.text("SELECT count(*) FROM user_events")).scalar_one()
         print(f"dataset: {args.contacts:,} contacts, {events:,} events; now = {NOW.isoformat()}")
+        if args.serial:
+            conn.execute(sa.text("SET max_parallel_workers_per_gather = 0"))
         results = run(conn, args.runs, args.explain, args.only)
     engine.dispose()
 

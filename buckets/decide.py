@@ -310,38 +310,48 @@ def _decide(  # noqa: PLR0917 - decide's arguments, resolved
 @lru_cache(maxsize=256)
 def _facts(layout: _Layout, properties: bool) -> sa.Select[Any]:
     """The facts of the leaves (see leaf_facts) and, through one index scan, the contact's
-    membership rows: the active ones (as arrays, which the driver decodes natively) and the
-    latest instant any was decided as of (monotone decisions: never decide earlier)."""
-    active = memberships.c.status == "active"
-
-    def actives(column: Any) -> Any:
-        return raw(sa.func.array_agg(column).filter(active))
-
+    membership rows (:func:`_held`)."""
     rows_of = (
-        sa.select(
-            actives(memberships.c.bucket_id).label("a_bucket"),
-            actives(memberships.c.entered_at).label("a_entered"),
-            actives(memberships.c.max_dwell_at).label("a_dwell"),
-            actives(memberships.c.pending_leave_at).label("a_pending"),
-            sa.func.max(memberships.c.last_evaluated_at).label("evaluated"),
-        )
+        sa.select(*_held(memberships))
         # every bucket's rows (a handful per contact, through the contact_id index): cheaper than
         # a probe per involved bucket, and the watermark over all of them is only stricter
         .where(memberships.c.contact_id == contacts.c.id)
         .lateral("rows_of")
     )
-    watermark = sa.func.greatest(contacts.c.decided_at, rows_of.c.evaluated).label("watermark")
     return (
         facts_statement(layout.conditions, needs=True, properties=properties)
         .join_from(contacts, rows_of, sa.true())
-        .add_columns(
-            rows_of.c.a_bucket,
-            rows_of.c.a_entered,
-            rows_of.c.a_dwell,
-            rows_of.c.a_pending,
-            watermark,
-        )
+        .add_columns(*_planned(rows_of))
     )
+
+
+def _held(rows: Any) -> list[Any]:
+    """Aggregates over a contact's membership ``rows``: the active ones (as arrays, which the
+    driver decodes natively) and the latest instant any was decided as of."""
+    active = rows.c.status == "active"
+
+    def actives(column: Any) -> Any:
+        return raw(sa.func.array_agg(column).filter(active))
+
+    return [
+        actives(rows.c.bucket_id).label("a_bucket"),
+        actives(rows.c.entered_at).label("a_entered"),
+        actives(rows.c.max_dwell_at).label("a_dwell"),
+        actives(rows.c.pending_leave_at).label("a_pending"),
+        sa.func.max(rows.c.last_evaluated_at).label("evaluated"),
+    ]
+
+
+def _planned(rows_of: Any) -> list[Any]:
+    """What :func:`_plan` reads of them, with the watermark (never decide earlier)."""
+    watermark = sa.func.greatest(contacts.c.decided_at, rows_of.c.evaluated).label("watermark")
+    return [
+        rows_of.c.a_bucket,
+        rows_of.c.a_entered,
+        rows_of.c.a_dwell,
+        rows_of.c.a_pending,
+        watermark,
+    ]
 
 
 @lru_cache(maxsize=1)
@@ -376,34 +386,14 @@ def _pair_rows() -> sa.Select[Any]:
         .limit(1)
         .lateral("latest")
     )
-    active = latest.c.status == "active"
-
-    def actives(column: Any) -> Any:
-        return raw(sa.func.array_agg(column).filter(active))
-
     rows_of = (
-        sa.select(
-            given.c.contact_id,
-            actives(latest.c.bucket_id).label("a_bucket"),
-            actives(latest.c.entered_at).label("a_entered"),
-            actives(latest.c.max_dwell_at).label("a_dwell"),
-            actives(latest.c.pending_leave_at).label("a_pending"),
-            sa.func.max(latest.c.last_evaluated_at).label("evaluated"),
-        )
+        sa.select(given.c.contact_id, *_held(latest))
         .select_from(given.outerjoin(latest, sa.true()))
         .group_by(given.c.contact_id)
         .subquery("rows_of")
     )
     return (
-        sa.select(
-            contacts.c.id,
-            contacts.c.deleted_at,
-            rows_of.c.a_bucket,
-            rows_of.c.a_entered,
-            rows_of.c.a_dwell,
-            rows_of.c.a_pending,
-            sa.func.greatest(contacts.c.decided_at, rows_of.c.evaluated).label("watermark"),
-        )
+        sa.select(contacts.c.id, contacts.c.deleted_at, *_planned(rows_of))
         .join_from(rows_of, contacts, contacts.c.id == rows_of.c.contact_id)
         # by primary key, whatever the planner believes of the pairs' count
         .where(contacts.c.id == sa.any_(sa.bindparam("pair_contacts")))
