@@ -123,17 +123,18 @@ def instant_predicate(
         bounds = "[]"
     date_part = sa.func.left(text, 10).collate("C")  # byte order, whatever the database's
     near: list[ColumnElement[bool]] = []
-    if (dates := _dates_between(lower, upper)) is not None:
+    if (listed := _prefixes_between(lower, upper)) is not None:
         # One lookup of the value per row (a range of two comparisons reads it twice), and
         # what passes starts with a real date: only the time of day is left to test.
-        near.append(date_part == sa.any_(sa.literal(dates, ARRAY(sa.Text))))
+        length, prefixes = listed
+        near.append(sa.func.left(text, length) == sa.any_(sa.literal(prefixes, ARRAY(sa.Text))))
     else:
         if lower is not None and (low := _date_text(lower, -DAY)) is not None:
             near.append(date_part >= low)
         if upper is not None and (high := _date_text(upper, DAY)) is not None:
             near.append(date_part <= high)
     span_range = sa.func.tstzrange(_bound(lower), _bound(upper), bounds)
-    contained = span_range.op("@>")(instant_sql(value, text, real_date=dates is not None))
+    contained = span_range.op("@>")(instant_sql(value, text, real_date=listed is not None))
     return sa.case(
         (sa.and_(sa.true(), *near), sa.func.coalesce(contained, sa.false())), else_=sa.false()
     )
@@ -148,28 +149,45 @@ def _bound(at: datetime | ColumnElement[Any] | None) -> ColumnElement[Any]:
     return sa.literal(at, TIMESTAMP) if isinstance(at, datetime) else at
 
 
-# A span of up to this many days lists its dates (a hashed lookup per row); longer ones compare.
+# A span of up to this long lists the hours an instant in it can start with; up to this many
+# days, its dates (a hashed lookup per row either way); longer spans compare.
+MAX_LISTED_HOURS = timedelta(days=31)
 MAX_LISTED_DATES = 1000
 
 
-def _dates_between(
+def _prefixes_between(
     lower: datetime | ColumnElement[Any] | None, upper: datetime | ColumnElement[Any] | None
-) -> list[str] | None:
-    """Every ``YYYY-MM-DD`` an instant between ``lower`` and ``upper`` (known here) can start
-    with: its UTC date shifted by its offset, so within a day of the span. None when the span is
-    open, not known here, too long, or reaches the years 0001 or 9999 (where an offset can take
-    a local date out of the years an instant can have)."""
+) -> tuple[int, list[str]] | None:
+    """What an instant between ``lower`` and ``upper`` (known here) can start with: its local
+    time is its UTC time shifted by its offset (under a day either way), so its hour
+    (``YYYY-MM-DDTHH``) is one of the hours from a day before the span to a day after it, and a
+    date alone (midnight UTC) is one of the span's dates; for a long span, its date
+    (``YYYY-MM-DD``) within a day of the span. Returns (prefix length, prefixes), or None when
+    the span is open, not known here, too long, or reaches the years 0001 or 9999 (where an
+    offset can take a local date out of the years an instant can have)."""
     if not isinstance(lower, datetime) or not isinstance(upper, datetime):
         return None
     try:
-        first = (lower - DAY).astimezone(UTC).date()
-        last = (upper + DAY).astimezone(UTC).date()
+        first = (lower - DAY).astimezone(UTC)
+        last = (upper + DAY).astimezone(UTC)
     except OverflowError:
         return None
-    days = (last - first).days + 1
-    if days > MAX_LISTED_DATES or first.year < 2 or last.year > 9998:
+    if (last - first).days >= MAX_LISTED_DATES or first.year < 2 or last.year > 9998:
         return None
-    return [(first + timedelta(days=n)).isoformat() for n in range(days)]
+    if upper - lower > MAX_LISTED_HOURS:
+        return 10, _dates(first, last)
+    hour = first.replace(minute=0, second=0, microsecond=0)
+    hours = []
+    while hour <= last:
+        hours.append(f"{hour.date().isoformat()}T{hour.hour:02d}")
+        hour += timedelta(hours=1)
+    return 13, hours + _dates(lower.astimezone(UTC), upper.astimezone(UTC))
+
+
+def _dates(first: datetime, last: datetime) -> list[str]:
+    """``YYYY-MM-DD`` of every day from ``first``'s to ``last``'s."""
+    days = (last.date() - first.date()).days + 1
+    return [(first.date() + timedelta(days=n)).isoformat() for n in range(days)]
 
 
 def _date_text(at: datetime | ColumnElement[Any], shift: timedelta) -> ColumnElement[Any] | None:

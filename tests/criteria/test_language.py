@@ -6,17 +6,20 @@ No database needed here; the executors are compared by ``test_differential.py``.
 from __future__ import annotations
 
 import json
-from datetime import UTC, datetime, timedelta
+from datetime import UTC, datetime, timedelta, timezone
 from pathlib import Path
 from typing import Any
 
 import pytest
 import sqlalchemy as sa
+from hypothesis import given, settings
+from hypothesis import strategies as st
 from sqlalchemy.dialects.postgresql import ARRAY, JSONB
 from sqlalchemy.engine import Connection
 
 from buckets import DefinitionError, b, define_bucket, load_definitions
 from buckets.criteria import Event, evaluate, in_memory_counter
+from buckets.criteria.compile import _prefixes_between
 from buckets.criteria.evaluate import MISSING, lookup
 from buckets.criteria.held import ContactProperties
 from buckets.criteria.instants import instant_sql, parse_instant
@@ -440,6 +443,61 @@ def test_sql_names_the_same_instants(connection: Connection):
     ).order_by(values.c.i)
     got = [instant for _, instant in connection.execute(found)]
     assert got == [expected for _, expected in INSTANT_CASES]
+
+
+def test_sql_after_a_date_prefilter_names_the_same_instants(connection: Connection):
+    """The form used behind the listed-prefix prefilter (the text is known to start with a real
+    date in 0002-9998; only the rest is tested) agrees with Python on every such case."""
+    cases = [
+        (text, expected)
+        for text, expected in INSTANT_CASES
+        if isinstance(text, str) and parse_instant(text[:10]) is not None and text[:4] >= "0002"
+    ]
+    assert len(cases) > 10
+    values = sa.values(sa.column("i", sa.Integer), sa.column("v", JSONB), name="cases").data(
+        [(index, text) for index, (text, _) in enumerate(cases)]
+    )
+    text = values.c.v.op("#>>")(sa.literal([], ARRAY(sa.Text)))
+    found = sa.select(values.c.i, instant_sql(values.c.v, text, real_date=True))
+    got = [instant for _, instant in connection.execute(found.order_by(values.c.i))]
+    assert got == [expected for _, expected in cases]
+
+
+@settings(max_examples=300, deadline=None)
+@given(
+    lower=st.datetimes(datetime(2000, 1, 1), datetime(2100, 1, 1), timezones=st.just(UTC)),
+    span=st.timedeltas(timedelta(minutes=1), timedelta(days=40)),
+    where=st.floats(0, 1),
+    offset=st.integers(-(24 * 60 - 1), 24 * 60 - 1),
+    shape=st.sampled_from(["%Y-%m-%dT%H:%M", "%Y-%m-%dT%H:%M:%S", "%Y-%m-%dT%H:%M:%S.%f"]),
+    zulu=st.booleans(),
+)
+def test_an_instant_in_a_span_starts_with_one_of_its_prefixes(
+    *, lower, span, where, offset, shape, zulu
+):
+    """The prefilter's prefixes (hours for spans up to 31 days, dates beyond) cover every
+    instant of the span whatever its offset (±23:59), and every date alone in it."""
+    upper = lower + span
+    at = lower + span * where
+    if "%S" not in shape:
+        at = at.replace(second=0, microsecond=0)
+    elif "%f" not in shape:
+        at = at.replace(microsecond=0)
+    if not lower <= at <= upper:
+        return
+    zone = timezone(timedelta(minutes=0 if zulu else offset))
+    local = at.astimezone(zone)
+    text = local.strftime(shape) + (
+        "Z" if zulu else local.strftime("%z")[:3] + ":" + local.strftime("%z")[3:]
+    )
+    assert parse_instant(text) == at
+    listed = _prefixes_between(lower, upper)
+    assert listed is not None
+    length, prefixes = listed
+    assert text[:length] in prefixes
+    midnight = datetime.combine(at.date(), datetime.min.time(), UTC)
+    if lower <= midnight <= upper:
+        assert midnight.date().isoformat()[:length] in prefixes
 
 
 INSTANT_ERRORS = [
