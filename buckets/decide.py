@@ -51,6 +51,7 @@ from buckets.membership import (
     Source,
     join,
     latest_of,
+    latest_row,
     leave,
     pairs,
     record_decided,
@@ -369,22 +370,14 @@ def _pair_rows() -> sa.Select[Any]:
         .table_valued("contact_id", "bucket_id")
         .render_derived("given")
     )
-    latest = (
-        sa.select(
-            memberships.c.bucket_id,
-            memberships.c.status,
-            memberships.c.entered_at,
-            memberships.c.max_dwell_at,
-            memberships.c.pending_leave_at,
-            memberships.c.last_evaluated_at,
-        )
-        .where(
-            memberships.c.bucket_id == given.c.bucket_id,
-            memberships.c.contact_id == given.c.contact_id,
-        )
-        .order_by(memberships.c.entry_count.desc())
-        .limit(1)
-        .lateral("latest")
+    latest = latest_row(
+        given,
+        memberships.c.bucket_id,
+        memberships.c.status,
+        memberships.c.entered_at,
+        memberships.c.max_dwell_at,
+        memberships.c.pending_leave_at,
+        memberships.c.last_evaluated_at,
     )
     rows_of = (
         sa.select(given.c.contact_id, *_held(latest))

@@ -380,6 +380,23 @@ def _run(conn: Connection, statement: _Statement, params: dict[str, Any]) -> Cha
     return changes
 
 
+def latest_row(pairs: Any, *columns: Any) -> Any:
+    """``columns`` of the latest membership row of each of ``pairs`` (``bucket_id``,
+    ``contact_id``), as a LATERAL subquery: one probe of the (bucket, contact, entry count)
+    index per pair. Only the latest row can be active, and it records the pair's last
+    decision (``last_evaluated_at``)."""
+    return (
+        sa.select(*columns)
+        .where(
+            memberships.c.bucket_id == pairs.c.bucket_id,
+            memberships.c.contact_id == pairs.c.contact_id,
+        )
+        .order_by(memberships.c.entry_count.desc())
+        .limit(1)
+        .lateral("latest")
+    )
+
+
 def join(
     conn: Connection,
     candidates: Candidates,
@@ -414,20 +431,12 @@ def _join_statement(
     decided = _decided(candidates, at)
     pairs_ = decided.pairs
     policy = _policies()
-    latest = (
-        sa.select(
-            memberships.c.entry_count,
-            memberships.c.status,
-            memberships.c.left_at,
-            memberships.c.last_evaluated_at,
-        )
-        .where(
-            memberships.c.bucket_id == pairs_.c.bucket_id,
-            memberships.c.contact_id == pairs_.c.contact_id,
-        )
-        .order_by(memberships.c.entry_count.desc())
-        .limit(1)
-        .lateral("latest")
+    latest = latest_row(
+        pairs_,
+        memberships.c.entry_count,
+        memberships.c.status,
+        memberships.c.left_at,
+        memberships.c.last_evaluated_at,
     )
     prior = (
         sa.select(

@@ -98,11 +98,13 @@ def instant_predicate(
     """``before`` / ``after`` / ``within_past`` / ``within_next``: false (never NULL) unless the
     value is an instant (:func:`.instants.instant_sql`).
 
-    The full test (shape, calendar, offset) is costly per row, so it runs only for values whose
-    first ten characters, compared as text, fall within a day of the wanted span: an instant's
-    local date is its UTC date shifted by its offset (under a day), and dates in the shape
-    (four-digit years, two-digit months and days) order as text as they do in time. The span is
-    one range containment, so the instant is computed once per row."""
+    The full test (shape, calendar, offset) is costly per row, so it runs only for values that
+    can name an instant of the span: for a span known here, values starting with one of its
+    listed prefixes (:func:`_prefixes_between`), which leaves only the time of day to test;
+    otherwise values whose first ten characters, compared as text, fall within a day of the
+    span (an instant's local date is its UTC date shifted by its offset, under a day, and dates
+    in the shape order as text as they do in time). The span is one range containment, so the
+    instant is computed once per row."""
     lower: datetime | ColumnElement[Any] | None
     upper: datetime | ColumnElement[Any] | None
     if condition.operator in ("before", "after"):
