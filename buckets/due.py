@@ -352,16 +352,23 @@ def _due_sql(
 # --- reading: what is due --------------------------------------------------------------------
 
 
-def claim(conn: Connection, bucket_id: str, now: datetime, limit: int) -> list[int]:
-    """Claim up to ``limit`` of the bucket's entries due as of ``now`` (oldest first) and lock
-    their contacts, skipping entries another worker holds and contacts another producer is
-    changing (they stay due for the next pass). Returns the locked contacts, in id order."""
+Part = tuple[int, int]  # (i, n): the contacts whose id is i modulo n
+WHOLE: Part = (0, 1)
+
+
+def claim(
+    conn: Connection, bucket_id: str, now: datetime, limit: int, part: Part = WHOLE
+) -> list[int]:
+    """Claim up to ``limit`` of the bucket's entries due as of ``now`` (oldest first; only
+    those of the contacts in ``part``) and lock their contacts, skipping entries another worker
+    holds and contacts another producer is changing (they stay due for the next pass). Returns
+    the locked contacts, in id order."""
+    where = [bucket_due.c.bucket_id == bucket_id, bucket_due.c.due_at <= sa.literal(now, TIMESTAMP)]
+    if part != WHOLE:
+        where.append(bucket_due.c.contact_id % part[1] == part[0])
     claimed = (
         sa.select(bucket_due.c.contact_id)
-        .where(
-            bucket_due.c.bucket_id == bucket_id,
-            bucket_due.c.due_at <= sa.literal(now, TIMESTAMP),
-        )
+        .where(*where)
         .order_by(bucket_due.c.due_at)
         .limit(limit)
         .with_for_update(skip_locked=True)
@@ -401,6 +408,22 @@ def next_due(conn: Connection, bucket_ids: Sequence[str]) -> datetime | None:
         sa.select(sa.func.min(first.c.due_at)).select_from(wanted.join(first, sa.true()))
     ).scalar()
     return value
+
+
+def due_count(conn: Connection, bucket_ids: Sequence[str], now: datetime, cap: int) -> int:
+    """How many entries of these buckets are due as of ``now``, counted up to ``cap``."""
+    if not bucket_ids:
+        return 0
+    found = (
+        sa.select(sa.literal(1))
+        .where(
+            bucket_due.c.bucket_id == sa.any_(_array(list(bucket_ids), sa.Text())),
+            bucket_due.c.due_at <= sa.literal(now, TIMESTAMP),
+        )
+        .limit(cap)
+        .subquery()
+    )
+    return int(conn.execute(sa.select(sa.func.count()).select_from(found)).scalar_one())
 
 
 def due_buckets(conn: Connection, bucket_ids: Sequence[str], now: datetime) -> list[str]:

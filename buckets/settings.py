@@ -111,6 +111,13 @@ class Settings(BaseSettings):
         gt=0,
         description="Events per transaction in batch ingest.",
     )
+    due_connections: int = Field(
+        default=2,
+        ge=1,
+        le=32,
+        description="Connections a tick decides a large due backlog on, side by side (from"
+        " two full chunks due; each claims its own entries and contacts).",
+    )
     admin_token: str | None = Field(
         default=None,
         description="Bearer token of the admin HTTP API; unset: every request is refused.",

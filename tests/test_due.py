@@ -261,6 +261,40 @@ def test_two_workers_on_the_same_due_entries_flip_each_once(make_runtime):
     assert len(keys) == len(set(keys)) == 600
 
 
+def test_a_large_backlog_is_decided_on_two_connections_each_pair_once(make_runtime, monkeypatch):
+    """From two full chunks due, a tick decides on two connections, each the contacts of its
+    half of the ids (they never wait for each other); every pair flips once, the tick's report
+    adds both halves up, and nothing due is left."""
+    from buckets import due, ingest_events
+
+    rt = make_runtime(LAPSED, BUSY, due_connections=2)
+    batch = [{"external_id": f"c{i:04d}", "event": "used"} for i in range(300)]
+    ingest_events(batch + batch, now=T0, runtime=rt)  # two uses each: busy, then lapsed
+    ship(rt, T0 + H)
+    assert len(active(rt, "busy")) == 300
+    parts: list[Any] = []
+    claim = due.claim
+
+    def spy(conn: Any, bucket_id: str, now: datetime, limit: int, part: Any = due.WHOLE) -> Any:
+        parts.append(part)
+        return claim(conn, bucket_id, now, limit, part)
+
+    monkeypatch.setattr(due, "claim", spy)
+    report = tick(rt, T0 + 8 * D, due_chunk=25)
+    assert set(parts) == {(0, 2), (1, 2)}
+    assert (report["busy"].due, report["busy"].left) == (300, {"criteria": 300})
+    assert (report["went-dormant"].due, report["went-dormant"].joined) == (300, 300)
+    assert active(rt, "busy") == set()
+    assert len(active(rt, "went-dormant")) == 300
+    keys = [t.idempotency_key for b in ("busy", "went-dormant") for t in transitions(rt, b)]
+    assert len(keys) == len(set(keys)) == 900  # the backfill's 300 silent joins, then the tick
+    with rt.engine.connect() as conn:
+        assert due.due_count(conn, ["busy", "went-dormant"], T0 + 8 * D, 10) == 0
+    parts.clear()
+    tick(rt, T0 + 9 * D, due_chunk=25)  # little due: one connection
+    assert set(parts) <= {due.WHOLE}
+
+
 def test_a_decision_as_of_an_older_now_never_undoes_a_newer_one(make_runtime):
     """The issue's scenario: an ingest at t1 joins; a tick deciding as of t0 < t1 must not
     leave (it re-decides as of t1), and nothing contradicts the criteria afterwards."""

@@ -72,6 +72,10 @@ class Cascading:
         self.results = results if results is not None else {}  # bucket id -> its BucketTick
         self._blocked: dict[str, bool] = {}
 
+    def fork(self, results: dict[str, Any]) -> Cascading:
+        """The same cascade counting on ``results`` (another connection's tick)."""
+        return Cascading(self.registry, self.overrides, results)
+
     def counted(self, outcome: Outcome, deciders: set[str]) -> Outcome:
         """Count what the cascade did to each dependent on the dependent's own line (the
         ``deciders``' own changes are counted by whoever decided them)."""

@@ -26,6 +26,7 @@ from __future__ import annotations
 import logging
 import time
 from collections.abc import Sequence
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from typing import Any
@@ -102,6 +103,22 @@ class BucketTick:
         for reason, count in outcome.left.get(self.bucket_id, {}).items():
             self.left[reason] = self.left.get(reason, 0) + count
         self.cleared += outcome.cleared.get(self.bucket_id, 0)
+
+    def absorb(self, other: BucketTick) -> None:
+        """Add what ``other`` (the same bucket, decided on another connection) did."""
+        self.joined += other.joined
+        self.emitted += other.emitted
+        self.suppressed += other.suppressed
+        self.deferred += other.deferred
+        self.cleared += other.cleared
+        self.due += other.due
+        self.seconds += other.seconds
+        for reason, count in other.left.items():
+            self.left[reason] = self.left.get(reason, 0) + count
+        for name, seconds in other.passes.items():
+            self.passes[name] = self.passes.get(name, 0.0) + seconds
+        if other.status == "failed" and self.status != "failed":
+            self.status, self.reason = other.status, other.reason
 
     @property
     def transitions(self) -> int:
@@ -205,7 +222,8 @@ def reconcile(
                 results[bucket.id].status, results[bucket.id].reason = "skipped", "manual"
         live = [bucket for bucket in chosen if results[bucket.id].status == "done"]
         cascading = Cascading(rt.registry, overrides, results)
-        process_due(
+        _process_due_side_by_side(
+            rt,
             conn,
             [b for b in live if b.clocked],
             at,
@@ -304,6 +322,47 @@ def _log(result: BucketTick, now: datetime) -> None:
         )
 
 
+def _process_due_side_by_side(
+    rt: Runtime,
+    conn: Connection,
+    buckets: Sequence[Bucket],
+    now: datetime,
+    results: dict[str, BucketTick],
+    *,
+    limit: int,
+    cascading: Cascading | None,
+) -> None:
+    """:func:`process_due`, on ``settings.due_connections`` connections side by side when two
+    full chunks or more are due: connection i of n decides the contacts whose id is i modulo
+    n, so they never wait for each other's contact locks, and PostgreSQL runs the chunks on
+    as many backends (a catch-up tick is bound by the server's work, not by Python's)."""
+    n = rt.settings.due_connections
+    ids = [bucket.id for bucket in buckets]
+    side_by_side = n > 1 and due.due_count(conn, ids, now, 2 * limit) == 2 * limit
+    conn.commit()
+    if not side_by_side:
+        process_due(conn, buckets, now, results, limit=limit, cascading=cascading)
+        return
+    theirs = [
+        {key: BucketTick(key, status=r.status, reason=r.reason) for key, r in results.items()}
+        for _ in range(n - 1)
+    ]
+
+    def run(part: due.Part, mine: dict[str, BucketTick]) -> None:
+        with rt.engine.connect() as own:
+            forked = cascading.fork(mine) if cascading is not None else None
+            process_due(own, buckets, now, mine, limit=limit, cascading=forked, part=part)
+
+    with ThreadPoolExecutor(n - 1, thread_name_prefix="buckets-due") as pool:
+        helpers = [pool.submit(run, (i + 1, n), mine) for i, mine in enumerate(theirs)]
+        process_due(conn, buckets, now, results, limit=limit, cascading=cascading, part=(0, n))
+        for helper in helpers:
+            helper.result()
+    for mine in theirs:
+        for key, result in mine.items():
+            results[key].absorb(result)
+
+
 def process_due(
     conn: Connection,
     buckets: Sequence[Bucket],
@@ -312,6 +371,7 @@ def process_due(
     *,
     limit: int = DUE_CHUNK,
     cascading: Cascading | None = None,
+    part: due.Part = due.WHOLE,
 ) -> None:
     """Decide every entry of ``buckets`` due as of ``now``: chunks of up to ``limit`` entries
     claimed across the buckets, each decided in one transaction (see the module); entries whose
@@ -333,7 +393,7 @@ def process_due(
                     room = limit - len(asks)
                     if room <= 0:
                         break
-                    ids = due.claim(conn, bucket.id, now, room)
+                    ids = due.claim(conn, bucket.id, now, room, part)
                     claimed[bucket.id] = ids
                     # less than asked for (the rest is held by others), or only entries this
                     # pass decided already: nothing more to claim from it right now
@@ -351,7 +411,9 @@ def process_due(
                 _failed(conn, results[pending[0].id], exc)
                 return
             for bucket in pending:  # isolate the failing bucket
-                process_due(conn, [bucket], now, results, limit=limit, cascading=cascading)
+                process_due(
+                    conn, [bucket], now, results, limit=limit, cascading=cascading, part=part
+                )
             return
         share = (time.perf_counter() - started) / max(len(claimed), 1)
         for bucket_id, ids in claimed.items():
