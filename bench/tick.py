@@ -23,6 +23,10 @@ queue) as of the dataset's ``NOW``; then ordinary ticks run at ``NOW`` + 5 min, 
     writes, so this is the writes' cost with their pages cached, which no tick has;
 * target: 1.5 x cold floor + 20 ms per cron bucket (issue 11).
 
+The deploy's rows are vacuumed and analysed before the ticks (what autovacuum does within
+minutes on a running server), and a checkpoint precedes each timed tick and each timed cold
+floor, so both pay the WAL's full-page images for the pages they modify first alike.
+
 Before the queue existed (PERFORMANCE-NOTES.md) the same ticks took 3.5-4.6 s at 100k and
 40-52 s at 1M. The same run prints how the tick time scales from the first size to the second,
 for ticks that wrote similar numbers of transitions (within 1.5x of each other).
@@ -102,6 +106,15 @@ def _conninfo(engine: Engine) -> str:
     return engine.url.set(drivername="postgresql").render_as_string(hide_password=False)
 
 
+def checkpoint(engine: Engine) -> None:
+    """A checkpoint before each timed tick and each timed floor: both then start with the
+    same debt, a full-page image in the WAL for every page they modify first (else whichever
+    ran after a checkpoint that the previous step's writes triggered pays more: at 1M, T+1d,
+    row locks and index inserts write ~700 MB of page images)."""
+    with psycopg.connect(_conninfo(engine), autocommit=True) as conn:
+        conn.execute("CHECKPOINT")
+
+
 def cold_floor(engine: Engine, twin: Engine, since_id: int) -> float:
     """The tick's writes, timed on the twin (see the module), then committed there."""
     with psycopg.connect(_conninfo(engine)) as source, psycopg.connect(_conninfo(twin)) as target:
@@ -116,6 +129,7 @@ def cold_floor(engine: Engine, twin: Engine, since_id: int) -> float:
                 for block in reading:
                     writing.write(block)
             target.execute(f"ANALYZE {table}")
+        checkpoint(twin)
         started = time.perf_counter()
         target.execute(REDO)
         seconds = time.perf_counter() - started
@@ -210,6 +224,7 @@ def run_size(base: URL, size: int, runs: int) -> list[dict[str, Any]]:
     rows = []
     for label, offset in OFFSETS.items():
         before = last_transition(engine)
+        checkpoint(engine)
         began = time.perf_counter()
         tick = reconcile(NOW + offset, runtime=rt)
         seconds = time.perf_counter() - began

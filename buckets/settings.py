@@ -116,7 +116,7 @@ class Settings(BaseSettings):
         ge=1,
         le=32,
         description="Connections a tick decides a large due backlog on, side by side (from"
-        " two full chunks due; each claims its own entries and contacts).",
+        " 10,000 entries due; each claims its own entries and contacts).",
     )
     admin_token: str | None = Field(
         default=None,

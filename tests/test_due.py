@@ -262,7 +262,7 @@ def test_two_workers_on_the_same_due_entries_flip_each_once(make_runtime):
 
 
 def test_a_large_backlog_is_decided_on_two_connections_each_pair_once(make_runtime, monkeypatch):
-    """From two full chunks due, a tick decides on two connections, each the contacts of its
+    """From five full chunks due, a tick decides on two connections, each the contacts of its
     half of the ids (they never wait for each other); every pair flips once, the tick's report
     adds both halves up, and nothing due is left."""
     from buckets import due, ingest_events

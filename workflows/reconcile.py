@@ -9,6 +9,8 @@ each on its own, one failing bucket not stopping the others:
    with the cron's view: maximum dwell, entry limits, no joins while the bucket's backfill has
    not completed) and its next entry written — in one transaction per chunk. A tick with
    nothing due costs an index probe per bucket; its cost follows the flips, not the population.
+   From five full chunks due, the chunks run on ``due_connections`` connections side by side,
+   each on its own share of the contact ids.
 2. **full passes** (:mod:`workflows.passes`), every member and candidate examined, only for a
    cron bucket whose queue is not complete yet (a ``queue_fill`` job is enqueued for it), for
    ``reconcile_joins=True`` (the self-healing sweep it asks for), and with ``full`` (the full
@@ -50,6 +52,11 @@ log = logging.getLogger("buckets.reconcile")
 
 DEFAULT_CHUNK_SIZE = 250_000  # contact ids per transaction of the full passes
 DUE_CHUNK = 2_000  # due entries claimed and decided per transaction
+# From this many full chunks due, a tick decides on several connections. Below it, each
+# connection's per-chunk statements (a claim and a criteria statement per bucket) cost more than
+# running side by side saves: at 100k, T+1d (4,792 due), 426 ms on one connection, 476-550 ms on
+# two; at 1M (47,552 due) 6.7 s on one, 4.3-4.8 s on two (bench/tick.py).
+SIDE_BY_SIDE_FROM = 5
 
 __all__ = [
     "DEFAULT_CHUNK_SIZE",
@@ -332,13 +339,14 @@ def _process_due_side_by_side(
     limit: int,
     cascading: Cascading | None,
 ) -> None:
-    """:func:`process_due`, on ``settings.due_connections`` connections side by side when two
-    full chunks or more are due: connection i of n decides the contacts whose id is i modulo
-    n, so they never wait for each other's contact locks, and PostgreSQL runs the chunks on
-    as many backends (a catch-up tick is bound by the server's work, not by Python's)."""
+    """:func:`process_due`, on ``settings.due_connections`` connections side by side from
+    :data:`SIDE_BY_SIDE_FROM` full chunks due: connection i of n decides the contacts whose id
+    is i modulo n, so they never wait for each other's contact locks, and PostgreSQL runs the
+    chunks on as many backends (a catch-up tick is bound by the server's work, not Python's)."""
     n = rt.settings.due_connections
     ids = [bucket.id for bucket in buckets]
-    side_by_side = n > 1 and due.due_count(conn, ids, now, 2 * limit) == 2 * limit
+    wanted = SIDE_BY_SIDE_FROM * limit
+    side_by_side = n > 1 and due.due_count(conn, ids, now, wanted) == wanted
     conn.commit()
     if not side_by_side:
         process_due(conn, buckets, now, results, limit=limit, cascading=cascading)
