@@ -41,7 +41,7 @@ from buckets import due, metrics
 from buckets.decide import Ask, Outcome, decide
 from buckets.definitions import Bucket
 from buckets.due import Refreshed, joins_blocked
-from buckets.membership import Changes
+from buckets.membership import Changes, Counts
 from buckets.models import bucket_configs
 from buckets.registry import read_overrides
 from buckets.runtime import Runtime, get_runtime
@@ -91,37 +91,30 @@ class BucketTick:
     seconds: float = 0.0
     passes: dict[str, float] = field(default_factory=dict)  # seconds per pass
 
+    def _add(self, counts: Changes | Counts | BucketTick, left: dict[str, int]) -> None:
+        """Add ``counts``' joins, emissions, suppressions and deferrals, and ``left`` by reason."""
+        self.joined += counts.joined
+        self.emitted += counts.emitted
+        self.suppressed += counts.suppressed
+        self.deferred += counts.deferred
+        for reason, count in left.items():
+            self.left[reason] = self.left.get(reason, 0) + count
+
     def count(self, changes: Changes, reason: str | None = None) -> None:
-        self.joined += changes.joined
-        self.emitted += changes.emitted
-        self.suppressed += changes.suppressed
-        self.deferred += changes.deferred
-        if reason and changes.left:
-            self.left[reason] = self.left.get(reason, 0) + changes.left
+        self._add(changes, {reason: changes.left} if reason and changes.left else {})
 
     def count_outcome(self, outcome: Outcome) -> None:
         """Add what ``outcome`` (of a decision over several buckets) did to this bucket."""
-        counts = outcome.changes.per_bucket.get(self.bucket_id)
-        if counts is not None:
-            self.joined += counts.joined
-            self.emitted += counts.emitted
-            self.suppressed += counts.suppressed
-            self.deferred += counts.deferred
-        for reason, count in outcome.left.get(self.bucket_id, {}).items():
-            self.left[reason] = self.left.get(reason, 0) + count
+        counts = outcome.changes.per_bucket.get(self.bucket_id, Counts())
+        self._add(counts, outcome.left.get(self.bucket_id, {}))
         self.cleared += outcome.cleared.get(self.bucket_id, 0)
 
     def absorb(self, other: BucketTick) -> None:
         """Add what ``other`` (the same bucket, decided on another connection) did."""
-        self.joined += other.joined
-        self.emitted += other.emitted
-        self.suppressed += other.suppressed
-        self.deferred += other.deferred
+        self._add(other, other.left)
         self.cleared += other.cleared
         self.due += other.due
         self.seconds += other.seconds
-        for reason, count in other.left.items():
-            self.left[reason] = self.left.get(reason, 0) + count
         for name, seconds in other.passes.items():
             self.passes[name] = self.passes.get(name, 0.0) + seconds
         if other.status == "failed" and self.status != "failed":
