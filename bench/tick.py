@@ -16,16 +16,29 @@ queue) as of the dataset's ``NOW``; then ordinary ticks run at ``NOW`` + 5 min, 
   - **cold** (the target's floor): on a twin database, a copy of the engine's taken after the
     deploy that receives exactly the tick's membership and ledger writes (its rows copied
     over untimed, then one timed statement, committed, so the twin follows the engine tick
-    by tick). Its pages are as far from PostgreSQL's shared buffers as the engine's were when
-    its tick began: the writes a program that already knew the answer would pay;
+    by tick): the writes a program that already knew the answer would pay;
   - **warm** (as before): in the engine's database, the tick's writes undone and redone in a
     transaction rolled back (median of ``--runs``); the undo has just read every page the redo
     writes, so this is the writes' cost with their pages cached, which no tick has;
 * target: 1.5 x cold floor + 20 ms per cron bucket (issue 11).
 
+Tick and cold floor start from the same cache. The twin is a file copy (``STRATEGY
+FILE_COPY``: the same block numbers, which the floors' few rows hardly move); before each tick
+the blocks of the engine's database then in PostgreSQL's shared buffers are listed
+(``pg_buffercache``), and before the floor the twin's same blocks are read into the buffers
+(``pg_prewarm``); after the floors the engine's blocks as its tick left them are read back,
+so the next tick finds the cache the previous one left, as in a running worker. With
+PostgreSQL's default 128 MB of buffers little is cached either way; with buffers sized for
+the data (6 GB here) the engine's pages stay cached from the deploy, and without this the
+twin's were not: at 1M the cold floor of T+1d took 3.8 s against 1.9-2.1 s with the same
+blocks cached. The engine keeps its connection from tick to tick, as a running worker does:
+the statements its backend prepared stay prepared (replacing its database by a fresh copy
+before each tick, tried first, gave every tick a new backend).
 The deploy's rows are vacuumed and analysed before the ticks (what autovacuum does within
 minutes on a running server), and a checkpoint precedes each timed tick and each timed cold
-floor, so both pay the WAL's full-page images for the pages they modify first alike.
+floor, so both pay the WAL's full-page images for the pages they modify first alike. The
+server's shared buffers and WAL settings are printed with each size: the figures depend on
+them (see the README).
 
 Before the queue existed (PERFORMANCE-NOTES.md) the same ticks took 3.5-4.6 s at 100k and
 40-52 s at 1M. The same run prints how the tick time scales from the first size to the second,
@@ -38,7 +51,7 @@ import argparse
 import statistics
 import sys
 import time
-from datetime import timedelta
+from datetime import datetime, timedelta
 from typing import Any
 
 import psycopg
@@ -73,15 +86,77 @@ def database_for(base: URL, size: int) -> str:
 
 
 def twin_of(engine: Engine, url: URL) -> Engine:
-    """A copy of the engine's database as it stands (``<name>_twin``, replaced if present)."""
+    """A copy of the engine's database as it stands (``<name>_twin``, replaced if present);
+    both get the extensions :func:`residency` and :func:`prewarm` use (see the module)."""
     name = url.database
-    engine.dispose()  # the template must have no other sessions
-    server = url.set(drivername="postgresql", database="postgres")
-    conninfo = server.render_as_string(hide_password=False)
-    with psycopg.connect(conninfo, autocommit=True) as conn:
+    with engine.begin() as conn:
+        for extension in ("pg_buffercache", "pg_prewarm"):
+            conn.execute(sa.text(f"CREATE EXTENSION IF NOT EXISTS {extension}"))
+    engine.dispose()  # a template must have no other sessions
+    with _server(url) as conn:
+        strategy = " STRATEGY FILE_COPY" if conn.info.server_version >= 150000 else ""
         conn.execute(f'DROP DATABASE IF EXISTS "{name}_twin"')
-        conn.execute(f'CREATE DATABASE "{name}_twin" TEMPLATE "{name}"')
+        conn.execute(f'CREATE DATABASE "{name}_twin" TEMPLATE "{name}"{strategy}')
     return create_engine(url.set(database=f"{name}_twin"))
+
+
+Blocks = list[tuple[int, int, int]]  # (relfilenode, first block, last block) in shared buffers
+
+RESIDENT = """
+    WITH held AS (
+        SELECT relfilenode, relblocknumber AS block FROM pg_buffercache
+        WHERE reldatabase = (SELECT oid FROM pg_database WHERE datname = :name)
+          AND relforknumber = 0
+    ), runs AS (
+        SELECT relfilenode, block,
+               block - row_number() OVER (PARTITION BY relfilenode ORDER BY block) AS run
+        FROM held
+    )
+    SELECT relfilenode, min(block), max(block) FROM runs GROUP BY relfilenode, run
+"""
+PREWARM = """
+    WITH wanted AS (
+        SELECT c.oid, r.first,
+               least(r.last, pg_relation_size(c.oid) / current_setting('block_size')::int - 1)
+                   AS last
+        FROM unnest(CAST(:nodes AS oid[]), CAST(:firsts AS bigint[]), CAST(:lasts AS bigint[]))
+            AS r(node, first, last)
+        JOIN pg_class c ON pg_relation_filenode(c.oid) = r.node
+    )
+    SELECT coalesce(sum(pg_prewarm(oid, 'buffer', 'main', first, last)), 0)
+    FROM wanted WHERE first <= last
+"""
+
+
+def residency(engine: Engine) -> Blocks:
+    """The blocks of the engine's database in PostgreSQL's shared buffers now."""
+    with engine.connect() as conn:
+        found = conn.execute(sa.text(RESIDENT), {"name": engine.url.database}).all()
+    return [(int(node), int(first), int(last)) for node, first, last in found]
+
+
+def prewarm(database: Engine, blocks: Blocks) -> int:
+    """These blocks read into the shared buffers: the engine's own, or the twin's same ones
+    (a file copy: the same relfilenodes; those it has, as the engine's tables grow a little
+    more than the twin's). Returns how many."""
+    params = {
+        "nodes": [node for node, _, _ in blocks],
+        "firsts": [first for _, first, _ in blocks],
+        "lasts": [last for _, _, last in blocks],
+    }
+    with database.begin() as conn:
+        return int(conn.execute(sa.text(PREWARM), params).scalar_one())
+
+
+def drop_twin(twin: Engine) -> None:
+    twin.dispose()
+    with _server(twin.url) as conn:
+        conn.execute(f'DROP DATABASE IF EXISTS "{twin.url.database}"')
+
+
+def _server(url: URL) -> psycopg.Connection[Any]:
+    server = url.set(drivername="postgresql", database="postgres")
+    return psycopg.connect(server.render_as_string(hide_password=False), autocommit=True)
 
 
 TICK_ROWS = {  # what a tick wrote, read from the engine's database by COPY
@@ -115,12 +190,13 @@ def checkpoint(engine: Engine) -> None:
         conn.execute("CHECKPOINT")
 
 
-def cold_floor(engine: Engine, twin: Engine, since_id: int) -> float:
-    """The tick's writes, timed on the twin (see the module), then committed there."""
+def cold_floor(engine: Engine, twin: Engine, since_id: int, blocks: Blocks) -> float:
+    """The tick's writes, timed on the twin with ``blocks`` in the shared buffers, as the
+    engine's were when its tick began (see the module)."""
     with psycopg.connect(_conninfo(engine)) as source, psycopg.connect(_conninfo(twin)) as target:
         for table, query in TICK_ROWS.items():
             like = "bucket_transitions" if table == "f_ledger" else "bucket_memberships"
-            target.execute(f"CREATE TEMP TABLE {table} (LIKE {like}) ON COMMIT DROP")
+            target.execute(f"CREATE TEMP TABLE {table} (LIKE {like})")
             selected = query.format(since=int(since_id))
             with (
                 source.cursor().copy(f"COPY ({selected}) TO STDOUT") as reading,
@@ -129,11 +205,13 @@ def cold_floor(engine: Engine, twin: Engine, since_id: int) -> float:
                 for block in reading:
                     writing.write(block)
             target.execute(f"ANALYZE {table}")
+        target.commit()
+        prewarm(twin, blocks)
         checkpoint(twin)
         started = time.perf_counter()
         target.execute(REDO)
         seconds = time.perf_counter() - started
-        target.commit()
+        target.commit()  # as the tick's were
     return seconds
 
 
@@ -205,6 +283,39 @@ def written_since(engine: Engine, since_id: int) -> int:
         return int(found.scalar_one())
 
 
+def warm_up(rt: Runtime, at: datetime) -> None:
+    """An untimed tick as of ``at``, the deploy's instant (nothing is due): it reopens the
+    pool's connection after the copy, as a running worker's is open. The statements a tick
+    with due entries builds are still built by the first timed tick (T+5m): ~50 ms once per
+    process (SQLAlchemy compiling ten statements, ~40 ms, and the criteria's facts statement,
+    ~10 ms), as in a worker's first tick; and that connection prepares them on the server."""
+    tick = reconcile(at, runtime=rt)
+    assert not tick.failed, tick.failed
+    assert not tick.transitions, "nothing should be due at a warm-up"
+
+
+SERVER_SETTINGS = ("shared_buffers", "wal_buffers", "max_wal_size", "checkpoint_timeout")
+
+
+def server_settings(engine: Engine) -> str:
+    """The server's settings the figures depend on most (shared buffers, WAL)."""
+    with engine.connect() as conn:
+        found = conn.execute(
+            sa.text("SELECT name, setting, unit FROM pg_settings WHERE name = ANY(:names)"),
+            {"names": list(SERVER_SETTINGS)},
+        ).all()
+    shown = {name: _shown(int(setting), unit) for name, setting, unit in found}
+    return ", ".join(f"{name} {shown[name]}" for name in SERVER_SETTINGS if name in shown)
+
+
+def _shown(setting: int, unit: str | None) -> str:
+    scale = {"8kB": 8 * 1024, "kB": 1024, "MB": 1024**2, "s": 1}.get(unit or "", 1)
+    if unit == "s":
+        return f"{setting} s"
+    size = setting * scale
+    return f"{size / 1024**3:g} GB" if size >= 1024**3 else f"{size / 1024**2:g} MB"
+
+
 def run_size(base: URL, size: int, runs: int) -> list[dict[str, Any]]:
     engine, url = prepare(database_for(base, size), size, 20)
     reset(engine)
@@ -216,13 +327,16 @@ def run_size(base: URL, size: int, runs: int) -> list[dict[str, Any]]:
         assert job.status == "completed", job
     deployed = time.perf_counter() - started
     print(f"{size:,} contacts: deployed 20 buckets (backfills + queue) in {deployed:.1f} s")
+    print(f"  server: {server_settings(engine)}")
     with engine.connect() as conn:
         entries = conn.execute(sa.text("SELECT count(*) FROM bucket_due")).scalar_one()
     print(f"  due-queue entries: {entries:,}")
     vacuum(engine)
     twin = twin_of(engine, url)
+    warm_up(rt, NOW)
     rows = []
     for label, offset in OFFSETS.items():
+        blocks = residency(engine)
         before = last_transition(engine)
         checkpoint(engine)
         began = time.perf_counter()
@@ -232,8 +346,10 @@ def run_size(base: URL, size: int, runs: int) -> list[dict[str, Any]]:
         swept = [b.bucket_id for b in tick.buckets if b.passes_ran not in ("no",)]
         assert not swept, f"buckets swept instead of queued: {swept}"
         transitions = written_since(engine, before)
-        cold = cold_floor(engine, twin, before) if transitions else 0.0
+        left = residency(engine)  # the cache this tick leaves the next one
+        cold = cold_floor(engine, twin, before, blocks) if transitions else 0.0
         warm = warm_floor(engine, before, runs) if transitions else 0.0
+        prewarm(engine, left)  # back after the floors' reads
         target = 1.5 * cold + 0.020 * CRON_BUCKETS
         rows.append(
             {
@@ -253,7 +369,7 @@ def run_size(base: URL, size: int, runs: int) -> list[dict[str, Any]]:
             f"  target {target * 1000:7.1f} ms  {'met' if seconds <= target else 'NOT met'}"
         )
     engine.dispose()
-    twin.dispose()
+    drop_twin(twin)
     return rows
 
 
