@@ -25,20 +25,22 @@ queue) as of the dataset's ``NOW``; then ordinary ticks run at ``NOW`` + 5 min, 
 Tick and cold floor start from the same cache. The twin is a file copy (``STRATEGY
 FILE_COPY``: the same block numbers, which the floors' few rows hardly move); before each tick
 the blocks of the engine's database then in PostgreSQL's shared buffers are listed
-(``pg_buffercache``), and before the floor the twin's same blocks are read into the buffers
-(``pg_prewarm``); after the floors the engine's blocks as its tick left them are read back,
-so the next tick finds the cache the previous one left, as in a running worker. With
-PostgreSQL's default 128 MB of buffers little is cached either way; with buffers sized for
-the data (6 GB here) the engine's pages stay cached from the deploy, and without this the
-twin's were not: at 1M the cold floor of T+1d took 3.8 s against 1.9-2.1 s with the same
-blocks cached. The engine keeps its connection from tick to tick, as a running worker does:
-the statements its backend prepared stay prepared (replacing its database by a fresh copy
-before each tick, tried first, gave every tick a new backend).
+(``pg_buffercache``), before the floor the twin's same blocks are read into the buffers
+(``pg_prewarm``), and after the floors the engine's blocks as its tick left them are read
+back, so the next tick finds the cache the previous one left, as in a running worker. With
+buffers sized for the data (6 GB here) the engine's pages stay cached from the deploy, and
+without this the twin's were not: at 1M the cold floor of T+1d took 3.8 s against 2.1-2.6 s
+with the same blocks cached. With PostgreSQL's default 128 MB the old floors' reads left the
+engine a cache that suited its next tick better than its own: 100k T+1d 408-472 ms against
+521-583 ms, same day. The engine keeps its connection from tick to tick, as a running worker
+does, so the statements its backend prepared stay prepared (replacing its database by a
+fresh copy before each tick, tried first, gave every tick a new backend).
+
 The deploy's rows are vacuumed and analysed before the ticks (what autovacuum does within
 minutes on a running server), and a checkpoint precedes each timed tick and each timed cold
 floor, so both pay the WAL's full-page images for the pages they modify first alike. The
-server's shared buffers and WAL settings are printed with each size: the figures depend on
-them (see the README).
+server's version, buffer and WAL settings are printed with each size (``buckets status``'s
+line): the figures depend on them (see the README).
 
 Before the queue existed (PERFORMANCE-NOTES.md) the same ticks took 3.5-4.6 s at 100k and
 40-52 s at 1M. The same run prints how the tick time scales from the first size to the second,
@@ -51,7 +53,7 @@ import argparse
 import statistics
 import sys
 import time
-from datetime import datetime, timedelta
+from datetime import timedelta
 from typing import Any
 
 import psycopg
@@ -60,6 +62,7 @@ from sqlalchemy.engine import URL, Engine
 
 from bench.dataset import NOW, prepare
 from bench.ingest import BUCKETS
+from buckets import health
 from buckets.db import create_engine
 from buckets.registry import Registry
 from buckets.runtime import Runtime
@@ -283,37 +286,15 @@ def written_since(engine: Engine, since_id: int) -> int:
         return int(found.scalar_one())
 
 
-def warm_up(rt: Runtime, at: datetime) -> None:
-    """An untimed tick as of ``at``, the deploy's instant (nothing is due): it reopens the
+def warm_up(rt: Runtime) -> None:
+    """An untimed tick as of the deploy's instant, ``NOW`` (nothing is due): it reopens the
     pool's connection after the copy, as a running worker's is open. The statements a tick
     with due entries builds are still built by the first timed tick (T+5m): ~50 ms once per
     process (SQLAlchemy compiling ten statements, ~40 ms, and the criteria's facts statement,
     ~10 ms), as in a worker's first tick; and that connection prepares them on the server."""
-    tick = reconcile(at, runtime=rt)
+    tick = reconcile(NOW, runtime=rt)
     assert not tick.failed, tick.failed
     assert not tick.transitions, "nothing should be due at a warm-up"
-
-
-SERVER_SETTINGS = ("shared_buffers", "wal_buffers", "max_wal_size", "checkpoint_timeout")
-
-
-def server_settings(engine: Engine) -> str:
-    """The server's settings the figures depend on most (shared buffers, WAL)."""
-    with engine.connect() as conn:
-        found = conn.execute(
-            sa.text("SELECT name, setting, unit FROM pg_settings WHERE name = ANY(:names)"),
-            {"names": list(SERVER_SETTINGS)},
-        ).all()
-    shown = {name: _shown(int(setting), unit) for name, setting, unit in found}
-    return ", ".join(f"{name} {shown[name]}" for name in SERVER_SETTINGS if name in shown)
-
-
-def _shown(setting: int, unit: str | None) -> str:
-    scale = {"8kB": 8 * 1024, "kB": 1024, "MB": 1024**2, "s": 1}.get(unit or "", 1)
-    if unit == "s":
-        return f"{setting} s"
-    size = setting * scale
-    return f"{size / 1024**3:g} GB" if size >= 1024**3 else f"{size / 1024**2:g} MB"
 
 
 def run_size(base: URL, size: int, runs: int) -> list[dict[str, Any]]:
@@ -327,13 +308,14 @@ def run_size(base: URL, size: int, runs: int) -> list[dict[str, Any]]:
         assert job.status == "completed", job
     deployed = time.perf_counter() - started
     print(f"{size:,} contacts: deployed 20 buckets (backfills + queue) in {deployed:.1f} s")
-    print(f"  server: {server_settings(engine)}")
+    with engine.connect() as conn:
+        print(f"  server: {health.server(conn).describe()}")
     with engine.connect() as conn:
         entries = conn.execute(sa.text("SELECT count(*) FROM bucket_due")).scalar_one()
     print(f"  due-queue entries: {entries:,}")
     vacuum(engine)
     twin = twin_of(engine, url)
-    warm_up(rt, NOW)
+    warm_up(rt)
     rows = []
     for label, offset in OFFSETS.items():
         blocks = residency(engine)

@@ -267,3 +267,93 @@ def worker_checks(states: Sequence[WorkerState], now: datetime) -> list[Check]:
     if late:
         return [Check("workers", False, f"tick late on {', '.join(late)}")]
     return [Check("workers", True, f"{len(running)} running, ticks on time")]
+
+
+# --- the server: the settings a large tick's cost depends on ----------------------------------
+
+GIB = 1024**3
+MIB = 1024**2
+LARGE_DATABASE = GIB  # below it the defaults do (README: The PostgreSQL server)
+UNIT_BYTES = {"8kB": 8192, "kB": 1024, "MB": MIB}
+
+
+@dataclass(frozen=True)
+class Server:
+    """What ``buckets status`` reports of the PostgreSQL server (sizes in bytes)."""
+
+    version: str
+    database_bytes: int
+    shared_buffers: int
+    wal_buffers: int
+    max_wal_size: int
+
+    def advice(self) -> list[str]:
+        """The settings still at PostgreSQL's small-machine defaults for a database of a GB or
+        more (README, *The PostgreSQL server*: what they cost a tick that meets a backlog)."""
+        if self.database_bytes < LARGE_DATABASE:
+            return []
+        database = size_text(self.database_bytes)
+        tips = []
+        if self.shared_buffers < GIB and self.shared_buffers * 4 < self.database_bytes:
+            tips.append(
+                f"shared_buffers {size_text(self.shared_buffers)} for a {database} database:"
+                " set about a quarter of the machine's memory"
+            )
+        if self.wal_buffers < 16 * MIB:
+            tips.append(f"wal_buffers {size_text(self.wal_buffers)}: set 16MB")
+        if self.max_wal_size < 4 * GIB:
+            tips.append(
+                f"max_wal_size {size_text(self.max_wal_size)}: set 4GB or more, so a tick that"
+                " meets a large backlog does not start a checkpoint half-way"
+            )
+        return tips
+
+    def describe(self) -> str:
+        return (
+            f"PostgreSQL {self.version}, database {size_text(self.database_bytes)};"
+            f" shared_buffers {size_text(self.shared_buffers)},"
+            f" wal_buffers {size_text(self.wal_buffers)},"
+            f" max_wal_size {size_text(self.max_wal_size)}"
+        )
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "version": self.version,
+            "database_bytes": self.database_bytes,
+            "shared_buffers_bytes": self.shared_buffers,
+            "wal_buffers_bytes": self.wal_buffers,
+            "max_wal_size_bytes": self.max_wal_size,
+            "advice": self.advice(),
+        }
+
+
+def server(conn: Connection) -> Server:
+    """The server's version, this database's size and its buffer and WAL settings."""
+    found = {
+        name: int(setting) * UNIT_BYTES.get(unit or "", 1)
+        for name, setting, unit in conn.execute(
+            sa.text(
+                "SELECT name, setting, unit FROM pg_settings"
+                " WHERE name IN ('shared_buffers', 'wal_buffers', 'max_wal_size')"
+            )
+        )
+    }
+    version, size = conn.execute(
+        sa.text("SELECT current_setting('server_version'), pg_database_size(current_database())")
+    ).one()
+    return Server(
+        version=str(version).split(" ")[0],
+        database_bytes=int(size),
+        shared_buffers=found["shared_buffers"],
+        wal_buffers=found["wal_buffers"],
+        max_wal_size=found["max_wal_size"],
+    )
+
+
+def size_text(size: int) -> str:
+    """``128 MB``, ``7.4 GB``: binary units, as PostgreSQL's own settings count them."""
+    for unit, scale in (("GB", GIB), ("MB", MIB), ("kB", 1024)):
+        if size >= scale:
+            value = size / scale
+            return f"{value:.1f} {unit}" if value < 10 and value % 1 else f"{value:.0f} {unit}"
+    return f"{size} bytes"

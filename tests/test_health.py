@@ -187,3 +187,43 @@ def test_status_on_a_database_without_schema_says_to_upgrade(empty_db: CloneDB):
     assert result.exit_code == 1
     assert "FAIL schema" in result.stdout
     assert "run `buckets db upgrade`" in result.stdout
+
+
+def test_status_reports_the_server_and_advises_only_where_the_defaults_cost(clone_db: CloneDB):
+    with clone_db.engine.connect() as conn:
+        found = health.server(conn)
+        expected = conn.execute(
+            sa.text(
+                "SELECT pg_size_bytes(current_setting('shared_buffers')),"
+                " pg_size_bytes(current_setting('max_wal_size')),"
+                " pg_database_size(current_database()), current_setting('server_version_num')"
+            )
+        ).one()
+    assert (found.shared_buffers, found.max_wal_size) == (expected[0], expected[1])
+    assert found.database_bytes == expected[2]
+    assert found.version.split(".")[0] == str(int(expected[3]) // 10000)
+    assert found.wal_buffers > 0
+    assert found.advice() == []  # a test database is far below a GB
+    result = CliRunner().invoke(main, ["status", "--database-url", _url(clone_db), "--json"])
+    report = json.loads(result.stdout)
+    assert report["server"]["shared_buffers_bytes"] == expected[0]
+    assert report["server"]["advice"] == []
+    human = CliRunner().invoke(main, ["status", "--database-url", _url(clone_db)]).stdout
+    assert f"  server: PostgreSQL {found.version}, database " in human
+    assert "advice:" not in human
+
+
+def test_server_advice_names_each_setting_left_at_the_small_machine_default():
+    gib, mib = 1024**3, 1024**2
+    defaults = health.Server("15.19", int(7.4 * gib), 128 * mib, 4 * mib, gib)
+    tips = defaults.advice()
+    assert [tip.split(" ")[0] for tip in tips] == ["shared_buffers", "wal_buffers", "max_wal_size"]
+    assert tips[0].startswith("shared_buffers 128 MB for a 7.4 GB database")
+    assert "max_wal_size 1 GB" in tips[2]
+    assert "database 7.4 GB; shared_buffers 128 MB, wal_buffers 4 MB" in defaults.describe()
+    sized = health.Server("15.19", int(7.4 * gib), 6 * gib, 16 * mib, 4 * gib)
+    assert sized.advice() == []
+    # large buffers are not judged against the database (the machine's memory is unknown)
+    big = health.Server("16.4", 200 * gib, 16 * gib, 64 * mib, 16 * gib)
+    assert big.advice() == []
+    assert health.Server("15.19", 512 * mib, 128 * mib, 4 * mib, gib).advice() == []

@@ -341,7 +341,9 @@ def status_command(
 ) -> None:
     """Is the engine ready? Database reachable, schema at head, definitions loaded, the
     workers' heartbeats and ticks (late after two cadences of their cron), the due backlog and
-    undispatched transitions. Exit status 0 when ready, 1 when not."""
+    undispatched transitions; the server's buffer and WAL settings, with advice where they are
+    still PostgreSQL's small-machine defaults for a database of a GB or more (advice does not
+    make it not ready). Exit status 0 when ready, 1 when not."""
     from buckets import due, health
     from buckets.db import display_url
     from buckets.registry import Registry
@@ -360,6 +362,7 @@ def status_command(
         else:
             checks.append(health.definitions_check(len(registry), len(registry.journeys)))
         workers: list[health.WorkerState] = []
+        server: health.Server | None = None
         if all(check.ok for check in checks[:2]):
             with engine.connect() as conn:
                 workers = health.workers(conn)
@@ -367,6 +370,8 @@ def status_command(
                 pending = health.undispatched(conn)
                 clocked = [b.id for b in registry if b.clocked] if registry else []
                 backlog = due.backlog(conn, clocked, now)
+                server = health.server(conn)
+            payload["server"] = server.to_dict()
             payload["undispatched"] = {
                 "count": pending.count,
                 "oldest_age_seconds": round(pending.age(now).total_seconds(), 3),
@@ -403,6 +408,9 @@ def status_command(
             f"  due entries now: {payload['due']['due_now']:,}"
             f" (oldest waited {payload['due']['oldest_due_age_seconds']:,.1f} s)"
         )
+    if server is not None:
+        lines.append(f"  server: {server.describe()}")
+        lines += [f"  advice: {tip} (README: The PostgreSQL server)" for tip in server.advice()]
     emit(as_json, payload, "\n".join(lines))
     if not report.ok:
         sys.exit(1)
